@@ -1,0 +1,101 @@
+"""Shared helpers: config validation, pre-flight checks, paths, and target lists."""
+
+import json
+import re
+import sys
+from pathlib import Path
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+# The workflow's own package (brainmri/) sits beside the Snakefile.
+sys.path.insert(0, workflow.basedir)
+from brainmri.config import model_names, preflight, training_settings  # noqa: E402
+
+
+validate(config, schema="../config/schema.yaml", set_default=True)
+preflight(config)
+
+RESULTS = Path(config["results_dir"])
+WEIGHTS = Path(config["weights_dir"])
+SCRIPTS = Path(workflow.basedir) / "workflow_scripts"
+# Scripts import brainmri from the repository, also inside conda envs (--sdm conda).
+PYTHON = f"PYTHONPATH={workflow.basedir}${{PYTHONPATH:+:$PYTHONPATH}} python"
+
+BACKBONES = model_names(config, "classification")
+ARCHITECTURES = model_names(config, "segmentation")
+FOLDS = list(range(config["split"]["folds"]))
+DATASETS = {
+    "lgg": "lgg-mri-segmentation",
+    "btm": "brain-tumor-mri-dataset",
+}
+
+
+wildcard_constraints:
+    backbone="|".join(map(re.escape, BACKBONES)) if BACKBONES else "none",
+    arch="|".join(map(re.escape, ARCHITECTURES)),
+    fold=r"\d+",
+    model="|".join(map(re.escape, BACKBONES + ["ensemble"])),
+
+
+def results(path: str) -> str:
+    """A path under the configured results directory."""
+    return str(RESULTS / path)
+
+
+def as_json(value) -> str:
+    """Config values for a script's --settings argument (params: rerun on change)."""
+    return json.dumps(value, sort_keys=True)
+
+
+def classifier_settings(wildcards) -> str:
+    return as_json(training_settings(config, "classification", wildcards.backbone))
+
+
+def segmenter_settings(wildcards) -> str:
+    return as_json(training_settings(config, "segmentation", wildcards.arch))
+
+
+def classifier_weights(wildcards) -> list[str]:
+    """The cached ImageNet weights a backbone starts from, if it is pretrained."""
+    settings = training_settings(config, "classification", wildcards.backbone)
+    if not settings["pretrained"]:
+        return []
+    return [str(WEIGHTS / "timm" / f"{wildcards.backbone}.safetensors")]
+
+
+def segmenter_weights(wildcards) -> list[str]:
+    """The cached ImageNet encoder weights an architecture starts from, if pretrained."""
+    settings = training_settings(config, "segmentation", wildcards.arch)
+    if not settings["pretrained"]:
+        return []
+    return [str(WEIGHTS / "smp" / f"{settings['encoder']}.safetensors")]
+
+
+def data_targets() -> list[str]:
+    return [
+        results("data/manifest.csv"),
+        results("splits/splits.csv"),
+        results("splits/summary.tsv"),
+    ]
+
+
+def classification_targets() -> list[str]:
+    models = BACKBONES + ["ensemble"]
+    return expand(results("classification/{model}/test_metrics.json"), model=models)
+
+
+def segmentation_targets() -> list[str]:
+    return [results("segmentation/summary.json")]
+
+
+def all_targets() -> list[str]:
+    return [
+        *data_targets(),
+        *classification_targets(),
+        *segmentation_targets(),
+        results("cascade/metrics.json"),
+        results("report/report.html"),
+        results("report/metrics.json"),
+    ]

@@ -1,0 +1,148 @@
+"""Data: fetch the two Kaggle datasets (or local / synthetic stand-ins), preprocess, split."""
+
+
+# Downloads need the network: keep them on the submitting node under a cluster executor.
+localrules:
+    fetch_lgg,
+    fetch_btm,
+
+
+rule fetch_lgg:
+    """LGG slices and masks (mateuszbuda/lgg-mri-segmentation), safely extracted."""
+    output:
+        folder=directory(results("raw/lgg-mri-segmentation")),
+        checksums=results("raw/lgg-mri-segmentation.sha256.tsv"),
+    params:
+        source=config["data"]["source"],
+        local_dir=config["data"]["local_dir"] or "",
+        synthetic=as_json(config["data"]["synthetic"]),
+        extraction=as_json(config["data"]["extraction"]),
+        seed=config["seed"],
+    log:
+        results("logs/data/fetch_lgg.log"),
+    conda:
+        "../envs/data.yaml"
+    shell:
+        "{PYTHON} {SCRIPTS}/fetch_dataset.py --dataset lgg-mri-segmentation"
+        " --source {params.source} --local-dir {params.local_dir:q}"
+        " --synthetic {params.synthetic:q} --extraction {params.extraction:q}"
+        " --seed {params.seed} --out-dir {output.folder} --checksums {output.checksums}"
+        " > {log} 2>&1"
+
+
+rule fetch_btm:
+    """Glioma / meningioma / notumor / pituitary JPGs (masoudnickparvar/brain-tumor-mri-dataset)."""
+    output:
+        folder=directory(results("raw/brain-tumor-mri-dataset")),
+        checksums=results("raw/brain-tumor-mri-dataset.sha256.tsv"),
+    params:
+        source=config["data"]["source"],
+        local_dir=config["data"]["local_dir"] or "",
+        synthetic=as_json(config["data"]["synthetic"]),
+        extraction=as_json(config["data"]["extraction"]),
+        seed=config["seed"],
+    log:
+        results("logs/data/fetch_btm.log"),
+    conda:
+        "../envs/data.yaml"
+    shell:
+        "{PYTHON} {SCRIPTS}/fetch_dataset.py --dataset brain-tumor-mri-dataset"
+        " --source {params.source} --local-dir {params.local_dir:q}"
+        " --synthetic {params.synthetic:q} --extraction {params.extraction:q}"
+        " --seed {params.seed} --out-dir {output.folder} --checksums {output.checksums}"
+        " > {log} 2>&1"
+
+
+rule preprocess_lgg:
+    """LGG TIFFs -> 3-channel PNGs + binary mask PNGs + uint8 arrays + manifest part."""
+    input:
+        results("raw/lgg-mri-segmentation"),
+    output:
+        png=directory(results("data/lgg/png")),
+        images=results("data/lgg/images.npy"),
+        masks=results("data/lgg/masks.npy"),
+        manifest=results("data/lgg/manifest.csv"),
+    params:
+        image_size=config["data"]["image_size"],
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    log:
+        results("logs/data/preprocess_lgg.log"),
+    benchmark:
+        results("benchmarks/data/preprocess_lgg.tsv")
+    conda:
+        "../envs/data.yaml"
+    shell:
+        "{PYTHON} {SCRIPTS}/preprocess.py lgg --raw-dir {input} --image-size {params.image_size}"
+        " --png-dir {output.png} --images {output.images} --masks {output.masks}"
+        " --manifest {output.manifest} --threads {threads} > {log} 2>&1"
+
+
+rule preprocess_btm:
+    """Second dataset's glioma/notumor images -> grayscale-in-3-channel PNGs + arrays + manifest part."""
+    input:
+        results("raw/brain-tumor-mri-dataset"),
+    output:
+        png=directory(results("data/btm/png")),
+        images=results("data/btm/images.npy"),
+        manifest=results("data/btm/manifest.csv"),
+    params:
+        image_size=config["data"]["image_size"],
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    log:
+        results("logs/data/preprocess_btm.log"),
+    benchmark:
+        results("benchmarks/data/preprocess_btm.tsv")
+    conda:
+        "../envs/data.yaml"
+    shell:
+        "{PYTHON} {SCRIPTS}/preprocess.py btm --raw-dir {input} --image-size {params.image_size}"
+        " --png-dir {output.png} --images {output.images}"
+        " --manifest {output.manifest} --threads {threads} > {log} 2>&1"
+
+
+rule manifest:
+    """One manifest, a row per image of both datasets."""
+    input:
+        lgg=results("data/lgg/manifest.csv"),
+        btm=results("data/btm/manifest.csv"),
+    output:
+        results("data/manifest.csv"),
+    log:
+        results("logs/data/manifest.log"),
+    conda:
+        "../envs/data.yaml"
+    shell:
+        "{PYTHON} {SCRIPTS}/build_manifest.py --parts {input.lgg} {input.btm}"
+        " --output {output} > {log} 2>&1"
+
+
+rule split:
+    """Patient-level (default) or slice-level train/val/test split and segmentation folds."""
+    input:
+        results("data/manifest.csv"),
+    output:
+        splits=results("splits/splits.csv"),
+        summary=results("splits/summary.tsv"),
+    params:
+        level=config["split"]["level"],
+        test_fraction=config["split"]["test_fraction"],
+        val_fraction=config["split"]["val_fraction"],
+        folds=config["split"]["folds"],
+        use_second_dataset=config["classification"]["use_second_dataset"],
+        seed=config["seed"],
+    log:
+        results("logs/data/split.log"),
+    conda:
+        "../envs/data.yaml"
+    shell:
+        "{PYTHON} {SCRIPTS}/make_splits.py --manifest {input} --level {params.level}"
+        " --test-fraction {params.test_fraction} --val-fraction {params.val_fraction}"
+        " --folds {params.folds} --seed {params.seed}"
+        " --second-dataset {params.use_second_dataset}"
+        " --splits {output.splits} --summary {output.summary} > {log} 2>&1"

@@ -1,0 +1,129 @@
+"""The classify-then-segment cascade, the HTML report, and prediction on new images."""
+
+
+localrules:
+    predict,
+
+
+rule cascade:
+    """Classifier ensemble gates the segmentation fold ensemble on every test slice."""
+    input:
+        classifier=results("classification/ensemble/test_predictions.csv"),
+        probabilities=results(
+            f"segmentation/{config['cascade']['architecture']}/ensemble/test_probabilities.npy"
+        ),
+        manifest=results("data/manifest.csv"),
+        splits=results("splits/splits.csv"),
+        masks=results("data/lgg/masks.npy"),
+    output:
+        metrics=results("cascade/metrics.json"),
+        per_slice=results("cascade/per_slice.csv"),
+        table=report(
+            results("cascade/comparison.tsv"),
+            category="Cascade",
+            caption="../report/cascade.rst",
+        ),
+    params:
+        threshold=config["segmentation"]["threshold"],
+        architecture=config["cascade"]["architecture"],
+    threads: 2
+    log:
+        results("logs/cascade.log"),
+    conda:
+        "../envs/evaluation.yaml"
+    shell:
+        "{PYTHON} {SCRIPTS}/cascade.py --classifier {input.classifier}"
+        " --probabilities {input.probabilities} --architecture {params.architecture}"
+        " --manifest {input.manifest} --splits {input.splits} --masks {input.masks}"
+        " --threshold {params.threshold} --threads {threads} --metrics {output.metrics}"
+        " --per-slice {output.per_slice} --table {output.table} > {log} 2>&1"
+
+
+rule report:
+    """One self-contained HTML report and one metrics.json with the run's headline numbers."""
+    input:
+        data_targets(),
+        classification_targets(),
+        segmentation_targets(),
+        results("cascade/metrics.json"),
+        histories=expand(
+            results("classification/{backbone}/history.csv"), backbone=BACKBONES
+        )
+        + expand(
+            results("segmentation/{arch}/fold{fold}/history.csv"),
+            arch=ARCHITECTURES,
+            fold=FOLDS,
+        ),
+    output:
+        html=report(
+            results("report/report.html"),
+            category="Report",
+            caption="../report/report.rst",
+        ),
+        metrics=results("report/metrics.json"),
+    params:
+        results_dir=str(RESULTS),
+        config=as_json(config),
+    log:
+        results("logs/report.log"),
+    conda:
+        "../envs/evaluation.yaml"
+    shell:
+        "{PYTHON} {SCRIPTS}/make_report.py --results-dir {params.results_dir}"
+        " --config {params.config:q} --html {output.html} --metrics {output.metrics}"
+        " > {log} 2>&1"
+
+
+def predict_input_dir(wildcards) -> str:
+    folder = config["predict"]["input_dir"]
+    if not folder:
+        raise ValueError(
+            "the predict target needs predict.input_dir: "
+            "snakemake predict --config predict='{input_dir: path/to/images}'"
+        )
+    return folder
+
+
+rule predict_new_images:
+    """Tumor probability, ensemble decision, mask and overlay for every image of a folder."""
+    input:
+        images=predict_input_dir,
+        classifiers=expand(
+            results("classification/{backbone}/model.pt"), backbone=BACKBONES
+        ),
+        segmenters=expand(
+            results(f"segmentation/{config['cascade']['architecture']}/fold{{fold}}/model.pt"),
+            fold=FOLDS,
+        ),
+    output:
+        csv=results("predict/predictions.csv"),
+        masks=directory(results("predict/masks")),
+        overlays=directory(results("predict/overlays")),
+    params:
+        results_dir=str(RESULTS),
+        architecture=config["cascade"]["architecture"],
+        method=config["classification"]["ensemble"],
+        threshold=config["segmentation"]["threshold"],
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=8000,
+        runtime=60,
+    log:
+        results("logs/predict.log"),
+    benchmark:
+        results("benchmarks/predict.tsv")
+    conda:
+        "../envs/training.yaml"
+    shell:
+        "{PYTHON} {SCRIPTS}/predict.py --input-dir {input.images:q}"
+        " --results-dir {params.results_dir} --architecture {params.architecture}"
+        " --method {params.method} --threshold {params.threshold}"
+        " --output {output.csv} --masks-dir {output.masks} --overlays-dir {output.overlays}"
+        " > {log} 2>&1"
+
+
+rule predict:
+    """Target: `snakemake predict --config predict='{input_dir: my_scans}'`."""
+    input:
+        results("predict/predictions.csv"),
