@@ -5,6 +5,7 @@ import re
 import sys
 from pathlib import Path
 
+from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -20,8 +21,11 @@ preflight(config)
 RESULTS = Path(config["results_dir"])
 WEIGHTS = Path(config["weights_dir"])
 SCRIPTS = Path(workflow.basedir) / "workflow_scripts"
-# Scripts import brainmri from the repository, also inside conda envs (--sdm conda).
-PYTHON = f"PYTHONPATH={workflow.basedir}${{PYTHONPATH:+:$PYTHONPATH}} python"
+# Scripts import brainmri from the repository, also inside conda envs (--sdm conda). Without
+# conda they run with the interpreter that runs Snakemake (e.g. .venv/bin/python).
+_CONDA = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+_INTERPRETER = "python" if _CONDA else sys.executable
+PYTHON = f"PYTHONPATH={workflow.basedir}${{PYTHONPATH:+:$PYTHONPATH}} {_INTERPRETER}"
 
 BACKBONES = model_names(config, "classification")
 ARCHITECTURES = model_names(config, "segmentation")

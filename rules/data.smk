@@ -24,7 +24,7 @@ rule fetch_lgg:
         "../envs/data.yaml"
     shell:
         "{PYTHON} {SCRIPTS}/fetch_dataset.py --dataset lgg-mri-segmentation"
-        " --source {params.source} --local-dir {params.local_dir:q}"
+        " --source {params.source} --local-dir={params.local_dir:q}"
         " --synthetic {params.synthetic:q} --extraction {params.extraction:q}"
         " --seed {params.seed} --out-dir {output.folder} --checksums {output.checksums}"
         " > {log} 2>&1"
@@ -47,7 +47,7 @@ rule fetch_btm:
         "../envs/data.yaml"
     shell:
         "{PYTHON} {SCRIPTS}/fetch_dataset.py --dataset brain-tumor-mri-dataset"
-        " --source {params.source} --local-dir {params.local_dir:q}"
+        " --source {params.source} --local-dir={params.local_dir:q}"
         " --synthetic {params.synthetic:q} --extraction {params.extraction:q}"
         " --seed {params.seed} --out-dir {output.folder} --checksums {output.checksums}"
         " > {log} 2>&1"

@@ -1,0 +1,387 @@
+"""Preprocessing of both datasets to 3-channel PNGs, binary mask PNGs, uint8 arrays and a manifest.
+
+LGG TIFFs are 3-channel (pre-contrast, FLAIR, post-contrast) and stay so; images of the second
+dataset are converted to grayscale and copied into 3 channels. Images are resized bilinearly,
+masks with nearest neighbour (values 0/255 in the PNG, 0/1 in the array). Every bad input raises
+:class:`InputError` naming the file and the problem; outputs appear only when all succeeded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import re
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+from brainmri.io import InputError, atomic_path, write_csv, write_npy
+
+log = logging.getLogger(__name__)
+
+LGG_SLICE = re.compile(r"^(?P<patient>TCGA_(?P<inst>[A-Z0-9]+)_[A-Z0-9]+_\d+)_(?P<n>\d+)\.tiff?$")
+LGG_MASK = re.compile(r"^(?P<patient>TCGA_[A-Z0-9]+_[A-Z0-9]+_\d+)_(?P<n>\d+)_mask\.tiff?$")
+BTM_CLASSES = {"glioma": "tumor", "notumor": "no_tumor"}
+BTM_SUBSETS = ("Training", "Testing")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
+MANIFEST_COLUMNS = [
+    "id",
+    "source",
+    "array_index",
+    "patient",
+    "institution",
+    "slice_index",
+    "original_path",
+    "image_path",
+    "mask_path",
+    "label",
+    "has_tumor",
+    "tumor_area",
+    "missing_modalities",
+    "btm_class",
+    "btm_subset",
+    "content_hash",
+    "duplicate_group",
+]
+
+
+def open_image(path: Path) -> Image.Image:
+    """Open and fully decode an image; a clear InputError for empty, corrupt or non-image files."""
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: empty file (0 bytes)")
+    try:
+        image = Image.open(path)
+        image.load()
+    except UnidentifiedImageError:
+        raise InputError(f"{path}: not an image file Pillow can read") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise InputError(f"{path}: corrupt or truncated image ({error})") from None
+    return image
+
+
+def to_uint8_gray(image: Image.Image) -> np.ndarray:
+    """Any Pillow mode (L, RGB, RGBA, P, I;16, I, F, 1) as a 2-D uint8 grayscale array."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        low, high = float(values.min()), float(values.max())
+        scale = 255.0 / (high - low) if high > low else 0.0
+        return np.clip((values - low) * scale, 0, 255).round().astype(np.uint8)
+    if image.mode in ("RGBA", "LA", "P", "PA"):
+        image = image.convert("RGBA").convert("RGB")
+    return np.asarray(image.convert("L"), dtype=np.uint8)
+
+
+def square_pad(gray: np.ndarray) -> np.ndarray:
+    """Pad a 2-D array with zeros to a centred square."""
+    height, width = gray.shape
+    side = max(height, width)
+    top, left = (side - height) // 2, (side - width) // 2
+    out = np.zeros((side, side), dtype=gray.dtype)
+    out[top : top + height, left : left + width] = gray
+    return out
+
+
+def resize_image(array: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear (antialiased) resize of an (H, W) or (H, W, 3) uint8 array to size x size."""
+    if array.shape[:2] == (size, size):
+        return array
+    return np.asarray(Image.fromarray(array).resize((size, size), Image.BILINEAR), dtype=np.uint8)
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """Nearest-neighbour resize of a 0/1 mask (stays binary)."""
+    if mask.shape == (size, size):
+        return mask
+    resized = Image.fromarray(mask * 255).resize((size, size), Image.NEAREST)
+    return (np.asarray(resized) > 127).astype(np.uint8)
+
+
+def save_png(array: np.ndarray, path: Path) -> None:
+    Image.fromarray(array).save(path, format="PNG", compress_level=1)
+
+
+def gray_to_rgb(gray: np.ndarray) -> np.ndarray:
+    return np.repeat(gray[..., None], 3, axis=-1)
+
+
+@dataclass(frozen=True)
+class LggSlice:
+    patient: str
+    institution: str
+    index: int
+    image: Path
+    mask: Path
+
+
+def find_lgg_slices(raw_dir: Path) -> list[LggSlice]:
+    """Every (patient, slice) once, with its mask; the archive's second copy is skipped."""
+    images: dict[tuple[str, int], list[Path]] = {}
+    masks: dict[tuple[str, int], list[Path]] = {}
+    for path in sorted(raw_dir.rglob("*")):
+        if not path.is_file():
+            continue
+        if match := LGG_MASK.match(path.name):
+            masks.setdefault((match["patient"], int(match["n"])), []).append(path)
+        elif match := LGG_SLICE.match(path.name):
+            images.setdefault((match["patient"], int(match["n"])), []).append(path)
+    if not images and not masks:
+        raise InputError(
+            f"{raw_dir}: no LGG slices found; expected kaggle_3m/TCGA_<inst>_<id>_<date>/"
+            "TCGA_<inst>_<id>_<date>_<n>.tif with ..._<n>_mask.tif (is this the "
+            "lgg-mri-segmentation archive?)"
+        )
+    slices = []
+    for key in sorted(set(images) | set(masks)):
+        if key not in masks:
+            raise InputError(f"{_shortest(images[key])}: image without its mask (_mask.tif)")
+        if key not in images:
+            raise InputError(f"{_shortest(masks[key])}: mask without its image")
+        image, mask = _pick_copy(images[key]), _pick_copy(masks[key])
+        inst = LGG_SLICE.match(image.name)["inst"]
+        slices.append(LggSlice(key[0], inst, key[1], image, mask))
+    return slices
+
+
+def _shortest(paths: list[Path]) -> Path:
+    return min(paths, key=lambda p: (len(p.parts), str(p)))
+
+
+def _pick_copy(paths: list[Path]) -> Path:
+    """The real archive holds every file twice (kaggle_3m/ and lgg-mri-segmentation/kaggle_3m/)."""
+    chosen = _shortest(paths)
+    for other in paths:
+        if other != chosen and other.stat().st_size != chosen.stat().st_size:
+            log.warning("%s and %s differ; using %s", chosen, other, chosen)
+    return chosen
+
+
+def _load_lgg_slice(item: LggSlice) -> tuple[np.ndarray, np.ndarray]:
+    image = open_image(item.image)
+    if image.mode != "RGB":
+        bands = len(image.getbands())
+        raise InputError(
+            f"{item.image}: expected a 3-channel RGB TIFF (pre-contrast, FLAIR, post-contrast), "
+            f"got mode {image.mode} with {bands} channel(s)"
+        )
+    mask_image = open_image(item.mask)
+    if mask_image.size != image.size:
+        raise InputError(
+            f"{item.mask}: mask size {mask_image.size[0]}x{mask_image.size[1]} differs from its "
+            f"image {item.image.name} ({image.size[0]}x{image.size[1]})"
+        )
+    mask = to_uint8_gray(mask_image) > 127
+    return np.asarray(image, dtype=np.uint8), mask.astype(np.uint8)
+
+
+def _parallel(function: Callable, items: Iterable, threads: int) -> list:
+    if threads <= 1:
+        return [function(item) for item in items]
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return list(pool.map(function, items))
+
+
+def _missing_modalities(equal_pre: list[bool], equal_post: list[bool], blank: list[bool]) -> str:
+    """A modality is missing for a patient when it equals FLAIR on every non-blank slice."""
+    informative = [i for i, b in enumerate(blank) if not b]
+    if not informative:
+        return ""
+    missing = []
+    if all(equal_pre[i] for i in informative):
+        missing.append("pre-contrast")
+    if all(equal_post[i] for i in informative):
+        missing.append("post-contrast")
+    return ";".join(missing)
+
+
+@contextlib.contextmanager
+def _outputs(*paths: Path | None):
+    """Atomic temporaries for several outputs: all appear together, or none."""
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(atomic_path(p)) if p else None for p in paths]
+
+
+def preprocess_lgg(
+    raw_dir: Path,
+    image_size: int,
+    png_dir: Path,
+    images_path: Path,
+    masks_path: Path,
+    manifest_path: Path,
+    threads: int = 1,
+) -> pd.DataFrame:
+    """LGG archive folder -> PNGs, images.npy (N,S,S,3), masks.npy (N,S,S) and manifest part."""
+    slices = find_lgg_slices(raw_dir)
+    log.info("LGG: %d slices of %d patients", len(slices), len({s.patient for s in slices}))
+    images = np.zeros((len(slices), image_size, image_size, 3), dtype=np.uint8)
+    masks = np.zeros((len(slices), image_size, image_size), dtype=np.uint8)
+    with _outputs(png_dir) as (tmp_png,):
+        (tmp_png / "images").mkdir(parents=True)
+        (tmp_png / "masks").mkdir()
+
+        def work(position: int) -> tuple[bool, bool, bool]:
+            item = slices[position]
+            image, mask = _load_lgg_slice(item)
+            flags = (
+                bool(np.array_equal(image[..., 0], image[..., 1])),
+                bool(np.array_equal(image[..., 2], image[..., 1])),
+                bool(image.max() == 0),
+            )
+            images[position] = resize_image(image, image_size)
+            masks[position] = resize_mask(mask, image_size)
+            slice_id = f"{item.patient}_{item.index}"
+            save_png(images[position], tmp_png / "images" / f"{slice_id}.png")
+            save_png(masks[position] * 255, tmp_png / "masks" / f"{slice_id}.png")
+            return flags
+
+        flags = _parallel(work, range(len(slices)), threads)
+        rows = []
+        by_patient: dict[str, list[int]] = {}
+        for position, item in enumerate(slices):
+            by_patient.setdefault(item.patient, []).append(position)
+        missing = {
+            patient: _missing_modalities(
+                [flags[i][0] for i in positions],
+                [flags[i][1] for i in positions],
+                [flags[i][2] for i in positions],
+            )
+            for patient, positions in by_patient.items()
+        }
+        for position, item in enumerate(slices):
+            slice_id = f"{item.patient}_{item.index}"
+            area = int(masks[position].sum())
+            rows.append(
+                {
+                    "id": slice_id,
+                    "source": "lgg",
+                    "array_index": position,
+                    "patient": item.patient,
+                    "institution": item.institution,
+                    "slice_index": item.index,
+                    "original_path": item.image.relative_to(raw_dir).as_posix(),
+                    "image_path": f"lgg/png/images/{slice_id}.png",
+                    "mask_path": f"lgg/png/masks/{slice_id}.png",
+                    "label": "tumor" if area else "no_tumor",
+                    "has_tumor": int(area > 0),
+                    "tumor_area": area,
+                    "missing_modalities": missing[item.patient],
+                    "btm_class": "",
+                    "btm_subset": "",
+                    "content_hash": hashlib.sha1(images[position].tobytes()).hexdigest(),
+                    "duplicate_group": slice_id,
+                }
+            )
+        manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+        write_npy(images_path, images)
+        write_npy(masks_path, masks)
+        write_csv(manifest_path, manifest)
+    return manifest
+
+
+def find_btm_images(raw_dir: Path) -> list[tuple[str, str, Path]]:
+    """(subset, class, path) of every glioma / notumor image in Training and Testing."""
+    found = []
+    for subset in BTM_SUBSETS:
+        for name in BTM_CLASSES:
+            for folder in sorted(raw_dir.glob(f"**/{subset}/{name}")):
+                for path in sorted(folder.iterdir()):
+                    if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+                        found.append((subset, name, path))
+    if not found:
+        raise InputError(
+            f"{raw_dir}: no images found; expected Training/<class>/*.jpg and Testing/<class>/*.jpg "
+            f"with classes {', '.join(BTM_CLASSES)} (is this the brain-tumor-mri-dataset archive?)"
+        )
+    return found
+
+
+def preprocess_btm(
+    raw_dir: Path,
+    image_size: int,
+    png_dir: Path,
+    images_path: Path,
+    manifest_path: Path,
+    threads: int = 1,
+) -> pd.DataFrame:
+    """Second dataset: glioma (tumor) and notumor images -> gray in 3 channels, PNGs, array."""
+    items = find_btm_images(raw_dir)
+    log.info("Second dataset: %d glioma/notumor images", len(items))
+    images = np.zeros((len(items), image_size, image_size, 3), dtype=np.uint8)
+    ids = [
+        "btm_" + path.relative_to(raw_dir).with_suffix("").as_posix().replace("/", "_")
+        for _, _, path in items
+    ]
+    with _outputs(png_dir) as (tmp_png,):
+        (tmp_png / "images").mkdir(parents=True)
+
+        def work(position: int) -> str:
+            gray = to_uint8_gray(open_image(items[position][2]))
+            digest = hashlib.sha1(np.asarray(gray.shape).tobytes() + gray.tobytes()).hexdigest()
+            images[position] = gray_to_rgb(resize_image(square_pad(gray), image_size))
+            save_png(images[position], tmp_png / "images" / f"{ids[position]}.png")
+            return digest
+
+        hashes = _parallel(work, range(len(items)), threads)
+        first_of_hash: dict[str, str] = {}
+        rows = []
+        for position, ((subset, name, path), digest) in enumerate(zip(items, hashes, strict=True)):
+            group = first_of_hash.setdefault(digest, ids[position])
+            rows.append(
+                {
+                    "id": ids[position],
+                    "source": "btm",
+                    "array_index": position,
+                    "patient": path.stem,
+                    "institution": "",
+                    "slice_index": -1,
+                    "original_path": path.relative_to(raw_dir).as_posix(),
+                    "image_path": f"btm/png/images/{ids[position]}.png",
+                    "mask_path": "",
+                    "label": BTM_CLASSES[name],
+                    "has_tumor": int(BTM_CLASSES[name] == "tumor"),
+                    "tumor_area": -1,
+                    "missing_modalities": "",
+                    "btm_class": name,
+                    "btm_subset": subset,
+                    "content_hash": digest,
+                    "duplicate_group": group,
+                }
+            )
+        manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+        duplicates = int((manifest["duplicate_group"] != manifest["id"]).sum())
+        if duplicates:
+            log.info("Second dataset: %d exact duplicate images (kept in one split)", duplicates)
+        conflicting = manifest.groupby("duplicate_group")["label"].nunique()
+        if (conflicting > 1).any():
+            log.warning(
+                "Second dataset: %d duplicate groups carry both labels",
+                int((conflicting > 1).sum()),
+            )
+        write_npy(images_path, images)
+        write_csv(manifest_path, manifest)
+    return manifest
+
+
+def merge_manifests(parts: list[Path]) -> pd.DataFrame:
+    """Concatenate manifest parts; ids must be unique and the columns identical."""
+    frames = []
+    for part in parts:
+        frame = pd.read_csv(part, keep_default_na=False)
+        if list(frame.columns) != MANIFEST_COLUMNS:
+            raise InputError(f"{part}: unexpected columns {list(frame.columns)}")
+        frames.append(frame)
+    manifest = pd.concat(frames, ignore_index=True)
+    duplicated = manifest["id"][manifest["id"].duplicated()]
+    if len(duplicated):
+        raise InputError(f"{parts}: duplicate ids, e.g. {duplicated.iloc[0]}")
+    return manifest
+
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    """Read data/manifest.csv with empty strings (not NaN) for empty text cells."""
+    return pd.read_csv(path, keep_default_na=False)
