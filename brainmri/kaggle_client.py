@@ -94,7 +94,9 @@ def download_dataset(dataset: str, destination: Path) -> Path:
         api.authenticate()
         api.dataset_download_files(slug, path=str(destination), force=True, quiet=True, unzip=False)
     except SystemExit as error:  # the client exits on authentication failures
-        raise InputError(f"Kaggle client could not authenticate for {slug} (exit {error.code})")
+        raise InputError(
+            f"Kaggle client could not authenticate for {slug} (exit {error.code})"
+        ) from None
     except Exception as error:
         raise InputError(
             f"Kaggle download of {slug} failed: {type(error).__name__}: {redact(str(error))}. "

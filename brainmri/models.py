@@ -1,8 +1,155 @@
-"""Model factories: timm classifiers and segmentation-models-pytorch segmenters."""
+"""Model factories (timm classifiers, segmentation-models-pytorch segmenters), the local weight
+cache, and safe checkpoints.
+
+Every model takes a float batch in [0, 1] of shape (B, 3, S, S) and applies its own input
+normalisation (a :class:`Normalized` wrapper), so training, evaluation and ``predict`` share
+exactly one preprocessing. Checkpoints hold plain types and tensors only and are always read
+with ``torch.load(weights_only=True)``; weight files are safetensors.
+"""
 
 from __future__ import annotations
 
+import functools
+import os
+import pickle
+from pathlib import Path
 from typing import Any
+
+import torch
+from torch import nn
+
+from brainmri.io import InputError, atomic_path
+
+CHECKPOINT_FORMAT = "brainmri-checkpoint-v1"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Normalized(nn.Module):
+    """Wrap a network so that it takes [0, 1] inputs and normalises them itself."""
+
+    def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)
+
+
+class ClassifierHead(nn.Sequential):
+    """The small custom head on the pooled backbone features: 2 logits (no tumor, tumor)."""
+
+    def __init__(self, features: int, hidden: int = 256, dropout: float = 0.3) -> None:
+        super().__init__(
+            nn.Linear(features, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, 2),
+        )
+
+
+class WeightsError(InputError):
+    """Pretrained weights missing from the local cache, or unreadable."""
+
+
+def weights_hint(library: str, name: str, path: str | os.PathLike[str]) -> str:
+    return (
+        f"pretrained ImageNet weights for {library} model {name!r} are not in the local cache "
+        f"({path}). Fetch them where the network is: `snakemake {path}` (the download_weights "
+        f"rule), or `python workflow_scripts/download_weights.py --library {library} --name "
+        f"{name} --output {path}`; offline, convert a weights file you have with "
+        f"`... --from-file your_file.safetensors|.pth`. Or set pretrained: false."
+    )
+
+
+def load_weights_file(path: str | os.PathLike[str], library: str, name: str) -> dict:
+    """A cached state dict (safetensors; never unpickled)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path or not Path(path).is_file():
+        raise WeightsError(weights_hint(library, name, path or "<none>"))
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise WeightsError(f"{path}: unreadable weights file ({error})") from None
+
+
+def _timm_backbone(name: str) -> nn.Module:
+    import timm
+
+    return timm.create_model(name, pretrained=False, num_classes=0)
+
+
+def build_classifier(settings: dict[str, Any], weights: str | None = None) -> Normalized:
+    """A timm backbone (pooled features) + :class:`ClassifierHead`, wrapped in Normalized."""
+    name = settings["backbone"]
+    backbone = _timm_backbone(name)
+    if settings.get("pretrained"):
+        state = load_weights_file(weights, "timm", name)
+        own = backbone.state_dict()
+        state = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
+        missing = sorted(set(own) - set(state))
+        if missing:
+            raise WeightsError(
+                f"{weights}: does not match timm model {name!r} (missing {missing[:3]}...)"
+            )
+        backbone.load_state_dict(state)
+    cfg = backbone.pretrained_cfg or {}
+    mean = tuple(cfg.get("mean", IMAGENET_MEAN))
+    std = tuple(cfg.get("std", IMAGENET_STD))
+    return Normalized(nn.Sequential(backbone, ClassifierHead(backbone.num_features)), mean, std)
+
+
+def build_segmenter(settings: dict[str, Any], weights: str | None = None) -> Normalized:
+    """An smp model (1 output channel, logits), encoder from the weight cache if pretrained."""
+    import segmentation_models_pytorch as smp
+
+    net = smp.create_model(
+        settings["arch"],
+        encoder_name=settings["encoder"],
+        encoder_weights=None,
+        in_channels=3,
+        classes=1,
+    )
+    if settings.get("pretrained"):
+        state = load_weights_file(weights, "smp", settings["encoder"])
+        result = net.encoder.load_state_dict(state, strict=False)
+        if result.missing_keys:
+            raise WeightsError(
+                f"{weights}: does not match encoder {settings['encoder']!r} "
+                f"(missing {result.missing_keys[:3]}...)"
+            )
+    return Normalized(net, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def build_model(task: str, settings: dict[str, Any], weights: str | None = None) -> Normalized:
+    if task == "classification":
+        return build_classifier(settings, weights)
+    if task == "segmentation":
+        return build_segmenter(settings, weights)
+    raise ValueError(f"unknown task {task!r}")
+
+
+@functools.lru_cache(maxsize=64)
+def _classifier_accepts(name: str, size: int) -> str | None:
+    """None if timm's ``name`` runs on a size x size input, else the error text."""
+    try:
+        with torch.device("meta"):
+            model = _timm_backbone(name).eval()
+            model(torch.zeros(1, 3, size, size))
+    except NotImplementedError:  # an op without a meta kernel: try for real on the CPU
+        model = _timm_backbone(name).eval()
+        with torch.no_grad():
+            try:
+                model(torch.zeros(1, 3, size, size))
+            except RuntimeError as error:
+                return str(error).splitlines()[0]
+    except RuntimeError as error:
+        return str(error).splitlines()[0]
+    return None
 
 
 def check_classifier_config(settings: dict[str, Any], key: str) -> None:
@@ -13,7 +160,12 @@ def check_classifier_config(settings: dict[str, Any], key: str) -> None:
 
     name = settings["backbone"]
     if not timm.is_model(name):
-        raise ConfigError(f"{key}: timm has no model named {name!r}")
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
+        raise ConfigError(f"{key}: timm has no model named {name!r} (similar: {close})")
+    size = settings["image_size"]
+    problem = _classifier_accepts(name, size)
+    if problem:
+        raise ConfigError(f"{key}: {name} cannot take {size} px images ({problem})")
 
 
 def check_segmenter_config(settings: dict[str, Any], key: str) -> None:
@@ -26,5 +178,59 @@ def check_segmenter_config(settings: dict[str, Any], key: str) -> None:
         raise ConfigError(
             f"{key}.encoder: segmentation-models-pytorch has no encoder {settings['encoder']!r}"
         )
-    if settings["image_size"] % 32:
-        raise ConfigError(f"{key}: image_size {settings['image_size']} must be a multiple of 32")
+    size = settings["image_size"]
+    if size % 32:
+        raise ConfigError(
+            f"{key}: image_size {size} must be a multiple of 32 (the encoder's output stride)"
+        )
+    if size < 64:
+        raise ConfigError(f"{key}: image_size {size} is too small (at least 64 px)")
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    task: str,
+    settings: dict[str, Any],
+    **extra: Any,
+) -> None:
+    """Atomically write a checkpoint of plain types and tensors (see docs/design.md)."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "task": task,
+        "settings": settings,
+        "state_dict": state,
+        "image_size": int(settings["image_size"]),
+        **extra,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def safe_torch_load(path: str | os.PathLike[str], map_location: Any = "cpu") -> Any:
+    """torch.load with weights_only=True; refuse files that need arbitrary unpickling."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(
+            f"{path}: refusing to load: the file needs arbitrary unpickling, which could run "
+            f"code ({first[:200]})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise InputError(f"{path}: unreadable or truncated checkpoint ({error})") from None
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], device: str | torch.device = "cpu"
+) -> tuple[Normalized, dict[str, Any]]:
+    """Rebuild the model of a checkpoint (safely loaded) in eval mode on ``device``."""
+    checkpoint = safe_torch_load(path)
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise InputError(f"{path}: not a {CHECKPOINT_FORMAT} checkpoint")
+    settings = dict(checkpoint["settings"])
+    settings["pretrained"] = False  # the weights come from the checkpoint
+    model = build_model(checkpoint["task"], settings)
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.to(device).eval(), checkpoint

@@ -294,7 +294,8 @@ def find_btm_images(raw_dir: Path) -> list[tuple[str, str, Path]]:
                         found.append((subset, name, path))
     if not found:
         raise InputError(
-            f"{raw_dir}: no images found; expected Training/<class>/*.jpg and Testing/<class>/*.jpg "
+            f"{raw_dir}: no images found; expected Training/<class>/*.jpg and "
+            "Testing/<class>/*.jpg "
             f"with classes {', '.join(BTM_CLASSES)} (is this the brain-tumor-mri-dataset archive?)"
         )
     return found

@@ -50,7 +50,7 @@ rule train_classifier:
     shell:
         "{PYTHON} {SCRIPTS}/train_classifier.py --backbone {wildcards.backbone}"
         " --settings {params.settings:q} --manifest {input.manifest} --splits {input.splits}"
-        " --data-dir {params.data_dir} --weights {input.weights:q} --seed {params.seed}"
+        " --data-dir {params.data_dir} --weights={input.weights:q} --seed {params.seed}"
         " --threads {threads} --checkpoint {output.checkpoint} --history {output.history}"
         " --predictions {output.predictions} > {log} 2>&1"
 

@@ -30,7 +30,7 @@ rule train_segmenter:
     shell:
         "{PYTHON} {SCRIPTS}/train_segmenter.py --arch {wildcards.arch} --fold {wildcards.fold}"
         " --settings {params.settings:q} --manifest {input.manifest} --splits {input.splits}"
-        " --data-dir {params.data_dir} --weights {input.weights:q} --seed {params.seed}"
+        " --data-dir {params.data_dir} --weights={input.weights:q} --seed {params.seed}"
         " --threads {threads} --checkpoint {output.checkpoint} --history {output.history}"
         " > {log} 2>&1"
 

@@ -1,0 +1,235 @@
+"""The fast data path: uint8 arrays loaded once per job, batched augmentation on the device.
+
+Images stay uint8 (N, S, S, 3) in memory (memory-mapped ``.npy`` files written by
+preprocessing) until a batch is gathered, pinned (CUDA), moved with ``non_blocking`` and turned
+into float [0, 1] on the device. Augmentation is one ``affine_grid`` + ``grid_sample`` per batch,
+drawn from a seeded generator, so it costs little next to a training step and is identical
+whether a job ran straight through or was resumed.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from brainmri.io import InputError
+from brainmri.preprocess import read_manifest
+
+
+def load_table(manifest: str | Path, splits: str | Path) -> pd.DataFrame:
+    """The manifest joined with splits.csv (one row per image, manifest order)."""
+    table = read_manifest(manifest)
+    split_table = pd.read_csv(splits, keep_default_na=False)
+    merged = table.merge(split_table, on="id", how="left", validate="one_to_one")
+    if merged["cls_split"].isna().any() or "" in set(merged["cls_split"]):
+        missing = merged.loc[merged["cls_split"].isna() | (merged["cls_split"] == ""), "id"]
+        raise InputError(f"{splits}: no split for {len(missing)} images, e.g. {missing.iloc[0]}")
+    return merged
+
+
+def open_array(data_dir: str | Path, source: str, name: str = "images") -> np.ndarray:
+    """Memory-map ``data/<source>/<name>.npy``."""
+    path = Path(data_dir) / source / f"{name}.npy"
+    if not path.is_file():
+        raise InputError(f"{path}: preprocessed array not found (run the preprocessing rules)")
+    return np.load(path, mmap_mode="r")
+
+
+def gather(data_dir: str | Path, rows: pd.DataFrame, name: str = "images") -> np.ndarray:
+    """Copy the arrays of ``rows`` (any mix of sources) into one in-memory uint8 array."""
+    if rows.empty:
+        raise InputError("no images selected")
+    parts = []
+    order = []
+    for source, frame in rows.groupby("source", sort=True):
+        array = open_array(data_dir, str(source), name)
+        parts.append(np.asarray(array[np.sort(frame["array_index"].to_numpy())]))
+        order.extend(frame.sort_values("array_index").index)
+    stacked = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    position = {index: i for i, index in enumerate(order)}
+    return np.ascontiguousarray(stacked[[position[i] for i in rows.index]])
+
+
+@dataclass
+class Augment:
+    """Batched random geometry (+ intensity for segmentation), identical for image and mask."""
+
+    rotation_deg: float = 0.0
+    shift_fraction: float = 0.0
+    hflip: bool = False
+    vflip: bool = False
+    brightness: float = 0.0
+    contrast: float = 0.0
+
+    @classmethod
+    def from_settings(cls, settings: dict) -> Augment:
+        fields = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in (settings.get("augment") or {}).items() if k in fields})
+
+    def __call__(
+        self, images: torch.Tensor, masks: torch.Tensor | None, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch = images.shape[0]
+        draw = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
+        angle = (draw(batch) * 2 - 1) * math.radians(self.rotation_deg)
+        shift = (draw(batch, 2) * 2 - 1) * 2 * self.shift_fraction
+        flip_x = torch.where((draw(batch) < 0.5) & self.hflip, -1.0, 1.0)
+        flip_y = torch.where((draw(batch) < 0.5) & self.vflip, -1.0, 1.0)
+        bright = (draw(batch) * 2 - 1) * self.brightness
+        contrast = 1 + (draw(batch) * 2 - 1) * self.contrast
+        if self.rotation_deg or self.shift_fraction or self.hflip or self.vflip:
+            cos, sin = torch.cos(angle), torch.sin(angle)
+            theta = torch.stack(
+                [
+                    torch.stack([cos * flip_x, -sin * flip_y, shift[:, 0]], dim=1),
+                    torch.stack([sin * flip_x, cos * flip_y, shift[:, 1]], dim=1),
+                ],
+                dim=1,
+            ).to(images.device, images.dtype)
+            grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+            images = F.grid_sample(images, grid, mode="bilinear", align_corners=False)
+            if masks is not None:
+                masks = F.grid_sample(masks, grid, mode="nearest", align_corners=False)
+        if self.brightness or self.contrast:
+            view = (batch, 1, 1, 1)
+            mean = images.mean(dim=(1, 2, 3), keepdim=True)
+            contrast = contrast.to(images.device).view(view)
+            bright = bright.to(images.device).view(view)
+            images = ((images - mean) * contrast + mean + bright).clamp(0, 1)
+        return images, masks
+
+
+def to_device(
+    images: np.ndarray, device: torch.device, size: int, channels_last: bool = False
+) -> torch.Tensor:
+    """uint8 (B, S, S, 3) -> float (B, 3, size, size) in [0, 1] on ``device``."""
+    tensor = torch.from_numpy(images)
+    if device.type == "cuda":
+        tensor = tensor.pin_memory().to(device, non_blocking=True)
+    tensor = tensor.permute(0, 3, 1, 2).float().div_(255)
+    if tensor.shape[-1] != size:
+        tensor = F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True)
+    if channels_last:
+        tensor = tensor.contiguous(memory_format=torch.channels_last)
+    return tensor
+
+
+def targets_to_device(targets: np.ndarray, device: torch.device, size: int) -> torch.Tensor:
+    """Labels (B,) -> long; masks (B, S, S) uint8 0/1 -> float (B, 1, size, size)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(targets))
+    if device.type == "cuda":
+        tensor = tensor.pin_memory().to(device, non_blocking=True)
+    if tensor.ndim == 1:
+        return tensor.long()
+    tensor = tensor.unsqueeze(1).float()
+    if tensor.shape[-1] != size:
+        tensor = F.interpolate(tensor, size=(size, size), mode="nearest")
+    return tensor
+
+
+class Batches:
+    """Batches of (images, targets) on the device for one pass, optionally shuffled/augmented.
+
+    A background thread gathers the next uint8 batch while the model works on the current one.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        targets: np.ndarray,
+        batch_size: int,
+        device: torch.device,
+        size: int,
+        augment: Augment | None = None,
+        channels_last: bool = False,
+    ) -> None:
+        if len(images) != len(targets):
+            raise ValueError("images and targets differ in length")
+        self.images, self.targets = images, targets
+        self.batch_size, self.device, self.size = batch_size, device, size
+        self.augment, self.channels_last = augment, channels_last
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def epoch(
+        self, indices: np.ndarray | None = None, generator: torch.Generator | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Iterate over ``indices`` (default: all, in order) in batches."""
+        if indices is None:
+            indices = np.arange(len(self.images))
+        chunks = [
+            np.sort(indices[i : i + self.batch_size])
+            for i in range(0, len(indices), self.batch_size)
+        ]
+        for raw_images, raw_targets in _prefetch(self.images, self.targets, chunks):
+            images = to_device(raw_images, self.device, self.size)
+            targets = targets_to_device(raw_targets, self.device, self.size)
+            if self.augment is not None and generator is not None:
+                masks = targets if targets.ndim == 4 else None
+                images, masks = self.augment(images, masks, generator)
+                if masks is not None:
+                    targets = masks
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            yield images, targets
+
+
+def _prefetch(
+    images: np.ndarray, targets: np.ndarray, chunks: list[np.ndarray], depth: int = 2
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Gather batches in a background thread (NumPy copies release the GIL)."""
+    if len(chunks) <= 1:
+        for chunk in chunks:
+            yield images[chunk], targets[chunk]
+        return
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def worker() -> None:
+        for chunk in chunks:
+            if stop.is_set():
+                return
+            buffer.put((images[chunk], targets[chunk]))
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    try:
+        for _ in chunks:
+            yield buffer.get()
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                buffer.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.01)
+
+
+def segmentation_training_indices(
+    has_tumor: np.ndarray, mode: str, empty_fraction: float, generator: torch.Generator
+) -> np.ndarray:
+    """Training slices of one epoch: all, tumor only, or tumor + a fresh draw of empty ones."""
+    tumor = np.flatnonzero(has_tumor)
+    empty = np.flatnonzero(~has_tumor.astype(bool))
+    if mode == "all" or len(tumor) == 0:
+        chosen = np.arange(len(has_tumor))
+    elif mode == "tumor_only":
+        chosen = tumor
+    elif mode == "tumor_plus_empty":
+        n_empty = min(len(empty), round(empty_fraction * len(tumor)))
+        pick = torch.randperm(len(empty), generator=generator)[:n_empty].numpy()
+        chosen = np.concatenate([tumor, empty[pick]])
+    else:
+        raise ValueError(f"segmentation.train_slices: unknown mode {mode!r}")
+    order = torch.randperm(len(chosen), generator=generator).numpy()
+    return chosen[order]

@@ -1,0 +1,315 @@
+"""The training loop shared by classification and segmentation.
+
+Adam, early stopping on validation loss, best-validation-loss weights, a per-epoch history; on
+CUDA mixed precision (bf16 where supported), channels_last and cudnn benchmark. Every epoch the
+whole state is saved atomically to ``<resume_dir>/state.pt``; a killed job started again resumes
+from the last completed epoch and ends bit-identical on the CPU, because each epoch's data order,
+augmentation and dropout are drawn from generators seeded with (seed, epoch). SIGTERM (a SLURM
+time limit) stops the job at the next batch with exit status 143; the state of the last completed
+epoch is on disk.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from brainmri.io import InputError, atomic_path
+from brainmri.models import safe_torch_load
+
+log = logging.getLogger(__name__)
+
+BatchIterator = Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+MetricFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Preempted(RuntimeError):
+    """SIGTERM arrived; the job stops (exit 143) and resumes from its last epoch next time."""
+
+
+@dataclass
+class FitSettings:
+    epochs: int
+    lr: float
+    weight_decay: float = 0.0
+    patience: int | None = None
+    seed: int = 42
+    metric_name: str = "accuracy"
+
+
+@dataclass
+class FitResult:
+    best_state: dict[str, torch.Tensor]
+    best_epoch: int
+    best_val_loss: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def configure_torch(device: torch.device, threads: int) -> None:
+    """Threads; deterministic algorithms on the CPU; cudnn benchmark on CUDA."""
+    torch.set_num_threads(max(1, threads))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA where supported (else fp16), nothing on the CPU."""
+    if device.type != "cuda":
+        return nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
+    """A generator for one epoch's shuffling/augmentation: the same after a resume."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 101 + stream)
+
+
+class _TermFlag:
+    def __init__(self) -> None:
+        self.raised = False
+        self._previous = None
+
+    def __enter__(self) -> _TermFlag:
+        def handler(signum, frame):
+            self.raised = True
+            log.warning("SIGTERM received: stopping at the next batch")
+
+        try:
+            self._previous = signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def settings_digest(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def _load_resume_state(resume_dir: Path, digest: str) -> dict[str, Any] | None:
+    for name in ("state.pt", "state.prev.pt"):
+        path = resume_dir / name
+        if not path.is_file():
+            continue
+        try:
+            state = safe_torch_load(path)
+        except InputError as error:
+            log.warning("Ignoring the resume state %s: %s", path, error)
+            continue
+        if state.get("digest") != digest:
+            log.warning("Ignoring the resume state %s: it was made with other settings", path)
+            continue
+        return state
+    return None
+
+
+def _save_resume_state(resume_dir: Path, state: dict[str, Any]) -> None:
+    resume_dir.mkdir(parents=True, exist_ok=True)
+    current = resume_dir / "state.pt"
+    with atomic_path(resume_dir / "state.next.pt") as tmp:
+        torch.save(state, tmp)
+    if current.is_file():
+        os.replace(current, resume_dir / "state.prev.pt")
+    os.replace(resume_dir / "state.next.pt", current)
+
+
+def fit(
+    model: nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    metric_fn: MetricFn,
+    train_batches: BatchIterator,
+    val_batches: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]],
+    settings: FitSettings,
+    device: torch.device,
+    resume_dir: Path,
+    digest: str,
+) -> FitResult:
+    """Train ``model``; ``metric_fn`` returns the per-sample metric (summed into the history)."""
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
+    )
+    scaler = torch.amp.GradScaler(
+        "cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported()
+    )
+    history: list[dict[str, Any]] = []
+    best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    best_loss, best_epoch, stale, start = float("inf"), -1, 0, 0
+
+    state = _load_resume_state(resume_dir, digest)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        history = list(state["history"])
+        best_state, best_loss = state["best_state"], state["best_val_loss"]
+        best_epoch, stale, start = state["best_epoch"], state["stale"], state["epoch"] + 1
+        log.info("Resuming after epoch %d (best val loss %.4f)", start, best_loss)
+
+    name = settings.metric_name
+    with _TermFlag() as term:
+        for epoch in range(start, settings.epochs):
+            if settings.patience is not None and stale >= settings.patience:
+                break
+            began = time.perf_counter()
+            torch.manual_seed(settings.seed * 7919 + epoch)  # dropout etc. of this epoch
+            model.train()
+            total_loss = total_metric = count = 0.0
+            for images, targets in train_batches(epoch):
+                if term.raised:
+                    raise Preempted(f"stopped by SIGTERM during epoch {epoch + 1}")
+                optimizer.zero_grad(set_to_none=True)
+                with autocast(device):
+                    logits = model(images)
+                    loss = loss_fn(logits.float(), targets)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                n = images.shape[0]
+                total_loss += float(loss.detach()) * n
+                total_metric += float(metric_fn(logits.detach().float(), targets).sum())
+                count += n
+            val_loss, val_metric = evaluate(model, loss_fn, metric_fn, val_batches(), device)
+            if term.raised:
+                raise Preempted(f"stopped by SIGTERM after epoch {epoch + 1}")
+            improved = val_loss < best_loss
+            if improved:
+                best_loss, best_epoch, stale = val_loss, epoch, 0
+                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            else:
+                stale += 1
+            row = {
+                "epoch": epoch + 1,
+                "train_loss": total_loss / max(count, 1),
+                f"train_{name}": total_metric / max(count, 1),
+                "val_loss": val_loss,
+                f"val_{name}": val_metric,
+                "lr": optimizer.param_groups[0]["lr"],
+                "seconds": round(time.perf_counter() - began, 3),
+                "best": int(improved),
+            }
+            history.append(row)
+            log.info(
+                "epoch %d/%d  train_loss %.4f  train_%s %.4f  val_loss %.4f  val_%s %.4f  %.1fs%s",
+                epoch + 1,
+                settings.epochs,
+                row["train_loss"],
+                name,
+                row[f"train_{name}"],
+                val_loss,
+                name,
+                val_metric,
+                row["seconds"],
+                "  *" if improved else "",
+            )
+            _save_resume_state(
+                resume_dir,
+                {
+                    "digest": digest,
+                    "epoch": epoch,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "history": history,
+                    "best_state": best_state,
+                    "best_val_loss": best_loss,
+                    "best_epoch": best_epoch,
+                    "stale": stale,
+                },
+            )
+    if settings.patience is not None and stale >= settings.patience:
+        log.info("Early stopping: no improvement of the validation loss for %d epochs", stale)
+    log.info("Best validation loss %.4f at epoch %d", best_loss, best_epoch + 1)
+    return FitResult(best_state, best_epoch, best_loss, history)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    metric_fn: MetricFn,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+) -> tuple[float, float]:
+    """Mean loss (weighted by batch size) and mean per-sample metric over ``batches``."""
+    model.eval()
+    total_loss = total_metric = count = 0.0
+    for images, targets in batches:
+        with autocast(device):
+            logits = model(images)
+        logits = logits.float()
+        n = images.shape[0]
+        total_loss += float(loss_fn(logits, targets)) * n
+        total_metric += float(metric_fn(logits, targets).sum())
+        count += n
+    if not count:
+        raise InputError("the validation split is empty")
+    return total_loss / count, total_metric / count
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module, batches: Iterator[tuple[torch.Tensor, Any]], device: torch.device
+) -> torch.Tensor:
+    """Concatenated float logits (on the CPU) of ``model`` over ``batches``."""
+    model.eval()
+    outputs = []
+    for images, _ in batches:
+        with autocast(device):
+            outputs.append(model(images).float().cpu())
+    return torch.cat(outputs)
+
+
+def accuracy_per_sample(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return (logits.argmax(dim=1) == labels).float()
+
+
+def dice_per_sample(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Per-slice Dice at threshold 0.5; 1 where prediction and truth are both empty."""
+    pred = (logits > 0).float().flatten(1)
+    truth = masks.flatten(1)
+    intersection = (pred * truth).sum(1)
+    total = pred.sum(1) + truth.sum(1)
+    return torch.where(total > 0, 2 * intersection / total.clamp(min=1), torch.ones_like(total))
+
+
+def finish_resume(resume_dir: Path) -> None:
+    """Remove the resume state once the final outputs exist."""
+    shutil.rmtree(resume_dir, ignore_errors=True)
+
+
+def out_of_memory_message(stage: str, batch_size: int) -> str:
+    return (
+        f"CUDA ran out of memory with batch size {batch_size}: lower {stage}.batch_size in the "
+        f"config (or the model's own batch_size override) and run again"
+    )

@@ -1,0 +1,49 @@
+"""Train one segmentation architecture on one cross-validation fold (soft Dice loss), keeping the
+best-validation-loss checkpoint. Resumes after a kill; exits 143 on SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from brainmri.io import run_cli, setup_logging
+from brainmri.tasks import Preempted, TrainJob, train_segmenter
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--arch", required=True, help="name of the architecture entry")
+    parser.add_argument("--fold", required=True, type=int)
+    parser.add_argument("--settings", required=True, help="JSON of the architecture's settings")
+    parser.add_argument("--manifest", required=True, type=Path)
+    parser.add_argument("--splits", required=True, type=Path)
+    parser.add_argument("--data-dir", required=True, type=Path)
+    parser.add_argument("--weights", default="", help="cached ImageNet encoder weights")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--checkpoint", required=True, type=Path)
+    parser.add_argument("--history", required=True, type=Path)
+    args = parser.parse_args()
+    log = setup_logging()
+    job = TrainJob(
+        json.loads(args.settings),
+        args.manifest,
+        args.splits,
+        args.data_dir,
+        args.weights or None,
+        args.seed,
+        args.threads,
+        args.checkpoint,
+        args.history,
+    )
+    try:
+        train_segmenter(job, args.fold)
+    except Preempted as stop:
+        log.warning("%s; the next run resumes from the last completed epoch", stop)
+        sys.exit(143)
+
+
+if __name__ == "__main__":
+    run_cli(main)
