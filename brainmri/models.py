@@ -100,7 +100,9 @@ def build_classifier(settings: dict[str, Any], weights: str | None = None) -> No
     cfg = backbone.pretrained_cfg or {}
     mean = tuple(cfg.get("mean", IMAGENET_MEAN))
     std = tuple(cfg.get("std", IMAGENET_STD))
-    return Normalized(nn.Sequential(backbone, ClassifierHead(backbone.num_features)), mean, std)
+    # Pooled-feature width (timm models with a conv head expose it as head_hidden_size).
+    features = getattr(backbone, "head_hidden_size", None) or backbone.num_features
+    return Normalized(nn.Sequential(backbone, ClassifierHead(features)), mean, std)
 
 
 def build_segmenter(settings: dict[str, Any], weights: str | None = None) -> Normalized:

@@ -1,4 +1,4 @@
-"""The two training jobs of the workflow: a classifier per backbone, a segmenter per (arch, fold)."""
+"""The two training jobs: a classifier per backbone, a segmenter per (architecture, fold)."""
 
 from __future__ import annotations
 
