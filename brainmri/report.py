@@ -1,0 +1,373 @@
+"""The run's self-contained HTML report and its headline metrics.json.
+
+Everything is read from the results directory; images are embedded as base64 data URIs; any
+text that comes from file names or config (ids, paths, values) is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from brainmri.io import InputError, read_json
+
+PAPER = {
+    "classification": {"ensemble_accuracy": 0.96, "tumor_f1": 0.94, "test_slices": 786},
+    "segmentation_test_dice": {"Unet": 0.81, "DeepLabV3Plus": 0.83},
+    "buda_volume_dice": 0.82,
+}
+
+CSS = """
+body{font:15px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d2330;
+background:#f6f7f9}
+main{max-width:1100px;margin:auto;padding:24px 32px;background:#fff}
+h1{font-size:26px;margin:8px 0 4px}h2{border-bottom:2px solid #e3e6ea;padding-bottom:4px;
+margin-top:36px}h3{margin:22px 0 8px;font-size:17px}
+table{border-collapse:collapse;margin:8px 0 16px;font-size:13.5px}
+th,td{border:1px solid #dde1e6;padding:4px 9px;text-align:right}
+th{background:#f0f2f5}td:first-child,th:first-child{text-align:left}
+.note{color:#5b6472;font-size:13px}.grid{display:flex;flex-wrap:wrap;gap:14px}
+img{max-width:100%;border:1px solid #e3e6ea}.toc a{margin-right:14px}
+.good{color:#127a3a;font-weight:600}.bad{color:#b3261e;font-weight:600}
+pre{background:#f6f8fa;padding:10px;overflow:auto;font-size:12px}
+"""
+
+
+def esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "–"
+    if isinstance(value, float | np.floating):
+        return f"{value:.{digits}f}"
+    return esc(value)
+
+
+def table_html(frame: pd.DataFrame, digits: int = 3) -> str:
+    head = "".join(f"<th>{esc(c)}</th>" for c in frame.columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{fmt(v, digits)}</td>" for v in row) + "</tr>"
+        for row in frame.itertuples(index=False)
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def image_html(path: Path, alt: str, width: int | None = None) -> str:
+    if not path.is_file():
+        return f"<p class=note>missing figure: {esc(path.name)}</p>"
+    data = base64.b64encode(path.read_bytes()).decode()
+    style = f' style="width:{width}px"' if width else ""
+    return f'<img alt="{esc(alt)}" src="data:image/png;base64,{data}"{style}>'
+
+
+def figure_html(figure: Any, alt: str) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    plt.close(figure)
+    data = base64.b64encode(buffer.getvalue()).decode()
+    return f'<img alt="{esc(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _read(path: Path) -> dict:
+    if not path.is_file():
+        raise InputError(f"{path}: missing result file (run the workflow up to this step)")
+    return read_json(path)
+
+
+class RunResults:
+    """Everything the report shows, read from one results directory."""
+
+    def __init__(self, root: Path, config: dict[str, Any]) -> None:
+        self.root, self.config = root, config
+        cls = config["classification"]
+        self.backbones = [b if isinstance(b, str) else b["name"] for b in cls["backbones"]]
+        seg = config["segmentation"]
+        self.architectures = {a["name"]: a for a in seg["architectures"]}
+        self.folds = config["split"]["folds"]
+        self.classification = {
+            m: _read(root / "classification" / m / "test_metrics.json")
+            for m in [*self.backbones, "ensemble"]
+        }
+        self.segmentation = _read(root / "segmentation" / "summary.json")
+        self.cascade = _read(root / "cascade" / "metrics.json")
+
+    def headline(self) -> dict[str, Any]:
+        """The numbers of report/metrics.json."""
+        classification = {
+            model: {
+                "accuracy": m["accuracy"],
+                "tumor_precision": m["classes"]["tumor"]["precision"],
+                "tumor_recall": m["classes"]["tumor"]["recall"],
+                "tumor_f1": m["classes"]["tumor"]["f1-score"],
+                "roc_auc": m["roc_auc"],
+                "test_slices": m["n"],
+            }
+            for model, m in self.classification.items()
+        }
+        segmentation = {}
+        for arch, s in self.segmentation["architectures"].items():
+            segmentation[arch] = {
+                "arch": self.architectures[arch]["arch"],
+                "encoder": self.architectures[arch]["encoder"],
+                "validation": {
+                    k: s["validation"]["tumor_slices"][k] for k in ("dice", "jaccard", "hd", "assd")
+                }
+                | {"volume_dice": s["validation"]["volume_dice"]},
+                "test": {k: s["test"]["tumor_slices"][k] for k in ("dice", "jaccard", "hd", "assd")}
+                | {"volume_dice": s["test"]["volume_dice"]},
+                "test_fold_ensemble": {
+                    "dice": s["test_fold_ensemble"]["tumor_slices"]["dice"]["mean"],
+                    "volume_dice": s["test_fold_ensemble"]["volume_dice"]["mean"],
+                },
+            }
+        cascade = {
+            key: {
+                k: self.cascade[key][k]
+                for k in ("dice_all_slices", "dice_tumor_slices", "volume_dice")
+            }
+            | {
+                k: self.cascade[key]["detection"][k]
+                for k in ("sensitivity", "specificity", "false_positive_slices")
+            }
+            for key in ("segmentation_only", "cascade")
+        }
+        cascade["architecture"] = self.cascade["architecture"]
+        cascade["gate"] = self.cascade["cascade"]["gate"]
+        return {
+            "classification": classification,
+            "segmentation": segmentation,
+            "cascade": cascade,
+            "paper": PAPER,
+            "split_level": self.config["split"]["level"],
+            "seed": self.config["seed"],
+            "data_source": self.config["data"]["source"],
+            "config": self.config,
+        }
+
+
+def _history_curves(root: Path, paths: dict[str, Path], metric: str, title: str) -> str:
+    from brainmri.plotting import curves_figure
+
+    histories = {name: pd.read_csv(p) for name, p in paths.items() if p.is_file()}
+    if not histories:
+        return "<p class=note>no training histories</p>"
+    return figure_html(curves_figure(histories, metric, title), title)
+
+
+def _benchmarks(root: Path) -> pd.DataFrame:
+    rows = []
+    for path in sorted((root / "benchmarks").rglob("*.tsv")):
+        frame = pd.read_csv(path, sep="\t")
+        if frame.empty:
+            continue
+        rows.append(
+            {
+                "job": path.relative_to(root / "benchmarks").with_suffix("").as_posix(),
+                "wall time (s)": float(frame["s"].iloc[0]),
+                "max RSS (MB)": float(frame["max_rss"].iloc[0]) if "max_rss" in frame else None,
+            }
+        )
+    return pd.DataFrame(rows, columns=["job", "wall time (s)", "max RSS (MB)"])
+
+
+def _training_devices(root: Path) -> list[str]:
+    devices = set()
+    for log in sorted((root / "logs").rglob("*.log")):
+        for line in log.read_text(errors="replace").splitlines():
+            if match := re.search(r"Device: (.*)$", line):
+                devices.add(match.group(1).strip())
+    return sorted(devices)
+
+
+def _examples(root: Path, count: int = 6) -> str:
+    """A few test tumor slices with their mask contour."""
+    from brainmri.plotting import error_gallery, read_png
+    from brainmri.preprocess import read_manifest
+
+    manifest = read_manifest(root / "data" / "manifest.csv")
+    lgg = manifest[(manifest["source"] == "lgg") & (manifest["has_tumor"] == 1)]
+    if lgg.empty:
+        return ""
+    picks = lgg.iloc[np.linspace(0, len(lgg) - 1, min(count, len(lgg))).astype(int)]
+    items = [
+        (
+            row.id,
+            read_png(root / "data" / row.image_path),
+            read_png(root / "data" / row.mask_path) > 127,
+            1.0,
+        )
+        for row in picks.itertuples()
+    ]
+    figure = error_gallery({"LGG slices with tumor (green: mask)": items}, "Example slices")
+    return figure_html(figure, "example slices")
+
+
+def build_report(
+    root: Path, config: dict[str, Any], provenance: dict[str, Any]
+) -> tuple[str, dict]:
+    """The HTML text and the metrics.json dict of the run under ``root``."""
+    run = RunResults(root, config)
+    metrics = run.headline()
+    metrics["provenance"] = provenance
+    parts: list[str] = []
+    add = parts.append
+    ens = metrics["classification"]["ensemble"]
+    add(
+        f"<h1>Brain MRI tumor classification and segmentation</h1>"
+        f"<p class=note>Results directory <code>{esc(root)}</code> · data source "
+        ""
+        f"<b>{esc(config['data']['source'])}</b> · split level "
+        f"<b>{esc(config['split']['level'])}</b>"
+        f" · seed {esc(config['seed'])} · {esc(provenance['date'])}</p>"
+    )
+    add(
+        '<p class=toc><a href="#data">Data</a><a href="#classification">Classification</a>'
+        '<a href="#segmentation">Segmentation</a><a href="#cascade">Cascade</a>'
+        '<a href="#paper">Paper vs this run</a><a href="#runtime">Run time</a>'
+        '<a href="#provenance">Provenance</a></p>'
+    )
+
+    # Paper comparison first: the headline.
+    rows = [
+        [
+            "classification: ensemble accuracy",
+            PAPER["classification"]["ensemble_accuracy"],
+            ens["accuracy"],
+        ],
+        ["classification: tumor F1", PAPER["classification"]["tumor_f1"], ens["tumor_f1"]],
+        ["classification: test slices", PAPER["classification"]["test_slices"], ens["test_slices"]],
+    ]
+    for arch, s in metrics["segmentation"].items():
+        rows.append(
+            [
+                f"segmentation: {arch} test Dice (tumor slices, mean over folds)",
+                PAPER["segmentation_test_dice"].get(s["arch"]),
+                s["test"]["dice"]["mean"],
+            ]
+        )
+        rows.append(
+            [
+                f"segmentation: {arch} per-patient volume Dice (Buda et al.)",
+                PAPER["buda_volume_dice"],
+                s["test"]["volume_dice"]["mean"],
+            ]
+        )
+    add('<h2 id="paper">Paper vs this run</h2>')
+    add(table_html(pd.DataFrame(rows, columns=["metric", "paper", "this run"])))
+    add(
+        f"<p class=note>The paper split slices at random (slice level); this run splits at the "
+        f"<b>{esc(config['split']['level'])}</b> level, so slices of one patient "
+        f"{'never ' if config['split']['level'] == 'patient' else ''}cross train and test.</p>"
+    )
+
+    # Data.
+    add('<h2 id="data">Data</h2>')
+    summary = pd.read_csv(root / "splits" / "summary.tsv", sep="\t", keep_default_na=False)
+    add(table_html(summary))
+    add(_examples(root))
+
+    # Classification.
+    add('<h2 id="classification">Classification (LGG test set)</h2>')
+    overview = pd.DataFrame(
+        [
+            [m, v["accuracy"], v["tumor_precision"], v["tumor_recall"], v["tumor_f1"], v["roc_auc"]]
+            for m, v in metrics["classification"].items()
+        ],
+        columns=["model", "accuracy", "tumor precision", "tumor recall", "tumor F1", "ROC AUC"],
+    )
+    add(table_html(overview))
+    for model in [*run.backbones, "ensemble"]:
+        folder = root / "classification" / model
+        add(f"<h3>{esc(model)}</h3><div class=grid><div>")
+        add(
+            table_html(
+                pd.read_csv(folder / "classification_report.tsv", sep="\t", keep_default_na=False)
+            )
+        )
+        add(
+            "</div><div>"
+            + image_html(folder / "confusion_matrix.png", f"{model} confusion matrix", 260)
+            + "</div></div>"
+        )
+        add(image_html(folder / "errors.png", f"{model} errors"))
+    add("<h3>Training curves</h3>")
+    add(
+        _history_curves(
+            root,
+            {b: root / "classification" / b / "history.csv" for b in run.backbones},
+            "accuracy",
+            "classifiers",
+        )
+    )
+
+    # Segmentation.
+    add('<h2 id="segmentation">Segmentation</h2>')
+    add(
+        "<p class=note>Per-slice metrics on tumor-containing slices as in the paper "
+        "(HD and ASSD in "
+        "pixels), mean over a fold's slices, then mean ± std over the folds. Empty masks: both "
+        "empty → Dice 1, HD 0; one empty → Dice 0, HD = ASSD = image diagonal.</p>"
+    )
+    for name, file in (
+        ("Table 1: validation folds", "table1_validation.tsv"),
+        ("Table 2: test set", "table2_test.tsv"),
+    ):
+        add(f"<h3>{name}</h3>")
+        add(table_html(pd.read_csv(root / "segmentation" / file, sep="\t", keep_default_na=False)))
+    add("<h3>Overlays (test slices; worst first)</h3>")
+    add(image_html(root / "segmentation" / "overlays.png", "overlays"))
+    for arch in run.architectures:
+        paths = {
+            f"fold{k}": root / "segmentation" / arch / f"fold{k}" / "history.csv"
+            for k in range(run.folds)
+        }
+        add(f"<h3>Training curves: {esc(arch)}</h3>")
+        add(_history_curves(root, paths, "dice", arch))
+
+    # Cascade.
+    add('<h2 id="cascade">Classify-then-segment cascade</h2>')
+    add(
+        "<p>Classifier ensemble gates the "
+        f"<b>{esc(run.cascade['architecture'])}</b> fold ensemble on "
+        f"all {esc(run.cascade['n_slices'])} test slices (tumor and tumor-free).</p>"
+    )
+    add(table_html(pd.read_csv(root / "cascade" / "comparison.tsv", sep="\t")))
+    gate = run.cascade["cascade"]["gate"]
+    add(
+        f"<p>The gate dropped {esc(gate['tumor_slices_dropped'])} tumor slices, "
+        f"{100 * gate['tumor_area_lost_fraction']:.1f}% of the test tumor area.</p>"
+    )
+
+    # Run time and provenance.
+    add('<h2 id="runtime">Run time per job</h2>')
+    add(table_html(_benchmarks(root), 1))
+    add('<h2 id="provenance">Provenance</h2>')
+    devices = _training_devices(root) or ["unknown"]
+    prov = [
+        ["date", provenance["date"]],
+        ["git commit", provenance["git_commit"]],
+        ["training device(s)", "; ".join(devices)],
+        ["report device", provenance["device"]],
+        ["platform", provenance["platform"]],
+    ]
+    prov += [[k, v] for k, v in provenance["packages"].items()]
+    add(table_html(pd.DataFrame(prov, columns=["", "value"])))
+    add(f"<h3>Configuration</h3><pre>{esc(json.dumps(config, indent=2, sort_keys=True))}</pre>")
+    body = "\n".join(parts)
+    page = (
+        f"<!doctype html><html lang=en><head><meta charset=utf-8><title>Brain MRI report"
+        f"</title><style>{CSS}</style></head><body><main>{body}</main></body></html>\n"
+    )
+    return page, metrics
