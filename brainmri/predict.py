@@ -1,0 +1,186 @@
+"""Predict on new images with a trained results directory: tumor probability and decision of the
+classifier ensemble, and a mask from the segmentation fold ensemble where a tumor was called.
+
+Images (PNG, JPG, TIFF; any size; grayscale or 3-channel) get exactly the training
+preprocessing: 3-channel images stay as they are, anything else becomes grayscale copied into
+3 channels; non-square images are zero-padded to a centred square; then a bilinear resize to the
+preprocessed size, and the model's own input size and normalisation inside the model.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from brainmri.data import Batches
+from brainmri.devices import select_device
+from brainmri.io import InputError, atomic_path, write_csv
+from brainmri.metrics import vote
+from brainmri.models import load_checkpoint
+from brainmri.preprocess import gray_to_rgb, open_image, resize_image, square_pad, to_uint8_gray
+from brainmri.segment import probabilities_of
+from brainmri.training import predict_logits
+
+log = logging.getLogger(__name__)
+
+CSV_COLUMNS = ["file", "tumor_probability", "decision", "votes", "tumor_area_px", "error"]
+
+
+@dataclass
+class Prepared:
+    file: str
+    image: np.ndarray  # (S, S, 3) uint8, as the models saw their training data
+    original: np.ndarray  # (H, W, 3) uint8, for the overlay
+    pad: tuple[int, int, int]  # square side, top, left
+
+
+def prepare(path: Path, size: int) -> Prepared:
+    """The training preprocessing of one image (raises InputError if unreadable)."""
+    image = open_image(path)
+    if image.mode == "RGB":
+        rgb = np.asarray(image, dtype=np.uint8)
+    else:
+        rgb = gray_to_rgb(to_uint8_gray(image))
+    height, width = rgb.shape[:2]
+    side = max(height, width)
+    padded = np.stack([square_pad(rgb[..., c]) for c in range(3)], axis=-1)
+    return Prepared(
+        path.name,
+        resize_image(padded, size),
+        rgb,
+        (side, (side - height) // 2, (side - width) // 2),
+    )
+
+
+def restore_mask(mask: np.ndarray, prepared: Prepared) -> np.ndarray:
+    """A mask at the preprocessed size back to the original image's size (nearest)."""
+    side, top, left = prepared.pad
+    height, width = prepared.original.shape[:2]
+    full = Image.fromarray(mask.astype(np.uint8) * 255).resize((side, side), Image.NEAREST)
+    return np.asarray(full)[top : top + height, left : left + width] > 127
+
+
+def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    out = image.astype(np.float32).copy()
+    out[mask] = 0.55 * out[mask] + 0.45 * np.array([255, 40, 40], dtype=np.float32)
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def find_models(results_dir: Path, architecture: str) -> tuple[list[Path], list[Path]]:
+    classifiers = sorted(
+        p
+        for p in (results_dir / "classification").glob("*/model.pt")
+        if p.parent.name != "ensemble"
+    )
+    segmenters = sorted((results_dir / "segmentation" / architecture).glob("fold*/model.pt"))
+    if not classifiers:
+        raise InputError(f"{results_dir}: no trained classifiers (classification/*/model.pt)")
+    if not segmenters:
+        raise InputError(
+            f"{results_dir}: no trained {architecture} models (segmentation/{architecture}/fold*/model.pt)"
+        )
+    return classifiers, segmenters
+
+
+def predict_folder(
+    input_dir: Path,
+    results_dir: Path,
+    architecture: str,
+    method: str,
+    threshold: float,
+    output: Path,
+    masks_dir: Path,
+    overlays_dir: Path,
+) -> list[str]:
+    """Write the CSV, masks and overlays; return the names of the files that failed."""
+    if not input_dir.is_dir():
+        raise InputError(f"{input_dir}: input folder not found")
+    files = sorted(p for p in input_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise InputError(f"{input_dir}: no files to predict")
+    size = int(np.load(results_dir / "data" / "lgg" / "images.npy", mmap_mode="r").shape[1])
+    prepared, failures = [], []
+    for path in files:
+        try:
+            prepared.append(prepare(path, size))
+        except InputError as error:
+            log.error("Skipping %s", error)
+            failures.append(f"{path.name} ({error})")
+    classifiers, segmenters = find_models(results_dir, architecture)
+    device = select_device(log)
+    rows: list[dict] = []
+    with atomic_path(masks_dir) as tmp_masks, atomic_path(overlays_dir) as tmp_overlays:
+        tmp_masks.mkdir()
+        tmp_overlays.mkdir()
+        if prepared:
+            rows = _predict(
+                prepared,
+                classifiers,
+                segmenters,
+                device,
+                method,
+                threshold,
+                tmp_masks,
+                tmp_overlays,
+            )
+    for failure in failures:
+        name, reason = failure.split(" (", 1)
+        rows.append(
+            {
+                "file": name,
+                "tumor_probability": None,
+                "decision": "",
+                "votes": None,
+                "tumor_area_px": None,
+                "error": reason[:-1],
+            }
+        )
+    frame = pd.DataFrame(rows, columns=CSV_COLUMNS)
+    write_csv(output, frame.astype({"votes": "Int64", "tumor_area_px": "Int64"}))
+    return failures
+
+
+def _predict(
+    prepared: list[Prepared],
+    classifiers: list[Path],
+    segmenters: list[Path],
+    device: torch.device,
+    method: str,
+    threshold: float,
+    masks_dir: Path,
+    overlays_dir: Path,
+) -> list[dict]:
+    """Classify and segment the prepared images; write masks and overlays; return CSV rows."""
+    images = np.stack([p.image for p in prepared])
+    preds, probs = [], []
+    for path in classifiers:
+        model, checkpoint = load_checkpoint(path, device)
+        batches = Batches(images, np.zeros(len(images)), 32, device, checkpoint["image_size"])
+        prob = torch.softmax(predict_logits(model, batches.epoch(), device), 1)[:, 1].numpy()
+        probs.append(prob)
+        preds.append((prob >= 0.5).astype(int))
+    decision, mean_prob, votes = vote(np.stack(preds), np.stack(probs), method)
+    seg_prob, _ = probabilities_of(segmenters, images, device)
+    rows = []
+    for i, item in enumerate(prepared):
+        mask = restore_mask((seg_prob[i] >= threshold) & bool(decision[i]), item)
+        stem = Path(item.file).stem
+        Image.fromarray(mask.astype(np.uint8) * 255).save(masks_dir / f"{stem}.png")
+        Image.fromarray(overlay(item.original, mask)).save(overlays_dir / f"{stem}.png")
+        rows.append(
+            {
+                "file": item.file,
+                "tumor_probability": round(float(mean_prob[i]), 6),
+                "decision": "tumor" if decision[i] else "no_tumor",
+                "votes": int(votes[i]),
+                "tumor_area_px": int(mask.sum()),
+                "error": "",
+            }
+        )
+    return rows
