@@ -83,7 +83,8 @@ def find_models(results_dir: Path, architecture: str) -> tuple[list[Path], list[
         raise InputError(f"{results_dir}: no trained classifiers (classification/*/model.pt)")
     if not segmenters:
         raise InputError(
-            f"{results_dir}: no trained {architecture} models (segmentation/{architecture}/fold*/model.pt)"
+            f"{results_dir}: no trained {architecture} models "
+            f"(segmentation/{architecture}/fold*/model.pt)"
         )
     return classifiers, segmenters
 
