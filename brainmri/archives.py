@@ -14,6 +14,7 @@ import shutil
 import stat
 import tarfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -108,8 +109,8 @@ def extract_archive(
 ) -> list[str]:
     """Extract ``archive`` (.zip, .tar, .tar.gz, .tgz) safely into ``destination``.
 
-    Returns the extracted file names (relative, POSIX). ``destination`` must not exist yet; it
-    appears only when everything was extracted.
+    Returns the extracted file names (relative, POSIX). ``destination`` appears (or replaces an
+    older folder) only when everything was extracted; a refused archive leaves nothing.
     """
     archive = Path(archive)
     destination = Path(destination)
@@ -121,40 +122,51 @@ def extract_archive(
     if not is_zip and not tarfile.is_tarfile(archive):
         raise InputError(f"{archive}: not a zip or tar archive")
     names: list[str] = []
-    with atomic_path(destination) as tmp:
-        tmp.mkdir()
-        root = tmp.resolve()
-        if is_zip:
-            with zipfile.ZipFile(archive) as handle:
-                members = _zip_members(archive, handle)
-                total = _check_caps(archive, [(i.filename, s) for i, s in members], limits)
-                _check_disk(archive, root, total)
-                budget = [limits.max_total_bytes]
-                for info, _ in members:
-                    target = _target(archive, root, info.filename)
-                    if info.is_dir():
-                        target.mkdir(parents=True, exist_ok=True)
-                        continue
-                    with handle.open(info) as source:
-                        _copy_stream(archive, info.filename, source, target, budget)
-                    names.append(PurePosixPath(info.filename).as_posix())
-        else:
-            with tarfile.open(archive) as handle:
-                members = _tar_members(archive, handle)
-                total = _check_caps(archive, [(i.name, s) for i, s in members], limits)
-                _check_disk(archive, root, total)
-                budget = [limits.max_total_bytes]
-                for info, _ in members:
-                    target = _target(archive, root, info.name)
-                    if info.isdir():
-                        target.mkdir(parents=True, exist_ok=True)
-                        continue
-                    source = handle.extractfile(info)
-                    if source is None:
-                        raise UnsafeArchiveError(f"{archive}: member {info.name!r} is unreadable")
-                    _copy_stream(archive, info.name, source, target, budget)
-                    names.append(PurePosixPath(info.name).as_posix())
+    try:
+        with atomic_path(destination) as tmp:
+            tmp.mkdir()
+            root = tmp.resolve()
+            if is_zip:
+                _extract_zip(archive, root, limits, names)
+            else:
+                _extract_tar(archive, root, limits, names)
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as error:
+        raise InputError(f"{archive}: corrupt archive ({error})") from None
     return sorted(names)
+
+
+def _extract_zip(archive: Path, root: Path, limits: ExtractionLimits, names: list[str]) -> None:
+    with zipfile.ZipFile(archive) as handle:
+        members = _zip_members(archive, handle)
+        total = _check_caps(archive, [(i.filename, s) for i, s in members], limits)
+        _check_disk(archive, root, total)
+        budget = [limits.max_total_bytes]
+        for info, _ in members:
+            target = _target(archive, root, info.filename)
+            if info.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            with handle.open(info) as source:
+                _copy_stream(archive, info.filename, source, target, budget)
+            names.append(PurePosixPath(info.filename).as_posix())
+
+
+def _extract_tar(archive: Path, root: Path, limits: ExtractionLimits, names: list[str]) -> None:
+    with tarfile.open(archive) as handle:
+        members = _tar_members(archive, handle)
+        total = _check_caps(archive, [(i.name, s) for i, s in members], limits)
+        _check_disk(archive, root, total)
+        budget = [limits.max_total_bytes]
+        for info, _ in members:
+            target = _target(archive, root, info.name)
+            if info.isdir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            source = handle.extractfile(info)
+            if source is None:
+                raise UnsafeArchiveError(f"{archive}: member {info.name!r} is unreadable")
+            _copy_stream(archive, info.name, source, target, budget)
+            names.append(PurePosixPath(info.name).as_posix())
 
 
 def _check_disk(archive: Path, root: Path, needed: int) -> None:
@@ -167,24 +179,36 @@ def _check_disk(archive: Path, root: Path, needed: int) -> None:
 
 
 def copy_tree(source: str | os.PathLike[str], destination: str | os.PathLike[str]) -> list[str]:
-    """Copy an already-extracted folder (hard links where possible), refusing symlinks."""
+    """Copy an already-extracted folder (hard links where possible) into ``destination``.
+
+    Symbolic links are followed only when they resolve inside ``source``; links that point
+    outside it, and special files, are refused. Returns the copied file names (relative, POSIX).
+    """
     source = Path(source)
+    root = source.resolve()
     names: list[str] = []
     with atomic_path(destination) as tmp:
         tmp.mkdir()
         for path in sorted(source.rglob("*")):
             relative = path.relative_to(source)
             if path.is_symlink():
-                raise UnsafeArchiveError(f"{source}: {relative} is a symbolic link; refusing it")
+                resolved = path.resolve()
+                if root not in resolved.parents:
+                    raise UnsafeArchiveError(
+                        f"{source}: {relative} is a symbolic link pointing outside the folder "
+                        f"({resolved}); refusing it"
+                    )
+                if resolved.is_dir():
+                    continue  # rglob does not descend into linked folders; skip them entirely
             target = tmp / relative
             if path.is_dir():
                 target.mkdir(parents=True, exist_ok=True)
                 continue
             if not path.is_file():
-                raise UnsafeArchiveError(f"{source}: {relative} is a special file")
+                raise UnsafeArchiveError(f"{source}: {relative} is a special file; refusing it")
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
-                os.link(path, target)
+                os.link(path.resolve(), target)
             except OSError:
                 shutil.copy2(path, target)
             names.append(relative.as_posix())

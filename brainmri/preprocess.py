@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from brainmri.io import InputError, atomic_path, write_csv, write_npy
+from brainmri.io import InputError, atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +112,14 @@ def gray_to_rgb(gray: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class LggSlice:
+    """One LGG slice: the copy of image and mask that is used, and the archive's other copies."""
+
     patient: str
     institution: str
     index: int
     image: Path
     mask: Path
+    other_copies: tuple[tuple[Path, Path], ...] = ()
 
 
 def find_lgg_slices(raw_dir: Path) -> list[LggSlice]:
@@ -142,9 +145,17 @@ def find_lgg_slices(raw_dir: Path) -> list[LggSlice]:
             raise InputError(f"{_shortest(images[key])}: image without its mask (_mask.tif)")
         if key not in images:
             raise InputError(f"{_shortest(masks[key])}: mask without its image")
-        image, mask = _pick_copy(images[key]), _pick_copy(masks[key])
+        # The real archive holds every file twice (kaggle_3m/ and lgg-mri-segmentation/
+        # kaggle_3m/): use the shortest path (kaggle_3m/), compare the others when loading.
+        image, mask = _shortest(images[key]), _shortest(masks[key])
+        others = tuple(
+            (path, chosen)
+            for paths, chosen in ((images[key], image), (masks[key], mask))
+            for path in paths
+            if path != chosen
+        )
         inst = LGG_SLICE.match(image.name)["inst"]
-        slices.append(LggSlice(key[0], inst, key[1], image, mask))
+        slices.append(LggSlice(key[0], inst, key[1], image, mask, others))
     return slices
 
 
@@ -152,16 +163,21 @@ def _shortest(paths: list[Path]) -> Path:
     return min(paths, key=lambda p: (len(p.parts), str(p)))
 
 
-def _pick_copy(paths: list[Path]) -> Path:
-    """The real archive holds every file twice (kaggle_3m/ and lgg-mri-segmentation/kaggle_3m/)."""
-    chosen = _shortest(paths)
-    for other in paths:
-        if other != chosen and other.stat().st_size != chosen.stat().st_size:
-            log.warning("%s and %s differ; using %s", chosen, other, chosen)
-    return chosen
+def file_sha1(path: Path) -> str:
+    """sha1 of a file's bytes."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha1").hexdigest()
+
+
+def _check_copies(item: LggSlice) -> None:
+    """Warn when a second copy of a slice differs from the one used."""
+    for other, chosen in item.other_copies:
+        if file_sha1(other) != file_sha1(chosen):
+            log.warning("%s differs from %s (sha1); using %s", other, chosen, chosen)
 
 
 def _load_lgg_slice(item: LggSlice) -> tuple[np.ndarray, np.ndarray]:
+    _check_copies(item)
     image = open_image(item.image)
     if image.mode != "RGB":
         bands = len(image.getbands())
@@ -200,10 +216,16 @@ def _missing_modalities(equal_pre: list[bool], equal_post: list[bool], blank: li
 
 
 @contextlib.contextmanager
-def _outputs(*paths: Path | None):
-    """Atomic temporaries for several outputs: all appear together, or none."""
+def _outputs(*paths: Path):
+    """Atomic temporaries for several outputs: they are renamed into place together at the end
+    of the block (each only if the block succeeded), so a failure leaves none of them."""
     with contextlib.ExitStack() as stack:
-        yield [stack.enter_context(atomic_path(p)) if p else None for p in paths]
+        yield [stack.enter_context(atomic_path(p)) for p in paths]
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as handle:
+        np.save(handle, array)
 
 
 def preprocess_lgg(
@@ -220,7 +242,8 @@ def preprocess_lgg(
     log.info("LGG: %d slices of %d patients", len(slices), len({s.patient for s in slices}))
     images = np.zeros((len(slices), image_size, image_size, 3), dtype=np.uint8)
     masks = np.zeros((len(slices), image_size, image_size), dtype=np.uint8)
-    with _outputs(png_dir) as (tmp_png,):
+    with _outputs(png_dir, images_path, masks_path, manifest_path) as outputs:
+        tmp_png, tmp_images, tmp_masks, tmp_manifest = outputs
         (tmp_png / "images").mkdir(parents=True)
         (tmp_png / "masks").mkdir()
 
@@ -277,9 +300,9 @@ def preprocess_lgg(
                 }
             )
         manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
-        write_npy(images_path, images)
-        write_npy(masks_path, masks)
-        write_csv(manifest_path, manifest)
+        _save_npy(tmp_images, images)
+        _save_npy(tmp_masks, masks)
+        manifest.to_csv(tmp_manifest, index=False)
     return manifest
 
 
@@ -317,7 +340,7 @@ def preprocess_btm(
         "btm_" + path.relative_to(raw_dir).with_suffix("").as_posix().replace("/", "_")
         for _, _, path in items
     ]
-    with _outputs(png_dir) as (tmp_png,):
+    with _outputs(png_dir, images_path, manifest_path) as (tmp_png, tmp_images, tmp_manifest):
         (tmp_png / "images").mkdir(parents=True)
 
         def work(position: int) -> str:
@@ -363,8 +386,8 @@ def preprocess_btm(
                 "Second dataset: %d duplicate groups carry both labels",
                 int((conflicting > 1).sum()),
             )
-        write_npy(images_path, images)
-        write_csv(manifest_path, manifest)
+        _save_npy(tmp_images, images)
+        manifest.to_csv(tmp_manifest, index=False)
     return manifest
 
 

@@ -36,32 +36,36 @@ def pick_patients(
     patients: pd.DataFrame, fraction: float, rng: np.random.Generator, key: str
 ) -> list[str]:
     """Choose ``round(fraction * n)`` patients, stratified by institution, matching slice share
-    and tumor ratio. ``patients``: index patient; columns institution, slices, tumor_slices."""
+    and tumor ratio.
+
+    ``patients``: index patient; columns institution, slices, tumor_slices. Each institution
+    contributes its largest-remainder quota; among ``SEARCH_TRIES`` seeded draws the one with
+    the smallest ``|slice share - fraction| + 0.5 |tumor ratio - overall tumor ratio|`` wins.
+    """
     n_pick = round(fraction * len(patients))
     if n_pick < 1 or n_pick >= len(patients):
         raise ConfigError(
             f"{key}: {fraction} of {len(patients)} patients leaves an empty split ({n_pick} picked)"
         )
     quotas = _quotas(patients["institution"].value_counts().sort_index(), n_pick)
-    total_slices = patients["slices"].sum()
-    tumor_ratio = patients["tumor_slices"].sum() / total_slices
-    groups = {
-        inst: sorted(frame.index) for inst, frame in patients.groupby("institution", sort=True)
-    }
+    names = np.asarray(patients.index, dtype=object)
+    slices = patients["slices"].to_numpy(dtype=float)
+    tumor = patients["tumor_slices"].to_numpy(dtype=float)
+    institution = patients["institution"].to_numpy(dtype=object)
+    groups = [(np.flatnonzero(institution == inst), quota) for inst, quota in quotas.items()]
+    total_slices, tumor_ratio = slices.sum(), tumor.sum() / slices.sum()
     best, best_score = None, np.inf
     for _ in range(SEARCH_TRIES):
-        chosen = []
-        for inst, quota in quotas.items():
-            if quota:
-                chosen.extend(rng.choice(groups[inst], size=quota, replace=False).tolist())
-        picked = patients.loc[chosen]
-        slices = picked["slices"].sum()
-        score = abs(slices / total_slices - fraction) + 0.5 * abs(
-            picked["tumor_slices"].sum() / slices - tumor_ratio
+        chosen = np.concatenate(
+            [rng.choice(members, size=quota, replace=False) for members, quota in groups if quota]
+        )
+        picked_slices = slices[chosen].sum()
+        score = abs(picked_slices / total_slices - fraction) + 0.5 * abs(
+            tumor[chosen].sum() / picked_slices - tumor_ratio
         )
         if score < best_score - 1e-12:
-            best, best_score = sorted(chosen), score
-    return best
+            best, best_score = chosen, score
+    return sorted(names[best].tolist())
 
 
 def _patient_table(lgg: pd.DataFrame) -> pd.DataFrame:

@@ -103,7 +103,23 @@ def write_lgg_archive(
 ) -> None:
     """Write a synthetic ``lgg-mri-segmentation.zip`` (both copies of ``kaggle_3m``)."""
     rng = np.random.default_rng(seed)
-    members: list[tuple[str, bytes]] = []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w") as archive:
+        _write_lgg_members(archive, patients, slices_per_patient, rng, size)
+
+
+def _write_lgg_members(
+    archive: zipfile.ZipFile,
+    patients: int,
+    slices_per_patient: int,
+    rng: np.random.Generator,
+    size: int,
+) -> None:
+    def add(name: str, data: bytes) -> None:
+        # Streamed member by member (memory stays flat), each under both roots.
+        for prefix in ("", "lgg-mri-segmentation/"):
+            _add(archive, prefix + name, data)
+
     csv_rows = ["Patient,RNASeqCluster,MethylationCluster,death01"]
     for p in range(patients):
         inst = INSTITUTIONS[p % len(INSTITUTIONS)]
@@ -128,17 +144,11 @@ def write_lgg_archive(
             elif missing == "post":
                 image[..., 2] = image[..., 1]
             stem = f"{folder}_{s + 1}"
-            members.append((f"kaggle_3m/{folder}/{stem}.tif", _tif_bytes(image)))
+            add(f"kaggle_3m/{folder}/{stem}.tif", _tif_bytes(image))
             mask_u8 = (mask * 255).astype(np.uint8)
-            members.append((f"kaggle_3m/{folder}/{stem}_mask.tif", _tif_bytes(mask_u8)))
-    readme = b"Synthetic stand-in for the LGG segmentation dataset (brainmri.synthetic).\n"
-    members.append(("kaggle_3m/README.md", readme))
-    members.append(("kaggle_3m/data.csv", ("\n".join(csv_rows) + "\n").encode()))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(path, "w") as archive:
-        for prefix in ("", "lgg-mri-segmentation/"):
-            for name, data in members:
-                _add(archive, prefix + name, data)
+            add(f"kaggle_3m/{folder}/{stem}_mask.tif", _tif_bytes(mask_u8))
+    add("kaggle_3m/README.md", b"Synthetic stand-in for the LGG dataset (brainmri.synthetic).\n")
+    add("kaggle_3m/data.csv", ("\n".join(csv_rows) + "\n").encode())
 
 
 def btm_image(rng: np.random.Generator, label: str) -> Image.Image:

@@ -81,8 +81,8 @@ def main() -> None:
                 return
             else:
                 raise InputError(
-                    f"{local}: neither {zipped.name} nor an extracted folder {folder.name}/ found "
-                    f"(data.local_dir must hold the archives as Kaggle serves them)"
+                    f"data.local_dir: found neither the archive {zipped} nor an extracted folder "
+                    f"{folder}/ (the folder must hold the archives as Kaggle serves them)"
                 )
         names = extract_archive(archive, args.out_dir, limits)
         log.info("Extracted %d files from %s into %s", len(names), archive.name, args.out_dir)

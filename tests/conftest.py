@@ -1,0 +1,126 @@
+"""Shared fixtures: a tiny synthetic dataset, preprocessed like the workflow's data stage.
+
+``preprocessed_data`` (session scope) is what most tests of the later stages need: it writes
+synthetic Kaggle-layout archives, extracts them safely, preprocesses both datasets at 64 px,
+merges the manifest and makes patient-level splits, all in-process (a few seconds, once per
+test session). Treat its files as read-only; copy them into ``tmp_path`` before modifying.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@dataclass(frozen=True)
+class PreprocessedData:
+    """Paths of a results-like folder ``results_dir`` produced by the data stage.
+
+    Layout (as in docs/design.md, relative to ``results_dir``): ``raw/lgg-mri-segmentation/``,
+    ``raw/brain-tumor-mri-dataset/``, ``data/lgg/{png/,images.npy,masks.npy,manifest.csv}``,
+    ``data/btm/{png/,images.npy,manifest.csv}``, ``data/manifest.csv``,
+    ``splits/{splits.csv,summary.tsv}``.
+    """
+
+    results_dir: Path
+    data_dir: Path  # results_dir / "data" (manifest image_path / mask_path are relative to it)
+    manifest: Path  # data/manifest.csv
+    splits: Path  # splits/splits.csv
+    summary: Path  # splits/summary.tsv
+    lgg_images: Path  # data/lgg/images.npy, uint8 (N, 64, 64, 3)
+    lgg_masks: Path  # data/lgg/masks.npy, uint8 (N, 64, 64), 0/1
+    btm_images: Path  # data/btm/images.npy, uint8 (M, 64, 64, 3)
+    image_size: int
+    seed: int
+    folds: int
+
+
+# The fixture's settings: 8 patients (5 institutions) x 8-11 slices, 8 images per class of the
+# second dataset; split: test 0.2 (2 patients), val 0.1 (1 patient), 3 folds, seed 42.
+FIXTURE_SETTINGS = {
+    "patients": 8,
+    "slices_per_patient": 8,
+    "images_per_class": 8,
+    "image_size": 64,
+    "seed": 42,
+    "folds": 3,
+}
+
+
+def build_preprocessed_data(root: Path, **overrides: int) -> PreprocessedData:
+    """Run the data stage on synthetic data into ``root`` (see FIXTURE_SETTINGS)."""
+    from brainmri.archives import ExtractionLimits, extract_archive
+    from brainmri.io import write_csv
+    from brainmri.preprocess import merge_manifests, preprocess_btm, preprocess_lgg
+    from brainmri.splits import make_splits, split_summary
+    from brainmri.synthetic import write_btm_archive, write_lgg_archive
+
+    settings = {**FIXTURE_SETTINGS, **overrides}
+    size, seed = settings["image_size"], settings["seed"]
+    raw, data = root / "raw", root / "data"
+    lgg_zip, btm_zip = root / "archives" / "lgg.zip", root / "archives" / "btm.zip"
+    write_lgg_archive(
+        lgg_zip, settings["patients"], settings["slices_per_patient"], seed, size=size
+    )
+    write_btm_archive(btm_zip, settings["images_per_class"], seed)
+    limits = ExtractionLimits()
+    extract_archive(lgg_zip, raw / "lgg-mri-segmentation", limits)
+    extract_archive(btm_zip, raw / "brain-tumor-mri-dataset", limits)
+    lgg = preprocess_lgg(
+        raw / "lgg-mri-segmentation",
+        size,
+        data / "lgg" / "png",
+        data / "lgg" / "images.npy",
+        data / "lgg" / "masks.npy",
+        data / "lgg" / "manifest.csv",
+    )
+    preprocess_btm(
+        raw / "brain-tumor-mri-dataset",
+        size,
+        data / "btm" / "png",
+        data / "btm" / "images.npy",
+        data / "btm" / "manifest.csv",
+    )
+    assert len(lgg) > 0
+    manifest = merge_manifests([data / "lgg" / "manifest.csv", data / "btm" / "manifest.csv"])
+    write_csv(data / "manifest.csv", manifest)
+    splits = make_splits(manifest, folds=settings["folds"], seed=seed)
+    write_csv(root / "splits" / "splits.csv", splits)
+    write_csv(root / "splits" / "summary.tsv", split_summary(manifest, splits), sep="\t")
+    return PreprocessedData(
+        results_dir=root,
+        data_dir=data,
+        manifest=data / "manifest.csv",
+        splits=root / "splits" / "splits.csv",
+        summary=root / "splits" / "summary.tsv",
+        lgg_images=data / "lgg" / "images.npy",
+        lgg_masks=data / "lgg" / "masks.npy",
+        btm_images=data / "btm" / "images.npy",
+        image_size=size,
+        seed=seed,
+        folds=settings["folds"],
+    )
+
+
+@pytest.fixture(scope="session")
+def preprocessed_data(tmp_path_factory: pytest.TempPathFactory) -> PreprocessedData:
+    """A tiny preprocessed dataset in a results-like folder (session scope, read-only).
+
+    Synthetic LGG: 8 patients (institutions CS, DU, EZ, FG, HT round-robin), 8-11 slices each
+    (about 75 slices, roughly a third with tumor; patient 0 lacks pre-contrast, patient 3
+    post-contrast); second dataset: 8 images per class -> 8 glioma + 8 notumor rows, one exact
+    duplicate per class. Images 64 x 64. Patient-level splits, seed 42: 2 test patients,
+    1 validation patient, 3 segmentation folds over the 6 training patients.
+
+    Attributes (all ``pathlib.Path`` unless noted): ``results_dir``, ``data_dir``, ``manifest``
+    (data/manifest.csv), ``splits`` (splits/splits.csv), ``summary`` (splits/summary.tsv),
+    ``lgg_images`` (data/lgg/images.npy), ``lgg_masks`` (data/lgg/masks.npy), ``btm_images``
+    (data/btm/images.npy), ``image_size`` (int, 64), ``seed`` (int), ``folds`` (int, 3).
+    """
+    return build_preprocessed_data(tmp_path_factory.mktemp("preprocessed"))

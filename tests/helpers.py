@@ -1,0 +1,57 @@
+"""Helpers for tests that run the workflow's scripts or Snakemake itself."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "workflow_scripts"
+TINY_CONFIG = REPO / "tests" / "config" / "tiny.yaml"
+FAKE_SECRET = "fake-kaggle-secret-0123456789abcdef"
+
+
+def run_script(name: str, *args, env: dict | None = None, check: bool = False,
+               timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``workflow_scripts/<name>`` like a rule does (PYTHONPATH = the repository)."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    result = subprocess.run(
+        [sys.executable, str(SCRIPTS / name), *map(str, args)],
+        capture_output=True, text=True, env=full_env, timeout=timeout,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"{name} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return result
+
+
+def snakemake(*args: str, env: dict | None = None, timeout: float = 1800) -> subprocess.CompletedProcess:
+    """Run this environment's snakemake on the workflow (from the repository root)."""
+    command = [str(Path(sys.executable).parent / "snakemake"), *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def run_tiny_workflow(results: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The whole workflow on tests/config/tiny.yaml into ``results`` (CPU, a few minutes)."""
+    return snakemake("--configfile", str(TINY_CONFIG), "--config", f"results_dir={results}",
+                     "--cores", "2", "--resources", "gpu=1", *extra, env=env)
+
+
+@pytest.fixture(scope="session")
+def workflow_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The whole workflow, run once per session on the tiny config; its results directory.
+
+    Fake Kaggle credentials are set in its environment, to check that they never leak.
+    """
+    results = tmp_path_factory.mktemp("workflow") / "results"
+    result = run_tiny_workflow(
+        results, env={"KAGGLE_USERNAME": "leaky-user", "KAGGLE_KEY": FAKE_SECRET}
+    )
+    if result.returncode != 0:
+        raise AssertionError(f"workflow failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+    (results.parent / "snakemake.log").write_text(result.stdout + result.stderr)
+    return results
