@@ -115,13 +115,14 @@ def download_dataset(dataset: str, destination: Path) -> Path:
     slug = DATASET_SLUGS[dataset]
     source = credentials_source()
     log.info("Downloading Kaggle dataset %s (credentials from %s)", slug, source)
-    # Import the API class directly: `import kaggle` authenticates (and may exit) on import.
-    from kaggle.api.kaggle_api_extended import KaggleApi
-
     destination.mkdir(parents=True, exist_ok=True)
     printed = io.StringIO()  # the client prints; keep it out of stdout and redact it
     try:
         with contextlib.redirect_stdout(printed):
+            # Importing the package authenticates once already (kaggle/__init__.py) and may
+            # print: import only now that credentials exist, with stdout captured.
+            from kaggle.api.kaggle_api_extended import KaggleApi
+
             api = KaggleApi()
             # Verbose mode (VERBOSE=1) would print request headers, i.e. the credentials.
             api.args = [arg for arg in api.args if arg not in ("--verbose", "-v")]

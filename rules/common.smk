@@ -1,7 +1,9 @@
 """Shared helpers: config validation, pre-flight checks, paths, and target lists."""
 
 import json
+import os
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -21,11 +23,27 @@ preflight(config)
 RESULTS = Path(config["results_dir"])
 WEIGHTS = Path(config["weights_dir"])
 SCRIPTS = Path(workflow.basedir) / "workflow_scripts"
+PACKAGE = Path(workflow.basedir) / "brainmri"
 # Scripts import brainmri from the repository, also inside conda envs (--sdm conda). Without
 # conda they run with the interpreter that runs Snakemake (e.g. .venv/bin/python).
 _CONDA = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
 _INTERPRETER = "python" if _CONDA else sys.executable
-PYTHON = f"PYTHONPATH={workflow.basedir}${{PYTHONPATH:+:$PYTHONPATH}} {_INTERPRETER}"
+
+
+def _shell_literal(text: str) -> str:
+    """A shell-quoted string that survives Snakemake's {} formatting of shell.prefix."""
+    return shlex.quote(text).replace("{", "{{").replace("}", "}}")
+
+
+# Every shell command (bash) starts with this: strict mode, the repository on PYTHONPATH, and
+# the two shell variables the rules' commands use, $PYTHON (the interpreter) and $SCRIPTS
+# (workflow_scripts/). Shell variables, not {PYTHON}-style globals: `snakemake --lint` clean.
+shell.prefix(
+    "set -euo pipefail; "
+    f"export PYTHONPATH={_shell_literal(workflow.basedir)}"
+    "${{PYTHONPATH:+:$PYTHONPATH}}; "
+    f"PYTHON={_shell_literal(_INTERPRETER)}; SCRIPTS={_shell_literal(str(SCRIPTS))}; "
+)
 
 BACKBONES = model_names(config, "classification")
 ARCHITECTURES = model_names(config, "segmentation")
@@ -75,6 +93,17 @@ def segmenter_weights(wildcards) -> list[str]:
     if not settings["pretrained"]:
         return []
     return [str(WEIGHTS / "smp" / f"{settings['encoder']}.safetensors")]
+
+
+def predict_input_dir(wildcards) -> str:
+    """The folder of new images for the predict target (rules/report.smk)."""
+    folder = config["predict"]["input_dir"]
+    if not folder:
+        raise ValueError(
+            "the predict target needs predict.input_dir: "
+            "snakemake predict --config predict='{input_dir: path/to/images}'"
+        )
+    return folder
 
 
 def data_targets() -> list[str]:

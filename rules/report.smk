@@ -32,7 +32,7 @@ rule cascade:
     conda:
         "../envs/evaluation.yaml"
     shell:
-        "{PYTHON} {SCRIPTS}/cascade.py --classifier {input.classifier}"
+        "$PYTHON $SCRIPTS/cascade.py --classifier {input.classifier}"
         " --probabilities {input.probabilities} --architecture {params.architecture}"
         " --manifest {input.manifest} --splits {input.splits} --masks {input.masks}"
         " --threshold {params.threshold} --threads {threads} --metrics {output.metrics}"
@@ -46,6 +46,8 @@ rule report:
         classification_targets(),
         segmentation_targets(),
         results("cascade/metrics.json"),
+        # The report's own code: editing it rebuilds the report and nothing else.
+        code=[SCRIPTS / "make_report.py", PACKAGE / "report.py"],
         histories=expand(
             results("classification/{backbone}/history.csv"), backbone=BACKBONES
         )
@@ -62,26 +64,16 @@ rule report:
         ),
         metrics=results("report/metrics.json"),
     params:
-        results_dir=str(RESULTS),
+        results_dir=lambda wildcards, output: str(Path(output.metrics).parents[1]),
         config=as_json(config),
     log:
         results("logs/report.log"),
     conda:
         "../envs/evaluation.yaml"
     shell:
-        "{PYTHON} {SCRIPTS}/make_report.py --results-dir {params.results_dir}"
+        "$PYTHON $SCRIPTS/make_report.py --results-dir {params.results_dir}"
         " --config {params.config:q} --html {output.html} --metrics {output.metrics}"
         " > {log} 2>&1"
-
-
-def predict_input_dir(wildcards) -> str:
-    folder = config["predict"]["input_dir"]
-    if not folder:
-        raise ValueError(
-            "the predict target needs predict.input_dir: "
-            "snakemake predict --config predict='{input_dir: path/to/images}'"
-        )
-    return folder
 
 
 rule predict_new_images:
@@ -100,7 +92,7 @@ rule predict_new_images:
         masks=directory(results("predict/masks")),
         overlays=directory(results("predict/overlays")),
     params:
-        results_dir=str(RESULTS),
+        results_dir=lambda wildcards, output: str(Path(output.csv).parents[1]),
         architecture=config["cascade"]["architecture"],
         method=config["classification"]["ensemble"],
         threshold=config["segmentation"]["threshold"],
@@ -116,7 +108,7 @@ rule predict_new_images:
     conda:
         "../envs/training.yaml"
     shell:
-        "{PYTHON} {SCRIPTS}/predict.py --input-dir {input.images:q}"
+        "$PYTHON $SCRIPTS/predict.py --input-dir {input.images:q}"
         " --results-dir {params.results_dir} --architecture {params.architecture}"
         " --method {params.method} --threshold {params.threshold}"
         " --output {output.csv} --masks-dir {output.masks} --overlays-dir {output.overlays}"

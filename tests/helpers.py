@@ -15,30 +15,54 @@ TINY_CONFIG = REPO / "tests" / "config" / "tiny.yaml"
 FAKE_SECRET = "fake-kaggle-secret-0123456789abcdef"
 
 
-def run_script(name: str, *args, env: dict | None = None, check: bool = False,
-               timeout: float = 600) -> subprocess.CompletedProcess:
+def run_script(
+    name: str, *args, env: dict | None = None, check: bool = False, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """Run ``workflow_scripts/<name>`` like a rule does (PYTHONPATH = the repository)."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     result = subprocess.run(
         [sys.executable, str(SCRIPTS / name), *map(str, args)],
-        capture_output=True, text=True, env=full_env, timeout=timeout,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
     )
     if check and result.returncode != 0:
         raise AssertionError(f"{name} failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result
 
 
-def snakemake(*args: str, env: dict | None = None, timeout: float = 1800) -> subprocess.CompletedProcess:
+def snakemake(
+    *args: str, env: dict | None = None, timeout: float = 1800
+) -> subprocess.CompletedProcess:
     """Run this environment's snakemake on the workflow (from the repository root)."""
     command = [str(Path(sys.executable).parent / "snakemake"), *args]
-    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
-def run_tiny_workflow(results: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_tiny_workflow(
+    results: Path, *extra: str, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """The whole workflow on tests/config/tiny.yaml into ``results`` (CPU, a few minutes)."""
-    return snakemake("--configfile", str(TINY_CONFIG), "--config", f"results_dir={results}",
-                     "--cores", "2", "--resources", "gpu=1", *extra, env=env)
+    return snakemake(
+        "--configfile",
+        str(TINY_CONFIG),
+        "--config",
+        f"results_dir={results}",
+        "--cores",
+        "2",
+        "--resources",
+        "gpu=1",
+        *extra,
+        env=env,
+    )
 
 
 @pytest.fixture(scope="session")
