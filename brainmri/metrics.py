@@ -89,7 +89,7 @@ def fig3_table(metrics: dict[str, Any]) -> pd.DataFrame:
     for label, key in (("macro avg", "macro_avg"), ("weighted avg", "weighted_avg")):
         c = metrics[key]
         rows.append([label, c["precision"], c["recall"], c["f1-score"], int(c["support"])])
-    return pd.DataFrame(rows, columns=["", "precision", "recall", "f1-score", "support"])
+    return pd.DataFrame(rows, columns=["class", "precision", "recall", "f1-score", "support"])
 
 
 # --- segmentation ---------------------------------------------------------------------------

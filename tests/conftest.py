@@ -124,3 +124,7 @@ def preprocessed_data(tmp_path_factory: pytest.TempPathFactory) -> PreprocessedD
     (data/btm/images.npy), ``image_size`` (int, 64), ``seed`` (int), ``folds`` (int, 3).
     """
     return build_preprocessed_data(tmp_path_factory.mktemp("preprocessed"))
+
+
+# The whole-workflow fixture lives in helpers.py (with the script and Snakemake runners).
+from helpers import workflow_run  # noqa: E402, F401

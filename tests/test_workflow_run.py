@@ -10,8 +10,7 @@ import re
 import pandas as pd
 import pytest
 import yaml
-
-from helpers import FAKE_SECRET, REPO, TINY_CONFIG, snakemake, workflow_run  # noqa: F401
+from helpers import FAKE_SECRET, REPO, TINY_CONFIG, snakemake
 
 pytestmark = pytest.mark.slow
 
