@@ -20,7 +20,9 @@ def test_metrics_match_scikit_learn_on_hand_made_predictions():
     assert tumor["recall"] == pytest.approx(recall_score(labels, preds))
     assert tumor["f1-score"] == pytest.approx(f1_score(labels, preds))
     assert metrics["classes"]["no_tumor"]["recall"] == pytest.approx(4 / 5)
-    assert metrics["macro_avg"]["f1-score"] == pytest.approx(f1_score(labels, preds, average="macro"))
+    assert metrics["macro_avg"]["f1-score"] == pytest.approx(
+        f1_score(labels, preds, average="macro")
+    )
     assert metrics["roc_auc"] == pytest.approx(roc_auc_score(labels, probs))
     assert metrics["confusion_matrix"] == [[4, 1], [1, 4]]
     assert (metrics["false_negatives"], metrics["false_positives"]) == (1, 1)
@@ -36,7 +38,7 @@ def test_roc_auc_is_null_with_one_class():
 def test_majority_vote_of_three():
     preds = np.array([[1, 0, 1, 0], [1, 1, 0, 0], [0, 1, 1, 0]])
     probs = np.where(preds == 1, 0.8, 0.2)
-    pred, mean, votes = vote(preds, probs, "majority")
+    pred, _mean, votes = vote(preds, probs, "majority")
     assert pred.tolist() == [1, 1, 1, 0]
     assert votes.tolist() == [2, 2, 2, 0]
 
@@ -44,7 +46,7 @@ def test_majority_vote_of_three():
 def test_ties_of_an_even_number_of_models_go_to_the_mean_probability():
     preds = np.array([[1, 1, 0, 1], [0, 0, 1, 1]])
     probs = np.array([[0.9, 0.55, 0.3, 0.9], [0.2, 0.3, 0.6, 0.8]])
-    pred, mean, votes = vote(preds, probs, "majority")
+    pred, _mean, votes = vote(preds, probs, "majority")
     assert votes.tolist() == [1, 1, 1, 2]
     # ties: means 0.55 -> tumor, 0.425 -> no tumor, 0.45 -> no tumor; 2 votes -> tumor
     assert pred.tolist() == [1, 0, 0, 1]

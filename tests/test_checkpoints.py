@@ -1,0 +1,184 @@
+"""Safe loading everywhere, the offline weight cache, and config checks of the model factories."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from helpers import run_script
+
+from brainmri.config import ConfigError
+from brainmri.io import InputError
+from brainmri.models import (
+    WeightsError,
+    build_classifier,
+    build_segmenter,
+    check_classifier_config,
+    check_segmenter_config,
+    load_checkpoint,
+    load_weights_file,
+    safe_torch_load,
+    save_checkpoint,
+)
+from brainmri.training import _load_resume_state
+
+CLASSIFIER = {"backbone": "resnet10t", "name": "resnet10t", "image_size": 64, "pretrained": False}
+SEGMENTER = {
+    "name": "unet",
+    "arch": "Unet",
+    "encoder": "resnet18",
+    "image_size": 64,
+    "pretrained": False,
+}
+
+
+class Trap:
+    """Unpickling this runs a shell command."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture
+def booby_trapped(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "model.pt"
+    torch.save(
+        {
+            "format": "brainmri-checkpoint-v1",
+            "task": "classification",
+            "settings": CLASSIFIER,
+            "state_dict": {},
+            "image_size": 64,
+            "payload": Trap(str(marker)),
+        },
+        path,
+    )
+    return path, marker
+
+
+def test_every_loader_refuses_a_pickled_callable(booby_trapped, tmp_path, caplog):
+    path, marker = booby_trapped
+    with pytest.raises(InputError, match="refusing to load"):
+        load_checkpoint(path)
+    with pytest.raises(InputError, match="refusing to load"):
+        safe_torch_load(path)
+    resume = tmp_path / "resume"
+    resume.mkdir()
+    os.replace(path, resume / "state.pt")
+    assert _load_resume_state(resume, "digest") is None
+    assert "refusing to load" in caplog.text
+    with pytest.raises(WeightsError):
+        load_weights_file(resume / "state.pt", "timm", "resnet10t")
+    assert not marker.exists()
+
+
+def test_predict_refuses_a_booby_trapped_results_directory(booby_trapped, tmp_path):
+    path, marker = booby_trapped
+    results = tmp_path / "results"
+    (results / "classification" / "resnet10t").mkdir(parents=True)
+    (results / "segmentation" / "unet" / "fold0").mkdir(parents=True)
+    os.replace(path, results / "classification" / "resnet10t" / "model.pt")
+    (results / "data" / "lgg").mkdir(parents=True)
+    import numpy as np
+    from PIL import Image
+
+    np.save(results / "data" / "lgg" / "images.npy", np.zeros((1, 64, 64, 3), np.uint8))
+    save_checkpoint(
+        results / "segmentation" / "unet" / "fold0" / "model.pt",
+        build_segmenter(SEGMENTER),
+        "segmentation",
+        SEGMENTER,
+    )
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(images / "a.png")
+    result = run_script(
+        "predict.py", "--input-dir", images, "--results-dir", results, "--architecture", "unet"
+    )
+    assert result.returncode == 1
+    assert "refusing to load" in result.stderr
+    assert not marker.exists()
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = build_classifier(CLASSIFIER)
+    save_checkpoint(tmp_path / "c.pt", model, "classification", CLASSIFIER, epoch=3)
+    loaded, checkpoint = load_checkpoint(tmp_path / "c.pt")
+    assert checkpoint["epoch"] == 3 and checkpoint["image_size"] == 64
+    x = torch.rand(2, 3, 64, 64)
+    model.eval()
+    assert torch.equal(model(x), loaded(x))
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    save_checkpoint(tmp_path / "c.pt", build_classifier(CLASSIFIER), "classification", CLASSIFIER)
+    data = (tmp_path / "c.pt").read_bytes()
+    (tmp_path / "c.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="unreadable or truncated"):
+        load_checkpoint(tmp_path / "c.pt")
+
+
+def test_weight_cache_round_trip_offline(tmp_path):
+    """A stand-in for downloaded weights: a random model's state dict through --from-file."""
+    import timm
+
+    source = timm.create_model("resnet10t", pretrained=False)
+    torch.save(source.state_dict(), tmp_path / "downloaded.pth")
+    cache = tmp_path / "weights" / "timm" / "resnet10t.safetensors"
+    run_script(
+        "download_weights.py",
+        "--library",
+        "timm",
+        "--name",
+        "resnet10t",
+        "--output",
+        cache,
+        "--from-file",
+        tmp_path / "downloaded.pth",
+        check=True,
+    )
+    model = build_classifier({**CLASSIFIER, "pretrained": True}, str(cache))
+    backbone = model.net[0].state_dict()
+    assert all(torch.equal(backbone[k], v) for k, v in source.state_dict().items() if k in backbone)
+
+
+def test_missing_weights_name_the_model_and_the_way_to_fix_it(tmp_path):
+    missing = tmp_path / "weights" / "timm" / "resnet10t.safetensors"
+    with pytest.raises(WeightsError) as error:
+        build_classifier({**CLASSIFIER, "pretrained": True}, str(missing))
+    message = str(error.value)
+    assert "resnet10t" in message and str(missing) in message and "--from-file" in message
+    result = run_script(
+        "download_weights.py",
+        "--library",
+        "timm",
+        "--name",
+        "resnet10t",
+        "--output",
+        missing,
+        env={"HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 1 and "resnet10t" in result.stderr
+    assert not missing.exists()
+
+
+def test_config_checks_name_the_key():
+    with pytest.raises(ConfigError, match="classification.backbones.resnet5O.*no model"):
+        check_classifier_config(
+            {**CLASSIFIER, "backbone": "resnet5O"}, "classification.backbones.resnet5O"
+        )
+    with pytest.raises(ConfigError, match="inception_v3 cannot take 64 px"):
+        check_classifier_config(
+            {**CLASSIFIER, "backbone": "inception_v3"}, "classification.backbones.inception_v3"
+        )
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        check_segmenter_config({**SEGMENTER, "image_size": 100}, "segmentation.architectures.unet")
+    with pytest.raises(ConfigError, match="encoder"):
+        check_segmenter_config(
+            {**SEGMENTER, "encoder": "resnet9000"}, "segmentation.architectures.unet"
+        )
