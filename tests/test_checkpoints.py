@@ -168,7 +168,7 @@ def test_missing_weights_name_the_model_and_the_way_to_fix_it(tmp_path):
 
 
 def test_config_checks_name_the_key():
-    with pytest.raises(ConfigError, match="classification.backbones.resnet5O.*no model"):
+    with pytest.raises(ConfigError, match=r"classification\.backbones\.resnet5O.*no model"):
         check_classifier_config(
             {**CLASSIFIER, "backbone": "resnet5O"}, "classification.backbones.resnet5O"
         )

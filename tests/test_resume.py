@@ -1,0 +1,124 @@
+"""Training jobs killed mid-run (SIGKILL, SIGTERM) resume and end bit-identical on the CPU."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+from helpers import REPO, SCRIPTS
+
+SETTINGS = {
+    "backbone": "resnet10t",
+    "name": "resnet10t",
+    "pretrained": False,
+    "image_size": 64,
+    "epochs": 4,
+    "batch_size": 16,
+    "lr": 1e-3,
+    "weight_decay": 0.0,
+    "patience": None,
+    "augment": {"rotation_deg": 10, "shift_fraction": 0.05, "hflip": True, "vflip": True},
+}
+
+
+def command(data, out):
+    return [
+        sys.executable,
+        str(SCRIPTS / "train_classifier.py"),
+        "--backbone",
+        "resnet10t",
+        "--settings",
+        json.dumps(SETTINGS),
+        "--manifest",
+        str(data.manifest),
+        "--splits",
+        str(data.splits),
+        "--data-dir",
+        str(data.data_dir),
+        "--seed",
+        "3",
+        "--threads",
+        "1",
+        "--checkpoint",
+        str(out / "model.pt"),
+        "--history",
+        str(out / "history.csv"),
+        "--predictions",
+        str(out / "test.csv"),
+    ]
+
+
+def run(data, out, env) -> subprocess.CompletedProcess:
+    return subprocess.run(command(data, out), capture_output=True, text=True, env=env, timeout=600)
+
+
+def interrupt_after_first_epoch(data, out, env, sig) -> int:
+    process = subprocess.Popen(
+        command(data, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    state = out / "resume" / "state.pt"
+    deadline = time.monotonic() + 300
+    while not state.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    assert process.poll() is None, "the job ended before it could be interrupted"
+    time.sleep(0.3)  # into the next epoch
+    process.send_signal(sig)
+    return process.wait(timeout=120)
+
+
+def assert_same_result(a, b) -> None:
+    first, second = torch.load(a / "model.pt"), torch.load(b / "model.pt")
+    assert first["epoch"] == second["epoch"]
+    for key, tensor in first["state_dict"].items():
+        assert torch.equal(tensor, second["state_dict"][key]), key
+    columns = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "best"]
+    pd.testing.assert_frame_equal(
+        pd.read_csv(a / "history.csv")[columns], pd.read_csv(b / "history.csv")[columns]
+    )
+    assert (a / "test.csv").read_text() == (b / "test.csv").read_text()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(preprocessed_data, tmp_path_factory, env):
+    out = tmp_path_factory.mktemp("straight")
+    result = run(preprocessed_data, out, env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (out / "resume").exists()
+    return out
+
+
+@pytest.fixture(scope="module")
+def env():
+    import os
+
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_killed_job_resumes_to_the_same_result(
+    preprocessed_data, uninterrupted, tmp_path, env, sig
+):
+    code = interrupt_after_first_epoch(preprocessed_data, tmp_path, env, sig)
+    assert code == (-signal.SIGKILL if sig == signal.SIGKILL else 143)
+    assert not (tmp_path / "model.pt").exists()  # nothing that looks complete
+    result = run(preprocessed_data, tmp_path, env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resuming after epoch" in result.stderr
+    assert_same_result(uninterrupted, tmp_path)
+
+
+def test_corrupted_state_falls_back_with_a_warning(preprocessed_data, uninterrupted, tmp_path, env):
+    interrupt_after_first_epoch(preprocessed_data, tmp_path, env, signal.SIGKILL)
+    state = tmp_path / "resume" / "state.pt"
+    data = state.read_bytes()
+    state.write_bytes(data[: len(data) // 3])
+    result = run(preprocessed_data, tmp_path, env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Ignoring the resume state" in result.stderr
+    assert_same_result(uninterrupted, tmp_path)
