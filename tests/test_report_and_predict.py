@@ -1,0 +1,98 @@
+"""The HTML report (escaping, self-contained) and predict on new images."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from helpers import TINY_CONFIG, run_script
+from PIL import Image
+
+from brainmri.report import esc, table_html
+
+pytestmark = pytest.mark.slow
+
+SCRIPT = "<script>alert(1)</script>"
+
+
+def test_text_from_files_and_config_is_escaped(workflow_run, tmp_path):
+    config = yaml.safe_load(TINY_CONFIG.read_text())
+    config["data"]["local_dir"] = f"/data/{SCRIPT}"
+    config["results_dir"] = str(workflow_run)
+    html_path, metrics_path = tmp_path / "report.html", tmp_path / "metrics.json"
+    run_script(
+        "make_report.py",
+        "--results-dir",
+        workflow_run,
+        "--config",
+        json.dumps(config),
+        "--html",
+        html_path,
+        "--metrics",
+        metrics_path,
+        check=True,
+    )
+    html = html_path.read_text()
+    assert SCRIPT not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert json.loads(metrics_path.read_text())["config"]["data"]["local_dir"].endswith(SCRIPT)
+    frame = pd.DataFrame({"id": [f"TCGA_x_{SCRIPT}.tif"], "dice": [0.5]})
+    assert SCRIPT not in table_html(frame) and esc(SCRIPT) in table_html(frame)
+
+
+def test_predict_on_new_images_reports_broken_files(workflow_run, tmp_path):
+    images = tmp_path / "new scans"
+    images.mkdir()
+    lgg = np.load(workflow_run / "data" / "lgg" / "images.npy")
+    Image.fromarray(lgg[0]).resize((256, 256)).save(images / "slice.tif")
+    Image.fromarray(lgg[1][..., 1]).save(images / "gray.jpg")
+    Image.fromarray((np.random.default_rng(0).random((90, 70)) * 60000).astype(np.uint16)).save(
+        images / "sixteen_bit.tif"
+    )
+    Image.fromarray(np.dstack([lgg[2], np.full((64, 64), 255, np.uint8)]), "RGBA").save(
+        images / "rgba.png"
+    )
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    out = tmp_path / "out"
+    result = run_script(
+        "predict.py",
+        "--input-dir",
+        images,
+        "--results-dir",
+        workflow_run,
+        "--architecture",
+        "unet",
+        "--output",
+        out / "predictions.csv",
+        "--masks-dir",
+        out / "masks",
+        "--overlays-dir",
+        out / "overlays",
+    )
+    assert result.returncode == 1
+    assert "broken.png" in result.stderr and "1 file(s) could not be read" in result.stderr
+    table = pd.read_csv(out / "predictions.csv", keep_default_na=False).set_index("file")
+    assert set(table.index) == {
+        "slice.tif",
+        "gray.jpg",
+        "sixteen_bit.tif",
+        "rgba.png",
+        "broken.png",
+    }
+    assert table.loc["broken.png", "error"] != ""
+    good = table.drop(index="broken.png")
+    assert good["decision"].isin(["tumor", "no_tumor"]).all()
+    assert good["tumor_probability"].astype(float).between(0, 1).all()
+    for name in good.index:
+        stem = name.rsplit(".", 1)[0]
+        mask = np.asarray(Image.open(out / "masks" / f"{stem}.png"))
+        original = Image.open(images / name)
+        assert mask.shape == (original.height, original.width)  # original size
+        assert set(np.unique(mask)) <= {0, 255}
+        assert int(good.loc[name, "tumor_area_px"]) == int((mask > 0).sum())
+        if good.loc[name, "decision"] == "no_tumor":
+            assert not mask.any()
+        assert (out / "overlays" / f"{stem}.png").is_file()
