@@ -1,0 +1,1044 @@
+"""Performance benchmark of the workflow's own code paths (``make bench``).
+
+For one classifier and one segmenter at one image size it measures, in images/s:
+
+* the *limit*: forward + backward + optimizer step (training) and forward (inference) on random
+  tensors already on the device, after warm-up;
+* the *workflow*: :func:`brainmri.training.fit` fed by the workflow's data path
+  (:class:`brainmri.data.Batches` over the preprocessed uint8 arrays, batched augmentation),
+  set up as :mod:`brainmri.tasks` does, for a fixed number of batches; the time of the timed
+  epoch is split into data loading, augmentation, step, evaluation and the rest (checkpointing);
+* a *naive baseline*: the same model trained by a plain PyTorch loop that reads the PNGs with
+  PIL every step and augments per sample with torchvision transforms (DataLoader workers);
+
+and the throughput of LGG preprocessing and of the segmentation metrics. A scaling study runs
+the data stage (and optionally the whole demo) through Snakemake for several patient counts.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+import yaml
+from PIL import Image
+
+from brainmri.config import training_settings
+from brainmri.data import Augment, Batches, gather, load_table, segmentation_training_indices
+from brainmri.io import InputError, write_csv
+from brainmri.metrics import distance_metrics, overlap_metrics, per_slice_metrics
+from brainmri.models import (
+    build_classifier,
+    build_segmenter,
+    check_classifier_config,
+    check_segmenter_config,
+)
+from brainmri.training import (
+    FitSettings,
+    accuracy_per_sample,
+    autocast,
+    configure_torch,
+    dice_per_sample,
+    epoch_generator,
+    fit,
+    predict_logits,
+    seed_everything,
+)
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+TASKS = ("classification", "segmentation")
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass
+class BenchOptions:
+    """Knobs of one benchmark run (the CLI's arguments)."""
+
+    classifier: str = "resnet18"
+    arch: str = "Unet"
+    encoder: str = "resnet18"
+    image_size: int | None = None  # None: the data's size, else 128 (CPU) / 256 (CUDA)
+    batch_size: int | None = None  # None: 16 (CPU) / 30 (CUDA)
+    warmup: int = 2
+    batches: int = 5
+    threads: int = field(default_factory=available_cores)
+    seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda
+    tasks: tuple[str, ...] = TASKS
+    naive: bool = True
+    config: Path = REPO / "config" / "config.yaml"
+    data_dir: Path | None = None
+    splits: Path | None = None
+    raw_dir: Path | None = None
+    patients: int = 12
+    slices_per_patient: int = 16
+    images_per_class: int = 24
+    folds: int = 3
+    metric_slices: int = 1024  # about the LGG test set (20% of 3,929 slices)
+
+
+# --- machine and timing helpers -------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device | None, threads: int) -> dict[str, Any]:
+    """CPU model, cores, library versions and the device (None: not chosen), for the header."""
+    import segmentation_models_pytorch as smp
+    import timm
+
+    info = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "usable_cores": available_cores(),
+        "threads": threads,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "smp": smp.__version__,
+        "device": str(device) if device is not None else "n/a",
+        "device_name": "CPU" if device is not None else "each Snakemake job chooses",
+    }
+    if device is not None and device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Phase:
+    """Wall time of one pass over batches and the part spent inside the batch iterator."""
+
+    seconds: float = 0.0  # first batch requested -> iterator exhausted
+    data: float = 0.0  # inside the iterator: gather, transfer, uint8 -> float, augmentation
+    augment: float = 0.0  # the augmentation part of ``data``
+    batches: int = 0
+    images: int = 0
+
+
+def timed(batches: Iterable, phase: Phase, device: torch.device) -> Iterator:
+    """Yield from ``batches``, adding the time spent producing each batch to ``phase``."""
+    began = time.perf_counter()
+    iterator = iter(batches)
+    while True:
+        _sync(device)
+        start = time.perf_counter()
+        try:
+            item = next(iterator)
+        except StopIteration:
+            break
+        _sync(device)
+        phase.data += time.perf_counter() - start
+        phase.batches += 1
+        phase.images += int(item[0].shape[0])
+        yield item
+    _sync(device)
+    phase.seconds = time.perf_counter() - began
+
+
+class TimedAugment:
+    """Wraps the workflow's :class:`Augment`; adds its time to the current phase."""
+
+    def __init__(self, augment: Augment, device: torch.device) -> None:
+        self.augment, self.device = augment, device
+        self.phase = Phase()
+
+    def __call__(self, images, masks, generator):
+        _sync(self.device)
+        start = time.perf_counter()
+        out = self.augment(images, masks, generator)
+        _sync(self.device)
+        self.phase.augment += time.perf_counter() - start
+        return out
+
+
+def _per_second(count: float, seconds: float) -> float:
+    return count / seconds if seconds > 0 else float("nan")
+
+
+# --- data -----------------------------------------------------------------------------------
+
+
+@dataclass
+class DataPaths:
+    """A results-like data folder: ``data_dir`` (manifest, arrays, PNGs) and the splits."""
+
+    data_dir: Path
+    manifest: Path
+    splits: Path
+    image_size: int
+    source: str
+    lgg_raw: Path | None = None
+    timings: dict[str, Any] = field(default_factory=dict)
+
+
+def prepare_synthetic_data(
+    root: Path,
+    image_size: int,
+    patients: int,
+    slices_per_patient: int,
+    images_per_class: int,
+    folds: int,
+    seed: int,
+    threads: int,
+) -> DataPaths:
+    """Generate, extract, preprocess and split a synthetic dataset with the workflow's code.
+
+    The LGG preprocessing is timed (slices/s), as is every other step.
+    """
+    from brainmri.archives import ExtractionLimits, extract_archive
+    from brainmri.preprocess import merge_manifests, preprocess_btm, preprocess_lgg
+    from brainmri.splits import make_splits
+    from brainmri.synthetic import write_btm_archive, write_lgg_archive
+
+    raw, data = root / "raw", root / "data"
+    timings: dict[str, Any] = {}
+    start = time.perf_counter()
+    write_lgg_archive(root / "archives" / "lgg.zip", patients, slices_per_patient, seed)
+    write_btm_archive(root / "archives" / "btm.zip", images_per_class, seed)
+    timings["generate_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    extract_archive(root / "archives" / "lgg.zip", raw / "lgg-mri-segmentation", ExtractionLimits())
+    extract_archive(
+        root / "archives" / "btm.zip", raw / "brain-tumor-mri-dataset", ExtractionLimits()
+    )
+    timings["extract_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    lgg = preprocess_lgg(
+        raw / "lgg-mri-segmentation",
+        image_size,
+        data / "lgg" / "png",
+        data / "lgg" / "images.npy",
+        data / "lgg" / "masks.npy",
+        data / "lgg" / "manifest.csv",
+        threads,
+    )
+    timings["preprocess_lgg_s"] = time.perf_counter() - start
+    timings["lgg_slices"] = len(lgg)
+    start = time.perf_counter()
+    btm = preprocess_btm(
+        raw / "brain-tumor-mri-dataset",
+        image_size,
+        data / "btm" / "png",
+        data / "btm" / "images.npy",
+        data / "btm" / "manifest.csv",
+        threads,
+    )
+    timings["preprocess_btm_s"] = time.perf_counter() - start
+    timings["btm_images"] = len(btm)
+    start = time.perf_counter()
+    manifest = merge_manifests([data / "lgg" / "manifest.csv", data / "btm" / "manifest.csv"])
+    write_csv(data / "manifest.csv", manifest)
+    write_csv(root / "splits" / "splits.csv", make_splits(manifest, folds=folds, seed=seed))
+    timings["manifest_and_splits_s"] = time.perf_counter() - start
+    return DataPaths(
+        data,
+        data / "manifest.csv",
+        root / "splits" / "splits.csv",
+        image_size,
+        f"synthetic ({patients} patients, {slices_per_patient}+ slices each, "
+        f"{images_per_class} images per class of the second dataset)",
+        raw / "lgg-mri-segmentation",
+        timings,
+    )
+
+
+def existing_data(data_dir: Path, splits: Path | None, raw_dir: Path | None) -> DataPaths:
+    """An existing ``results/.../data`` folder (from the workflow's data stage)."""
+    manifest = data_dir / "manifest.csv"
+    splits = splits or data_dir.parent / "splits" / "splits.csv"
+    for path in (manifest, splits, data_dir / "lgg" / "images.npy"):
+        if not path.is_file():
+            raise InputError(f"{path}: not found (run the workflow's data stage first)")
+    size = int(np.load(data_dir / "lgg" / "images.npy", mmap_mode="r").shape[1])
+    default_raw = data_dir.parent / "raw" / "lgg-mri-segmentation"
+    raw = raw_dir or (default_raw if default_raw.is_dir() else None)
+    return DataPaths(data_dir, manifest, splits, size, str(data_dir), raw)
+
+
+# --- model settings -------------------------------------------------------------------------
+
+
+def model_settings(
+    config_path: Path, task: str, options: BenchOptions, size: int, batch: int
+) -> dict[str, Any]:
+    """The workflow's training settings (augmentation, lr, ...) of a config file for the
+    benchmarked model, at the benchmark's image and batch size, without pretrained weights."""
+    if not config_path.is_file():
+        raise InputError(f"{config_path}: config file not found")
+    config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    config = copy.deepcopy(config)
+    if task == "classification":
+        config[task]["backbones"] = [options.classifier]
+        settings = training_settings(config, task, options.classifier)
+    else:
+        entry = {"name": "bench", "arch": options.arch, "encoder": options.encoder}
+        config[task]["architectures"] = [entry]
+        settings = training_settings(config, task, "bench")
+    settings.update(image_size=size, batch_size=batch, pretrained=False)
+    if task == "classification":
+        check_classifier_config(settings, key="--classifier/--image-size")
+    else:
+        check_segmenter_config(settings, key="--arch/--encoder/--image-size")
+    return settings
+
+
+def model_label(task: str, settings: dict[str, Any]) -> str:
+    if task == "classification":
+        return settings["backbone"]
+    return f"{settings['arch']}/{settings['encoder']}"
+
+
+def build(task: str, settings: dict[str, Any], seed: int) -> torch.nn.Module:
+    """The workflow's model, freshly initialised from ``seed``."""
+    seed_everything(seed)
+    if task == "classification":
+        return build_classifier(settings)
+    return build_segmenter(settings)
+
+
+def loss_and_metric(task: str, settings: dict[str, Any]) -> tuple[Callable, Callable, str]:
+    """The loss, per-sample metric and metric name that brainmri.tasks trains with."""
+    if task == "classification":
+        return F.cross_entropy, accuracy_per_sample, "accuracy"
+    import segmentation_models_pytorch as smp
+
+    loss = smp.losses.DiceLoss("binary", from_logits=True, smooth=settings["dice_smooth"])
+    return loss, dice_per_sample, "dice"
+
+
+# --- 1. the limit ---------------------------------------------------------------------------
+
+
+def limit_throughput(
+    task: str,
+    settings: dict[str, Any],
+    device: torch.device,
+    warmup: int,
+    batches: int,
+    seed: int,
+) -> dict[str, float]:
+    """Training and inference images/s on one random batch that stays on the device."""
+    model = build(task, settings, seed).to(device)
+    loss_fn, _, _ = loss_and_metric(task, settings)
+    batch, size = settings["batch_size"], settings["image_size"]
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.rand(batch, 3, size, size, generator=generator).to(device)
+    if task == "classification":
+        targets = torch.randint(0, 2, (batch,), generator=generator).to(device)
+    else:
+        targets = (torch.rand(batch, 1, size, size, generator=generator) > 0.8).float().to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings["lr"])
+
+    def train_step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device):
+            loss = loss_fn(model(images).float(), targets)
+        loss.backward()
+        optimizer.step()
+
+    @torch.no_grad()
+    def infer_step() -> None:
+        with autocast(device):
+            model(images)
+
+    model.train()
+    train_s = _time_loop(train_step, device, warmup, batches)
+    model.eval()
+    infer_s = _time_loop(infer_step, device, warmup, batches)
+    return {
+        "train_ips": _per_second(batch * batches, train_s),
+        "infer_ips": _per_second(batch * batches, infer_s),
+        "train_s": train_s,
+        "infer_s": infer_s,
+    }
+
+
+def _time_loop(step: Callable[[], None], device: torch.device, warmup: int, n: int) -> float:
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(n):
+        step()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+# --- 2./3. the workflow's loops -------------------------------------------------------------
+
+
+def _cycle(indices: np.ndarray, count: int) -> np.ndarray:
+    """The first ``count`` of ``indices`` repeated cyclically (small datasets)."""
+    if len(indices) == 0:
+        raise InputError("no images in the benchmarked split")
+    return np.resize(np.asarray(indices), count)
+
+
+def _task_rows(
+    task: str, table: pd.DataFrame, splits: Path
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(train, val, test) rows as brainmri.tasks selects them (segmentation: fold 0 = val)."""
+    if task == "classification":
+        parts = [table[table["cls_split"] == s] for s in ("train", "val", "test")]
+    else:
+        lgg = table[table["seg_split"] == "train"]
+        parts = [lgg[lgg["fold"] != 0], lgg[lgg["fold"] == 0], table[table["seg_split"] == "test"]]
+    for name, part in zip(("train", "val", "test"), parts, strict=True):
+        if part.empty:
+            raise InputError(f"{splits}: the {task} {name} split is empty")
+    return parts[0], parts[1], parts[2]
+
+
+def workflow_throughput(
+    task: str,
+    settings: dict[str, Any],
+    data: DataPaths,
+    device: torch.device,
+    warmup: int,
+    batches: int,
+    seed: int,
+) -> dict[str, Any]:
+    """Run the workflow's ``fit`` for a warm-up epoch and a timed epoch of ``batches`` batches.
+
+    The batches come from :class:`Batches` built exactly as :mod:`brainmri.tasks` builds them;
+    the validation pass of the timed epoch holds as many images, relative to the training
+    batches, as the split's validation set holds relative to one training epoch.
+    """
+    table = load_table(data.manifest, data.splits)
+    train, val, test = _task_rows(task, table, data.splits)
+    size, batch = settings["image_size"], settings["batch_size"]
+    channels_last = device.type == "cuda"
+
+    def targets(rows: pd.DataFrame) -> np.ndarray:
+        if task == "classification":
+            return rows["has_tumor"].to_numpy()
+        return gather(data.data_dir, rows, "masks")
+
+    augment = TimedAugment(Augment.from_settings(settings), device)
+    train_data = Batches(
+        gather(data.data_dir, train), targets(train), batch, device, size, augment, channels_last
+    )
+    val_data = Batches(
+        gather(data.data_dir, val), targets(val), batch, device, size, None, channels_last
+    )
+    test_data = Batches(
+        gather(data.data_dir, test), targets(test), batch, device, size, None, channels_last
+    )
+    has_tumor = train["has_tumor"].to_numpy().astype(bool)
+
+    def epoch_indices(epoch: int) -> tuple[np.ndarray, torch.Generator]:
+        generator = epoch_generator(seed, epoch)
+        if task == "classification":
+            order = torch.randperm(len(train_data), generator=generator).numpy()
+        else:
+            order = segmentation_training_indices(
+                has_tumor, settings["train_slices"], settings["empty_fraction"], generator
+            )
+        return order, generator
+
+    n_batches = {0: warmup, 1: batches}
+    train_phases: dict[int, Phase] = {}
+    val_phases: list[Phase] = []
+    val_count: list[int] = []
+
+    def train_batches(epoch: int) -> Iterator:
+        order, generator = epoch_indices(epoch)
+        count = n_batches[epoch] * batch
+        # Validation images of this epoch: in the proportion val / train-epoch of the split.
+        val_count.append(max(batch, round(count * len(val_data) / len(order))))
+        train_phases[epoch] = augment.phase = Phase()
+        return timed(train_data.epoch(_cycle(order, count), generator), augment.phase, device)
+
+    def val_batches() -> Iterator:
+        phase = Phase()
+        val_phases.append(phase)
+        indices = _cycle(np.arange(len(val_data)), val_count[-1])
+        return timed(val_data.epoch(indices), phase, device)
+
+    model = build(task, settings, seed)
+    loss_fn, metric_fn, metric_name = loss_and_metric(task, settings)
+    fit_settings = FitSettings(
+        epochs=2,
+        lr=settings["lr"],
+        weight_decay=settings.get("weight_decay", 0.0),
+        patience=None,
+        seed=seed,
+        metric_name=metric_name,
+    )
+    with tempfile.TemporaryDirectory(prefix="brainmri-bench-resume-") as resume:
+        result = fit(
+            model,
+            loss_fn,
+            metric_fn,
+            train_batches,
+            val_batches,
+            fit_settings,
+            device,
+            Path(resume),
+            "benchmark",
+        )
+    epoch_s = float(result.history[1]["seconds"])
+    trained, evaluated = train_phases[1], val_phases[1]
+    step_s = trained.seconds - trained.data
+    breakdown = {
+        "data_load_s": trained.data - trained.augment,
+        "augment_s": trained.augment,
+        "step_s": step_s,
+        "eval_s": evaluated.seconds,
+        "other_s": max(0.0, epoch_s - trained.seconds - evaluated.seconds),
+        "epoch_s": epoch_s,
+    }
+
+    # Inference as predict_logits runs it over the test rows (a warm-up pass, then timed).
+    infer_count = batches * batch
+    predict_logits(
+        model, test_data.epoch(_cycle(np.arange(len(test_data)), warmup * batch)), device
+    )
+    inferred = Phase()
+    _sync(device)
+    start = time.perf_counter()
+    predict_logits(
+        model,
+        timed(test_data.epoch(_cycle(np.arange(len(test_data)), infer_count)), inferred, device),
+        device,
+    )
+    _sync(device)
+    infer_s = time.perf_counter() - start
+    return {
+        "train_images": trained.images,
+        "val_images": evaluated.images,
+        "train_ips": _per_second(trained.images, trained.seconds),
+        "epoch_ips": _per_second(trained.images, epoch_s),
+        "step_ips": _per_second(trained.images, step_s),
+        "eval_ips": _per_second(evaluated.images, evaluated.seconds),
+        "infer_ips": _per_second(inferred.images, infer_s),
+        "infer_data_s": inferred.data,
+        "breakdown": breakdown,
+        "split_sizes": {"train": len(train), "val": len(val), "test": len(test)},
+    }
+
+
+# --- 5. the naive baseline ------------------------------------------------------------------
+
+
+class PngDataset(torch.utils.data.Dataset):
+    """The straightforward way: open each image (and mask) PNG with PIL every time it is used,
+    then augment that one sample with torchvision transforms."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        rows: pd.DataFrame,
+        task: str,
+        transform: Callable,
+    ) -> None:
+        self.images = [data_dir / path for path in rows["image_path"]]
+        self.masks = (
+            [data_dir / path for path in rows["mask_path"]] if task != "classification" else None
+        )
+        self.labels = rows["has_tumor"].to_numpy().astype(np.int64)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from torchvision import tv_tensors
+        from torchvision.transforms.v2.functional import pil_to_tensor
+
+        with Image.open(self.images[index]) as handle:
+            image = tv_tensors.Image(pil_to_tensor(handle.convert("RGB")))
+        if self.masks is None:
+            return self.transform(image), torch.tensor(self.labels[index])
+        with Image.open(self.masks[index]) as handle:
+            mask = tv_tensors.Mask(pil_to_tensor(handle.convert("L")) > 127)
+        image, mask = self.transform(image, mask)
+        return image, mask.float()
+
+
+def naive_transform(task: str, settings: dict[str, Any], resize_to: int | None) -> Callable:
+    """Per-sample torchvision transforms equivalent to the workflow's batched augmentation."""
+    from torchvision.transforms import v2
+
+    aug = settings.get("augment") or {}
+    shift = float(aug.get("shift_fraction", 0.0))
+    steps: list[Any] = [
+        v2.RandomAffine(
+            degrees=float(aug.get("rotation_deg", 0.0)), translate=(shift, shift) if shift else None
+        ),
+        v2.RandomHorizontalFlip(0.5 if aug.get("hflip") else 0.0),
+        v2.RandomVerticalFlip(0.5 if aug.get("vflip") else 0.0),
+    ]
+    if resize_to:
+        steps.append(v2.Resize((resize_to, resize_to), antialias=True))
+    steps.append(v2.ToDtype(torch.float32, scale=True))
+    if task != "classification" and (aug.get("brightness") or aug.get("contrast")):
+        steps.append(v2.ColorJitter(aug.get("brightness", 0.0), aug.get("contrast", 0.0)))
+    return v2.Compose(steps)
+
+
+def naive_throughput(
+    task: str,
+    settings: dict[str, Any],
+    data: DataPaths,
+    device: torch.device,
+    warmup: int,
+    batches: int,
+    seed: int,
+    workers: int,
+) -> dict[str, float]:
+    """Images/s of a plain PyTorch loop over PNGs (PIL + torchvision, DataLoader workers).
+
+    Same model, loss, optimizer and precision as the workflow, so the gap is the data path.
+    """
+    table = load_table(data.manifest, data.splits)
+    train, _, _ = _task_rows(task, table, data.splits)
+    size, batch = settings["image_size"], settings["batch_size"]
+    resize_to = size if data.image_size != size else None
+    dataset = PngDataset(data.data_dir, train, task, naive_transform(task, settings, resize_to))
+    generator = torch.Generator().manual_seed(seed)
+    sampler = torch.utils.data.RandomSampler(
+        dataset, replacement=True, num_samples=(warmup + batches) * batch, generator=generator
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch,
+        sampler=sampler,
+        num_workers=workers,
+        generator=generator,
+        pin_memory=device.type == "cuda",
+    )
+    model = build(task, settings, seed).to(device)
+    loss_fn, _, _ = loss_and_metric(task, settings)
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings["lr"])
+    model.train()
+    waited = 0.0
+    iterator = iter(loader)
+    start = time.perf_counter()
+    for index in range(warmup + batches):
+        if index == warmup:
+            _sync(device)
+            start, waited = time.perf_counter(), 0.0
+        fetch = time.perf_counter()
+        images, targets = next(iterator)
+        images, targets = images.to(device), targets.to(device)
+        waited += time.perf_counter() - fetch
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device):
+            loss = loss_fn(model(images).float(), targets)
+        loss.backward()
+        optimizer.step()
+    _sync(device)
+    seconds = time.perf_counter() - start
+    del iterator
+    return {
+        "train_ips": _per_second(batches * batch, seconds),
+        "train_s": seconds,
+        "data_wait_s": waited,
+        "workers": workers,
+    }
+
+
+# --- 4. preprocessing and metrics -----------------------------------------------------------
+
+
+def preprocess_throughput(raw_dir: Path, image_size: int, threads: int) -> dict[str, Any]:
+    """Slices/s of the workflow's LGG preprocessing of ``raw_dir`` (outputs in a temp dir)."""
+    from brainmri.preprocess import preprocess_lgg
+
+    with tempfile.TemporaryDirectory(prefix="brainmri-bench-pre-") as scratch:
+        out = Path(scratch)
+        start = time.perf_counter()
+        manifest = preprocess_lgg(
+            raw_dir,
+            image_size,
+            out / "png",
+            out / "images.npy",
+            out / "masks.npy",
+            out / "manifest.csv",
+            threads,
+        )
+        seconds = time.perf_counter() - start
+    return {
+        "slices": len(manifest),
+        "seconds": seconds,
+        "slices_per_s": _per_second(len(manifest), seconds),
+    }
+
+
+def metric_inputs(masks: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(prediction, truth) pairs from real masks: the truth tiled to ``count`` slices and a
+    prediction shifted by a few pixels, every 7th one emptied and a small false blob added to
+    every 11th one (so every empty-mask case of brainmri.metrics occurs)."""
+    truth = np.resize(np.asarray(masks, dtype=bool), (count, *masks.shape[1:]))
+    pred = np.roll(truth, shift=(2, -1), axis=(1, 2))
+    pred[::7] = False
+    pred[3::11, :3, :3] = True
+    return pred, truth
+
+
+def metric_throughput(pred: np.ndarray, truth: np.ndarray, threads: int) -> dict[str, Any]:
+    """Slices/s of Dice/Jaccard (vectorised), HD/ASSD (medpy; 1 process and ``threads``), and
+    of per_slice_metrics as evaluate_segmenter.py calls it."""
+    n = len(truth)
+    result: dict[str, Any] = {
+        "slices": n,
+        "nonempty_pairs": int((pred.any((1, 2)) & truth.any((1, 2))).sum()),
+        "threads": threads,
+    }
+    start = time.perf_counter()
+    overlap_metrics(pred, truth)
+    result["overlap_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    distance_metrics(pred, truth, 1)
+    result["distance_1_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    distance_metrics(pred, truth, threads)
+    result["distance_n_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    per_slice_metrics(pred, truth, threads)
+    result["per_slice_s"] = time.perf_counter() - start
+    for key in ("overlap", "distance_1", "distance_n", "per_slice"):
+        result[f"{key}_per_s"] = _per_second(n, result[f"{key}_s"])
+    return result
+
+
+# --- the whole benchmark --------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto: the workflow's own choice (a free CUDA GPU, else the CPU)."""
+    from brainmri.devices import select_device
+
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available")
+    device = select_device(log)
+    if name == "cuda" and device.type != "cuda":
+        raise InputError("--device cuda: no CUDA device is available")
+    return device
+
+
+def run_benchmark(options: BenchOptions, workdir: Path | None = None) -> dict[str, Any]:
+    """Every measurement of the benchmark; the report as a JSON-able dict."""
+    for name in ("warmup", "batches", "threads", "metric_slices"):
+        if getattr(options, name) < (0 if name == "warmup" else 1):
+            raise ValueError(f"--{name.replace('_', '-')}: must be positive")
+    device = resolve_device(options.device)
+    cuda = device.type == "cuda"
+    configure_torch(device, options.threads)
+    batch = options.batch_size or (30 if cuda else 16)
+    report: dict[str, Any] = {
+        "machine": machine_info(device, options.threads),
+        "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()},
+        "tasks": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="brainmri-bench-", dir=workdir) as scratch:
+        if options.data_dir is not None:
+            data = existing_data(options.data_dir, options.splits, options.raw_dir)
+            size = options.image_size or data.image_size
+        else:
+            size = options.image_size or (256 if cuda else 128)
+            log.info("Generating and preprocessing a synthetic dataset at %d px", size)
+            data = prepare_synthetic_data(
+                Path(scratch),
+                size,
+                options.patients,
+                options.slices_per_patient,
+                options.images_per_class,
+                options.folds,
+                options.seed,
+                options.threads,
+            )
+        report["data"] = {
+            "source": data.source,
+            "array_size": data.image_size,
+            "image_size": size,
+            "batch_size": batch,
+            "timings": data.timings,
+        }
+        for task in options.tasks:
+            settings = model_settings(options.config, task, options, size, batch)
+            label = model_label(task, settings)
+            log.info("%s %s: limit", task, label)
+            limit = limit_throughput(
+                task, settings, device, options.warmup, options.batches, options.seed
+            )
+            log.info("%s %s: the workflow's fit()", task, label)
+            flow = workflow_throughput(
+                task, settings, data, device, options.warmup, options.batches, options.seed
+            )
+            entry: dict[str, Any] = {"model": label, "limit": limit, "workflow": flow}
+            entry["train_ratio"] = flow["train_ips"] / limit["train_ips"]
+            entry["infer_ratio"] = flow["infer_ips"] / limit["infer_ips"]
+            if options.naive:
+                log.info("%s %s: naive PNG + torchvision loop", task, label)
+                naive = naive_throughput(
+                    task,
+                    settings,
+                    data,
+                    device,
+                    options.warmup,
+                    options.batches,
+                    options.seed,
+                    options.threads,
+                )
+                entry["naive"] = naive
+                entry["speedup_vs_naive"] = flow["train_ips"] / naive["train_ips"]
+            report["tasks"][task] = entry
+        report["preprocessing"] = _preprocessing_entry(data, size, options.threads)
+        masks = np.load(data.data_dir / "lgg" / "masks.npy", mmap_mode="r")
+        log.info("Segmentation metrics on %d slices", options.metric_slices)
+        pred, truth = metric_inputs(np.asarray(masks), options.metric_slices)
+        report["metrics"] = metric_throughput(pred, truth, options.threads)
+    return report
+
+
+def _preprocessing_entry(data: DataPaths, size: int, threads: int) -> dict[str, Any] | None:
+    timings = data.timings
+    if "preprocess_lgg_s" in timings and size == data.image_size:
+        seconds, slices = timings["preprocess_lgg_s"], timings["lgg_slices"]
+        return {
+            "raw_dir": "synthetic LGG TIFFs (256 px)",
+            "slices": slices,
+            "seconds": seconds,
+            "slices_per_s": _per_second(slices, seconds),
+            "threads": threads,
+        }
+    if data.lgg_raw is None or not data.lgg_raw.is_dir():
+        log.warning("No raw LGG folder (--raw-dir): preprocessing throughput not measured")
+        return None
+    log.info("Preprocessing %s at %d px", data.lgg_raw, size)
+    entry = preprocess_throughput(data.lgg_raw, size, threads)
+    return {"raw_dir": str(data.lgg_raw), **entry, "threads": threads}
+
+
+# --- scaling: the data stage (and the whole demo) through Snakemake -------------------------
+
+
+def _snakemake_executable() -> str:
+    beside = Path(sys.executable).parent / "snakemake"
+    found = str(beside) if beside.is_file() else shutil.which("snakemake")
+    if not found:
+        raise InputError("snakemake: not found beside the Python interpreter or on PATH")
+    return found
+
+
+def _run_snakemake(
+    config: Path, cores: int, targets: list[str], log_path: Path, rule_logs: Path
+) -> float:
+    command = [
+        _snakemake_executable(),
+        *targets,  # before the options: --resources takes several values
+        "--configfile",
+        str(config),
+        "--cores",
+        str(cores),
+        "--resources",
+        "gpu=1",
+    ]
+    start = time.perf_counter()
+    with open(log_path, "a", encoding="utf-8") as handle:
+        result = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        # The temp dir goes away: quote the failing jobs' own logs.
+        quoted = []
+        for path in sorted(rule_logs.rglob("*.log")) if rule_logs.is_dir() else []:
+            text = path.read_text(encoding="utf-8", errors="replace")
+            if "error" in text.lower():
+                quoted.append(f"{path.name}: " + " | ".join(text.strip().splitlines()[-3:]))
+        tail = "\n".join(quoted) or "\n".join(log_path.read_text().splitlines()[-20:])
+        raise InputError(f"snakemake failed (exit {result.returncode}) with {config}:\n{tail}")
+    return seconds
+
+
+def run_scaling(
+    patients: list[int],
+    full: bool,
+    cores: int,
+    base_config: Path,
+    workdir: Path | None = None,
+) -> list[dict[str, Any]]:
+    """Wall time of the data stage (fetch + preprocess + split) per patient count, via Snakemake
+    on ``base_config`` (the demo config) into a temp results dir; with ``full`` also the rest of
+    the whole workflow in the same results dir."""
+    if not base_config.is_file():
+        raise InputError(f"{base_config}: config file not found")
+    if any(n < 1 for n in patients):
+        raise ValueError("--scaling: patient counts must be positive")
+    rows = []
+    for count in patients:
+        with tempfile.TemporaryDirectory(prefix="brainmri-scaling-", dir=workdir) as scratch:
+            root = Path(scratch)
+            config = yaml.safe_load(base_config.read_text(encoding="utf-8"))
+            config["results_dir"] = str(root / "results")
+            config["data"].setdefault("synthetic", {})["patients"] = count
+            config_path = root / "config.yaml"
+            config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+            results = root / "results"
+            targets = [
+                str(results / "data" / "manifest.csv"),
+                str(results / "splits" / "splits.csv"),
+                str(results / "splits" / "summary.tsv"),
+            ]
+            log.info("Scaling: data stage with %d patients", count)
+            row: dict[str, Any] = {"patients": count}
+            row["data_s"] = _run_snakemake(
+                config_path, cores, targets, root / "snakemake.log", results / "logs"
+            )
+            manifest = pd.read_csv(results / "data" / "manifest.csv", keep_default_na=False)
+            row["lgg_slices"] = int((manifest["source"] == "lgg").sum())
+            row["images"] = len(manifest)
+            if full:
+                log.info("Scaling: the rest of the workflow with %d patients", count)
+                row["rest_s"] = _run_snakemake(
+                    config_path, cores, [], root / "snakemake.log", results / "logs"
+                )
+                row["full_s"] = row["data_s"] + row["rest_s"]
+            rows.append(row)
+    return rows
+
+
+# --- the report -----------------------------------------------------------------------------
+
+
+def _f(value: float | None, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def machine_line(machine: dict[str, Any]) -> str:
+    return (
+        f"Machine: {machine['cpu']}, {machine['cores']} cores ({machine['usable_cores']} usable, "
+        f"{machine['threads']} threads used), torch {machine['torch']}, timm {machine['timm']}, "
+        f"smp {machine['smp']}, device {machine['device']} ({machine['device_name']})."
+    )
+
+
+def format_markdown(report: dict[str, Any]) -> str:
+    """The report as a small Markdown document."""
+    lines = ["# Benchmark", ""]
+    if "machine" in report:
+        lines += [machine_line(report["machine"]), ""]
+    if report.get("tasks"):
+        options, data = report["options"], report["data"]
+        lines += [
+            f"Data: {data['source']}; image size {data['image_size']} px, batch size "
+            f"{data['batch_size']}, {options['warmup']} warm-up + {options['batches']} timed "
+            f"batches, seed {options['seed']}.",
+            "",
+            "## Throughput (images/s)",
+            "",
+            "| task | model | limit train | workflow train | ratio | naive train | "
+            "workflow / naive | limit infer | workflow infer | ratio |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for task, entry in report["tasks"].items():
+            limit, flow, naive = entry["limit"], entry["workflow"], entry.get("naive") or {}
+            lines.append(
+                f"| {task} | {entry['model']} | {_f(limit['train_ips'])} | "
+                f"{_f(flow['train_ips'])} | {_f(entry['train_ratio'], 2)} | "
+                f"{_f(naive.get('train_ips'))} | {_f(entry.get('speedup_vs_naive'), 2)} | "
+                f"{_f(limit['infer_ips'])} | {_f(flow['infer_ips'])} | "
+                f"{_f(entry['infer_ratio'], 2)} |"
+            )
+        lines += [
+            "",
+            "## Where the time of the workflow's timed epoch goes (seconds)",
+            "",
+            "| task | train images | data load | augmentation | step | val images | evaluation "
+            "| other (checkpoint) | epoch | epoch images/s |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for task, entry in report["tasks"].items():
+            flow = entry["workflow"]
+            part = flow["breakdown"]
+            lines.append(
+                f"| {task} | {flow['train_images']} | {_f(part['data_load_s'], 3)} | "
+                f"{_f(part['augment_s'], 3)} | {_f(part['step_s'], 3)} | {flow['val_images']} | "
+                f"{_f(part['eval_s'], 3)} | {_f(part['other_s'], 3)} | "
+                f"{_f(part['epoch_s'], 3)} | {_f(flow['epoch_ips'])} |"
+            )
+        lines += ["", "## Preprocessing and segmentation metrics", ""]
+        lines += ["| stage | items | seconds | items/s |", "| --- | ---: | ---: | ---: |"]
+        pre = report.get("preprocessing")
+        if pre:
+            lines.append(
+                f"| LGG preprocessing ({pre['raw_dir']}, {pre['threads']} thread(s)) | "
+                f"{pre['slices']} slices | {_f(pre['seconds'], 2)} | {_f(pre['slices_per_s'])} |"
+            )
+        else:
+            lines.append("| LGG preprocessing | not measured (no raw LGG folder) | | |")
+        met = report["metrics"]
+        n = met["slices"]
+        for label, key in (
+            ("Dice + Jaccard (vectorised)", "overlap"),
+            ("HD + ASSD (medpy, 1 process)", "distance_1"),
+            (f"HD + ASSD (medpy, {met['threads']} process(es))", "distance_n"),
+            (f"per_slice_metrics (all four, {met['threads']} process(es))", "per_slice"),
+        ):
+            lines.append(
+                f"| {label} | {n} slices | {_f(met[key + '_s'], 3)} | {_f(met[key + '_per_s'])} |"
+            )
+    if report.get("scaling"):
+        full = any("full_s" in row for row in report["scaling"])
+        lines += [
+            *([""] if lines[-1] else []),
+            f"## Scaling: wall time through Snakemake ({report['scaling_cores']} cores)",
+            "",
+            "| patients | LGG slices | all images | data stage (s) |"
+            + (" rest of the demo (s) | whole demo (s) |" if full else ""),
+            "| ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if full else ""),
+        ]
+        for row in report["scaling"]:
+            line = f"| {row['patients']} | {row['lgg_slices']} | {row['images']} | "
+            line += f"{_f(row['data_s'])} |"
+            if full:
+                line += f" {_f(row.get('rest_s'))} | {_f(row.get('full_s'))} |"
+            lines.append(line)
+    return "\n".join(lines) + "\n"

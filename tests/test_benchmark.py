@@ -1,0 +1,183 @@
+"""The performance benchmark: a tiny end-to-end run of the CLI and its building blocks."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+from helpers import run_script
+
+from brainmri.benchmark import (
+    Phase,
+    format_markdown,
+    metric_inputs,
+    run_scaling,
+    timed,
+)
+from brainmri.metrics import slice_cases
+
+TINY = [
+    "--classifier", "resnet10t", "--batch-size", "4", "--warmup", "1",
+    "--batches", "2", "--threads", "1", "--device", "cpu", "--patients", "8",
+    "--slices-per-patient", "6", "--images-per-class", "4", "--metric-slices", "64",
+]  # fmt: skip
+
+
+def _positive(value) -> bool:
+    return isinstance(value, float | int) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    result = run_script(
+        "benchmark.py",
+        "--output",
+        out / "bench.md",
+        *TINY,
+        "--image-size",
+        "64",
+        env={"OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result, json.loads((out / "bench.json").read_text())
+
+
+def test_report_fields_are_finite_and_positive(tiny_report):
+    _, _, report = tiny_report
+    assert report["machine"]["device"] == "cpu"
+    assert report["machine"]["torch"] == torch.__version__
+    assert set(report["tasks"]) == {"classification", "segmentation"}
+    assert report["tasks"]["classification"]["model"] == "resnet10t"
+    assert report["tasks"]["segmentation"]["model"] == "Unet/resnet18"
+    for entry in report["tasks"].values():
+        limit, flow, naive = entry["limit"], entry["workflow"], entry["naive"]
+        for value in (
+            limit["train_ips"],
+            limit["infer_ips"],
+            flow["train_ips"],
+            flow["epoch_ips"],
+            flow["infer_ips"],
+            naive["train_ips"],
+            entry["train_ratio"],
+            entry["infer_ratio"],
+            entry["speedup_vs_naive"],
+        ):
+            assert _positive(value)
+        assert entry["train_ratio"] == pytest.approx(flow["train_ips"] / limit["train_ips"])
+        assert entry["speedup_vs_naive"] == pytest.approx(flow["train_ips"] / naive["train_ips"])
+        # exactly the timed batches went through fit(): 2 batches of 4 images
+        assert flow["train_images"] == 8
+        assert flow["val_images"] >= 4
+        parts = flow["breakdown"]
+        assert all(parts[key] >= 0 for key in parts)
+        assert _positive(parts["step_s"])
+        summed = sum(parts[k] for k in ("data_load_s", "augment_s", "step_s", "eval_s", "other_s"))
+        # the parts add up to the epoch time fit() recorded (rounded to ms)
+        assert summed == pytest.approx(parts["epoch_s"], abs=5e-3)
+    pre = report["preprocessing"]
+    assert pre["slices"] == report["data"]["timings"]["lgg_slices"] > 0
+    assert _positive(pre["slices_per_s"])
+    metrics = report["metrics"]
+    assert metrics["slices"] == 64
+    assert metrics["nonempty_pairs"] > 0
+    for key in ("overlap", "distance_1", "distance_n", "per_slice"):
+        assert _positive(metrics[f"{key}_per_s"])
+
+
+def test_markdown_written_and_printed(tiny_report):
+    out, result, report = tiny_report
+    text = (out / "bench.md").read_text()
+    assert text == result.stdout
+    assert "| classification | resnet10t |" in text
+    assert "| segmentation | Unet/resnet18 |" in text
+    assert "AMD" in text or report["machine"]["cpu"] in text
+    assert "LGG preprocessing" in text
+    assert not list(out.glob(".*tmp"))  # atomic writes left no temporaries
+
+
+def test_existing_data_dir(preprocessed_data, tmp_path):
+    """--data-dir: the workflow's data folder as is (64 px); preprocessing timed on raw/."""
+    output = tmp_path / "bench.md"
+    result = run_script(
+        "benchmark.py", "--output", output, *TINY, "--data-dir", preprocessed_data.data_dir,
+        "--tasks", "classification", "--no-naive", env={"OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(output.with_suffix(".json").read_text())
+    assert report["data"]["image_size"] == report["data"]["array_size"] == 64
+    assert report["data"]["source"] == str(preprocessed_data.data_dir)
+    assert list(report["tasks"]) == ["classification"]
+    assert "naive" not in report["tasks"]["classification"]
+    lgg_rows = sum(
+        1 for line in preprocessed_data.manifest.read_text().splitlines() if ",lgg," in line
+    )
+    assert report["preprocessing"]["slices"] == lgg_rows
+    assert _positive(report["preprocessing"]["slices_per_s"])
+
+
+def test_missing_data_dir_is_a_clear_error(tmp_path):
+    output = tmp_path / "bench.md"
+    result = run_script(
+        "benchmark.py", "--output", output, "--data-dir", tmp_path / "nowhere", "--device", "cpu"
+    )
+    assert result.returncode == 1
+    assert "nowhere/manifest.csv: not found" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not output.exists() and not output.with_suffix(".json").exists()
+
+
+def test_timed_counts_batches_and_time_spent_producing_them():
+    def slow_batches():
+        for _ in range(3):
+            time.sleep(0.02)
+            yield torch.zeros(5, 3, 2, 2), torch.zeros(5)
+
+    phase = Phase()
+    for _ in timed(slow_batches(), phase, torch.device("cpu")):
+        time.sleep(0.01)  # the "step"
+    assert (phase.batches, phase.images) == (3, 15)
+    assert phase.data >= 0.06
+    assert phase.seconds >= phase.data + 0.03
+
+
+def test_metric_inputs_cover_every_empty_mask_case():
+    masks = np.zeros((4, 16, 16), dtype=np.uint8)
+    masks[1, 4:9, 4:9] = 1
+    masks[2, 8:12, 2:6] = 1
+    pred, truth = metric_inputs(masks, 30)
+    assert pred.shape == truth.shape == (30, 16, 16)
+    assert np.array_equal(truth[4:8], masks.astype(bool))  # tiled
+    cases = slice_cases(pred, truth)
+    assert set(cases) == {"both_empty", "pred_empty_only", "truth_empty_only", "both_nonempty"}
+    # non-trivial distances: predictions differ from the truth
+    assert (pred != truth).any()
+
+
+def test_format_markdown_scaling_table():
+    report = {
+        "scaling_cores": 2,
+        "scaling": [
+            {"patients": 10, "lgg_slices": 170, "images": 218, "data_s": 20.5},
+            {"patients": 20, "lgg_slices": 340, "images": 388, "data_s": 31.25},
+        ],
+    }
+    text = format_markdown(report)
+    assert "| 10 | 170 | 218 | 20.5 |" in text
+    assert "| 20 | 340 | 388 | 31.2 |" in text
+    assert "whole demo" not in text
+    report["scaling"][0].update(rest_s=60.0, full_s=80.5)
+    assert "| 10 | 170 | 218 | 20.5 | 60.0 | 80.5 |" in format_markdown(report)
+
+
+def test_scaling_rejects_bad_arguments(tmp_path):
+    with pytest.raises(Exception, match="config file not found"):
+        run_scaling([10], False, 1, tmp_path / "missing.yaml")
+    config = tmp_path / "demo.yaml"
+    config.write_text("results_dir: x\n")
+    with pytest.raises(ValueError, match="positive"):
+        run_scaling([0], False, 1, config)
