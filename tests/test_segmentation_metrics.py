@@ -64,8 +64,12 @@ def test_case_counts_and_summary():
     truth = np.stack([empty, square(1, 1), empty, square(1, 1)])
     frame = per_slice_metrics(pred, truth)
     summary = summarize_slices(frame)
-    assert summary["cases"] == {"both_empty": 1, "pred_empty_only": 1, "truth_empty_only": 1,
-                                "both_nonempty": 1}
+    assert summary["cases"] == {
+        "both_empty": 1,
+        "pred_empty_only": 1,
+        "truth_empty_only": 1,
+        "both_nonempty": 1,
+    }
     assert summary["dice"]["mean"] == pytest.approx(0.5)
 
 
