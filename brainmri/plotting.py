@@ -1,4 +1,7 @@
-"""Figures: confusion matrices, error galleries (paper Fig. 4), overlays (Fig. 6), curves."""
+"""Figures: confusion matrices, error galleries (paper Fig. 4), overlays (Fig. 6), curves.
+
+Matplotlib's Agg backend, small figures at 100 dpi; the same inputs give the same PNG bytes.
+"""
 
 from __future__ import annotations
 
@@ -12,21 +15,36 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib.colors import ListedColormap
 
-from brainmri.io import atomic_path
+from brainmri.io import InputError, atomic_path
 from brainmri.metrics import CLASS_NAMES
 
 DPI = 100
+RED = ListedColormap(["red"])
+# No software version or date in the PNG: identical bytes for identical figures.
+PNG_METADATA = {"Software": None}
+GalleryItem = tuple[str, np.ndarray, np.ndarray | None, float]
 
 
 def save_figure(figure: plt.Figure, path: str | os.PathLike[str]) -> None:
     """Save a PNG atomically and close the figure."""
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
-    plt.close(figure)
+    try:
+        with atomic_path(path) as tmp:
+            figure.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight", metadata=PNG_METADATA)
+    finally:
+        plt.close(figure)
+
+
+def message_figure(text: str) -> plt.Figure:
+    """A small figure holding only ``text`` (for an empty selection)."""
+    figure = plt.figure(figsize=(4, 1))
+    figure.text(0.5, 0.5, text, ha="center", va="center")
+    return figure
 
 
 def confusion_figure(matrix: list[list[int]], title: str) -> plt.Figure:
+    """Seaborn heatmap of a 2 x 2 confusion matrix with the counts written in the cells."""
     figure, axis = plt.subplots(figsize=(3.6, 3.2))
     sns.heatmap(
         np.asarray(matrix),
@@ -44,40 +62,84 @@ def confusion_figure(matrix: list[list[int]], title: str) -> plt.Figure:
     return figure
 
 
+def read_png(path: Path) -> np.ndarray:
+    """Pixels of an image file; a clear InputError naming the file if it cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image)
+    except FileNotFoundError:
+        raise InputError(f"{path}: image not found") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise InputError(f"{path}: unreadable image ({error})") from None
+
+
+def load_gallery_items(
+    errors: pd.DataFrame, manifest: pd.DataFrame, data_dir: Path
+) -> list[GalleryItem]:
+    """(id, image, mask or None, prob_tumor) of each row of ``errors``, read from ``data_dir``
+    by the manifest's ``image_path`` / ``mask_path``."""
+    by_id = manifest.set_index("id")
+    unknown = [name for name in errors["id"] if name not in by_id.index]
+    if unknown:
+        raise InputError(f"id {unknown[0]!r} of the predictions is not in the manifest")
+    items = []
+    for error in errors.itertuples():
+        row = by_id.loc[error.id]
+        image = read_png(data_dir / row["image_path"])
+        mask = read_png(data_dir / row["mask_path"]) > 127 if row["mask_path"] else None
+        items.append((str(error.id), image, mask, float(error.prob_tumor)))
+    return items
+
+
+def _wrap_id(name: str, width: int = 16) -> str:
+    """A long id on two lines, broken at its last underscore (LGG: patient, then slice)."""
+    if len(name) <= width or "_" not in name:
+        return name
+    head, tail = name.rsplit("_", 1)
+    return f"{head}_\n{tail}"
+
+
 def _show(axis: plt.Axes, image: np.ndarray, mask: np.ndarray | None, title: str) -> None:
-    axis.imshow(image)
+    axis.imshow(image, cmap="gray" if image.ndim == 2 else None)
     if mask is not None and mask.any():
         axis.contour(mask, levels=[0.5], colors="lime", linewidths=0.8)
-    axis.set_title(title, fontsize=7)
+    axis.set_title(title, fontsize=6)
     axis.axis("off")
 
 
 def error_gallery(
-    errors: dict[str, list[tuple[str, np.ndarray, np.ndarray | None, float]]], title: str
+    errors: dict[str, list[GalleryItem]], title: str, totals: dict[str, int] | None = None
 ) -> plt.Figure:
-    """Rows 'false negatives' / 'false positives', up to 8 images each: (id, image, mask, prob)."""
+    """One row per group (e.g. 'false negatives', 'false positives') of (id, image, mask, prob),
+    the mask as a green contour; a group without items shows 'no <group>'. ``totals`` adds
+    '(k of n shown)' to a row's label."""
     columns = max(1, max((len(v) for v in errors.values()), default=1))
     figure, axes = plt.subplots(
-        len(errors), columns, figsize=(1.6 * columns + 0.4, 1.9 * len(errors)), squeeze=False
+        len(errors), columns, figsize=(1.7 * columns + 0.6, 2.0 * len(errors)), squeeze=False
     )
     for row, (label, items) in enumerate(errors.items()):
         for column in range(columns):
             axis = axes[row, column]
             if column < len(items):
                 name, image, mask, prob = items[column]
-                _show(axis, image, mask, f"{name}\np(tumor)={prob:.2f}")
+                _show(axis, image, mask, f"{_wrap_id(name)}  p(tumor)={prob:.2f}")
             else:
                 axis.axis("off")
         if not items:
-            axes[row, 0].text(0.5, 0.5, f"no {label}", ha="center", va="center")
+            axes[row, 0].text(0.5, 0.5, f"no {label}", ha="center", va="center", fontsize=9)
+        text = label
+        if totals is not None and label in totals:
+            text = f"{label}\n({len(items)} of {totals[label]})"
         axes[row, 0].annotate(
-            label,
+            text,
             (-0.1, 0.5),
             xycoords="axes fraction",
             rotation=90,
             ha="right",
             va="center",
-            fontsize=9,
+            fontsize=8,
         )
     figure.suptitle(title, fontsize=10)
     return figure
@@ -89,25 +151,31 @@ def overlay_figure(
     predictions: dict[str, np.ndarray],
     titles: list[str],
 ) -> plt.Figure:
-    """One row per slice: input (FLAIR channel as grey), ground truth, each model's mask."""
+    """Paper Fig. 6: one row per slice: the input (FLAIR channel, grey), the ground truth, and
+    each model's mask as a colour overlay with the ground truth as a green contour."""
     columns = 2 + len(predictions)
     figure, axes = plt.subplots(
-        len(images), columns, figsize=(1.9 * columns, 1.9 * len(images)), squeeze=False
+        len(images), columns, figsize=(1.8 * columns, 1.9 * len(images)), squeeze=False
     )
     for row, image in enumerate(images):
-        gray = image[..., 1] if image.ndim == 3 else image
-        axes[row, 0].imshow(gray, cmap="gray")
-        axes[row, 0].set_title(titles[row], fontsize=7)
-        panels = [("ground truth", truths[row])] + [(k, v[row]) for k, v in predictions.items()]
+        gray = image[..., 1] if image.ndim == 3 else image  # LGG channels: pre, FLAIR, post
+        truth = truths[row].astype(bool)
+        axes[row, 0].imshow(gray, cmap="gray", vmin=0, vmax=255)
+        heading = f"input (FLAIR)\n{titles[row]}" if row == 0 else titles[row]
+        axes[row, 0].set_title(heading, fontsize=6)
+        panels = [("ground truth", truth)] + [(k, v[row]) for k, v in predictions.items()]
         for column, (name, mask) in enumerate(panels, start=1):
             axis = axes[row, column]
-            axis.imshow(gray, cmap="gray")
-            shown = np.ma.masked_where(~mask.astype(bool), mask)
-            axis.imshow(shown, cmap="autumn", alpha=0.5, vmin=0, vmax=1)
+            axis.imshow(gray, cmap="gray", vmin=0, vmax=255)
+            mask = mask.astype(bool)
+            axis.imshow(np.ma.masked_where(~mask, mask.astype(float)), cmap=RED, alpha=0.5)
+            if column > 1 and truth.any():
+                axis.contour(truth, levels=[0.5], colors="lime", linewidths=0.6)
             if row == 0:
                 axis.set_title(name, fontsize=8)
         for axis in axes[row]:
             axis.axis("off")
+    figure.suptitle("red: the mask (true or predicted); green contour: ground truth", fontsize=8)
     return figure
 
 
@@ -128,9 +196,3 @@ def curves_figure(histories: dict[str, pd.DataFrame], metric: str, title: str) -
     right.legend(fontsize=6)
     figure.suptitle(title)
     return figure
-
-
-def read_png(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.open(path))

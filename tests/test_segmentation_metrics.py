@@ -5,9 +5,20 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 
-from brainmri.metrics import overlap_metrics, per_slice_metrics, summarize_slices, volume_dice
+from brainmri import metrics
+from brainmri.metrics import (
+    binarize,
+    distance_metrics,
+    evaluate_split,
+    overlap_metrics,
+    per_slice_metrics,
+    quantize,
+    summarize_slices,
+    volume_dice,
+)
 
 
 def square(top: int, left: int, size: int = 3, shape: int = 8) -> np.ndarray:
@@ -84,13 +95,36 @@ def test_overlap_is_vectorised_and_matches_the_loop():
         assert jaccard[i] == pytest.approx(inter / np.logical_or(pred[i], truth[i]).sum())
 
 
-def test_parallel_distances_equal_serial():
-    rng = np.random.default_rng(1)
-    pred = rng.random((40, 16, 16)) > 0.5
-    truth = rng.random((40, 16, 16)) > 0.5
+def random_boxes(count: int, size: int, seed: int) -> np.ndarray:
+    """Masks of one or two random rectangles, many touching the image edge."""
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((count, size, size), dtype=bool)
+    for mask in masks:
+        for _ in range(rng.integers(1, 3)):
+            top, left = rng.integers(0, size, 2)
+            height, width = rng.integers(1, size // 2, 2)
+            mask[top : top + height, left : left + width] = True
+    return masks
+
+
+def test_distances_equal_medpy_on_the_whole_image():
+    # The metrics crop each pair to its bounding box; the values must not change.
+    from medpy.metric import binary
+
+    pred, truth = random_boxes(60, 24, 1), random_boxes(60, 24, 2)
+    hd, assd = distance_metrics(pred, truth)
+    for i in range(60):
+        assert hd[i] == binary.hd(pred[i], truth[i])
+        assert assd[i] == pytest.approx(binary.assd(pred[i], truth[i]), rel=1e-12)
+
+
+def test_parallel_distances_equal_serial(monkeypatch):
+    pred, truth = random_boxes(40, 16, 3), random_boxes(40, 16, 4)
+    pred[5] = False  # an empty case among them
     serial = per_slice_metrics(pred, truth, threads=1)
+    monkeypatch.setattr(metrics, "PARALLEL_MIN_PAIRS", 0)  # use the pool even for 39 pairs
     parallel = per_slice_metrics(pred, truth, threads=2)
-    assert np.allclose(serial[["hd", "assd"]], parallel[["hd", "assd"]])
+    pd.testing.assert_frame_equal(serial, parallel)
 
 
 def test_volume_dice_stacks_a_patients_slices():
@@ -101,3 +135,71 @@ def test_volume_dice_stacks_a_patients_slices():
     volume = volume_dice(pred, truth, np.array(["p1", "p1", "p2"]))
     assert volume["p1"] == pytest.approx(2 * 2 / 8)
     assert volume["p2"] == 1.0  # both volumes empty
+
+
+def test_five_pixel_squares_offset_by_one_pixel_by_hand():
+    # Two 5x5 squares in a 10x10 image, the prediction one column to the right.
+    truth = square(2, 2, 5, 10)
+    pred = square(2, 3, 5, 10)
+    row = per_slice_metrics(pred[None], truth[None]).iloc[0]
+    assert row["dice"] == pytest.approx(2 * 20 / 50)  # 20 of 25 pixels overlap
+    assert row["jaccard"] == pytest.approx(20 / 30)
+    assert row["hd"] == pytest.approx(1.0)
+    # A 5x5 surface has 16 pixels. pred's top/bottom rows: columns 3-6 lie on truth's surface
+    # (0), column 7 is 1 px from it; pred's left column rows 3-5 are truth's interior (1 px
+    # from column 2); its right column rows 3-5 are 1 px from column 6: (2 + 3 + 3) / 16.
+    assert row["assd"] == pytest.approx(8 / 16)
+
+
+def test_five_pixel_squares_offset_by_two_pixels_by_hand():
+    truth = square(2, 2, 5, 10)
+    pred = square(2, 4, 5, 10)
+    row = per_slice_metrics(pred[None], truth[None]).iloc[0]
+    assert row["dice"] == pytest.approx(2 * 15 / 50)
+    assert row["jaccard"] == pytest.approx(15 / 35)
+    assert row["hd"] == pytest.approx(2.0)
+    # pred's surface -> truth's surface: top and bottom rows 0, 0, 0, 1, 2 each (6); left
+    # column (4) rows 3, 4, 5: 1, 2, 1 (4); right column (8) rows 3-5: 2 each (6). 16 / 16,
+    # the same the other way by symmetry.
+    assert row["assd"] == pytest.approx(1.0)
+
+
+def test_distances_of_a_batch_follow_the_empty_rules_and_medpy():
+    empty = np.zeros((10, 10), dtype=bool)
+    pred = np.stack([empty, square(2, 3, 5, 10), empty, square(0, 0, 2, 10)])
+    truth = np.stack([empty, square(2, 2, 5, 10), square(0, 0, 2, 10), empty])
+    hd, assd = distance_metrics(pred, truth)
+    diagonal = math.hypot(10, 10)
+    assert hd.tolist() == pytest.approx([0.0, 1.0, diagonal, diagonal])
+    assert assd.tolist() == pytest.approx([0.0, 0.5, diagonal, diagonal])
+
+
+def test_quantize_and_binarize_round_trip():
+    probs = np.array([0.0, 0.2, 0.498, 0.5, 0.502, 1.0, 1.3, -0.1])
+    stored = quantize(probs)
+    assert stored.dtype == np.uint8
+    assert stored.tolist() == [0, 51, 127, 128, 128, 255, 255, 0]
+    # value / 255 >= threshold: 127 / 255 = 0.498 < 0.5 <= 128 / 255
+    assert binarize(stored, 0.5).tolist() == [False, False, False, True, True, True, True, False]
+    assert binarize(stored, 0.2).tolist() == [False, True, True, True, True, True, True, False]
+    with pytest.raises(ValueError, match="uint8"):
+        binarize(probs, 0.5)
+
+
+def test_evaluate_split_reports_tumor_and_all_slices_and_volumes():
+    empty = np.zeros((8, 8), dtype=bool)
+    truth = np.stack([square(1, 1), square(1, 1), empty, empty])
+    stored = quantize(np.stack([square(1, 1), empty, square(1, 1), empty]).astype(float))
+    rows = pd.DataFrame(
+        {"id": list("abcd"), "patient": ["p", "p", "q", "q"], "has_tumor": [1, 1, 0, 0]}
+    )
+    frame, report = evaluate_split(rows, stored, truth, 0.5, "test")
+    assert list(frame.columns[:4]) == ["id", "patient", "split", "has_tumor"]
+    assert frame["dice"].tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert report["tumor_slices"]["dice"] == {"mean": 0.5, "std": 0.5}
+    assert report["tumor_slices"]["n_slices"] == 2
+    assert report["all_slices"]["dice"]["mean"] == pytest.approx(0.5)
+    assert report["all_slices"]["cases"]["truth_empty_only"] == 1
+    # p: 9 of 18 pixels found -> 2 * 9 / 27; q: a false blob in an empty volume -> 0
+    assert report["volume_dice"]["patients"] == pytest.approx({"p": 18 / 27, "q": 0.0})
+    assert (report["split"], report["n_slices"], report["threshold"]) == ("test", 4, 0.5)

@@ -1,31 +1,20 @@
-"""Evaluate one fold model on its validation fold and on the common test set: per-slice Dice,
-Jaccard, Hausdorff distance and ASSD (medpy; empty-mask rules in brainmri.metrics), on
-tumor-containing slices and on all slices, and per-patient volume Dice."""
+"""Evaluate one fold model on its validation fold (seg_split train, fold k) and on the common
+test set: per-slice Dice, Jaccard, Hausdorff distance and ASSD (medpy; empty-mask rules in
+brainmri.metrics) on tumor-containing slices and on all slices, and per-patient volume Dice.
+Also writes the model's test probabilities (uint8, x 255) for the fold ensemble."""
 
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from brainmri.data import load_table
-from brainmri.io import run_cli, setup_logging, write_csv, write_json, write_npy
-from brainmri.metrics import per_slice_metrics, segmentation_report, volume_dice
+from brainmri.io import InputError, run_cli, setup_logging, write_csv, write_json, write_npy
+from brainmri.metrics import evaluate_split, quantize
 from brainmri.segment import predict_probabilities
-
-
-def evaluate(
-    rows: pd.DataFrame, probabilities: np.ndarray, masks: np.ndarray, threshold: float, threads: int
-) -> tuple[pd.DataFrame, dict]:
-    pred = probabilities >= threshold
-    frame = per_slice_metrics(pred, masks, threads)
-    frame.insert(0, "has_tumor", rows["has_tumor"].to_numpy())
-    frame.insert(0, "patient", rows["patient"].to_numpy())
-    frame.insert(0, "id", rows["id"].to_numpy())
-    volume = volume_dice(pred, masks, rows["patient"].to_numpy())
-    return frame, segmentation_report(frame, volume)
 
 
 def main() -> None:
@@ -43,40 +32,53 @@ def main() -> None:
     parser.add_argument("--test-probabilities", required=True, type=Path)
     args = parser.parse_args()
     log = setup_logging()
+    if not 0 < args.threshold < 1:
+        raise ValueError(f"--threshold {args.threshold}: must lie strictly between 0 and 1")
     table = load_table(args.manifest, args.splits)
     parts = {
         "val": table[(table["seg_split"] == "train") & (table["fold"] == args.fold)],
         "test": table[table["seg_split"] == "test"],
     }
-    slices = []
     for split, rows in parts.items():
-        probabilities, masks, checkpoint = predict_probabilities(
-            [args.checkpoint], rows, args.data_dir, args.threads
+        if rows.empty:
+            what = f"seg_split train and fold {args.fold}" if split == "val" else "seg_split test"
+            raise InputError(f"{args.splits}: no LGG slices with {what}")
+    start = time.perf_counter()
+    rows = pd.concat(parts.values())
+    probabilities, masks, checkpoint = predict_probabilities(
+        [args.checkpoint], rows, args.data_dir, args.threads
+    )
+    stored = quantize(probabilities)
+    log.info("Inference on %d slices: %.1f s", len(rows), time.perf_counter() - start)
+    arch = checkpoint["settings"].get("name", checkpoint["settings"].get("arch"))
+    frames, reports, offset = [], {}, 0
+    for split, part in parts.items():
+        end = offset + len(part)
+        frame, report = evaluate_split(
+            part, stored[offset:end], masks[offset:end], args.threshold, split, args.threads
         )
-        frame, report = evaluate(rows, probabilities, masks, args.threshold, args.threads)
-        settings = checkpoint["settings"]
-        report.update(
-            arch=settings["name"],
-            fold=args.fold,
-            split=split,
-            threshold=args.threshold,
-            n_slices=len(rows),
-        )
-        write_json(args.val_metrics if split == "val" else args.test_metrics, report)
-        slices.append(frame.assign(split=split))
+        report.update(arch=arch, fold=args.fold, image_size=checkpoint["image_size"])
+        frames.append(frame)
+        reports[split] = report
         if split == "test":
-            write_npy(args.test_probabilities, np.round(probabilities * 255).astype(np.uint8))
-        tumor = report["tumor_slices"]
+            test_probabilities = stored[offset:end]
+        offset = end
+        tumor = report["tumor_slices"]["dice"]["mean"]
         log.info(
-            "%s fold %d %s: Dice %.4f (tumor slices), %.4f (all), volume Dice %.4f",
-            settings["name"],
+            "%s fold %d %s (%d slices): Dice %s (tumor slices), %.4f (all), volume Dice %.4f",
+            arch,
             args.fold,
             split,
-            tumor["dice"]["mean"] or 0,
+            len(part),
+            "n/a" if tumor is None else f"{tumor:.4f}",
             report["all_slices"]["dice"]["mean"],
-            report["volume_dice"]["mean"] or 0,
+            report["volume_dice"]["mean"],
         )
-    write_csv(args.per_slice, pd.concat(slices, ignore_index=True))
+    write_npy(args.test_probabilities, test_probabilities)
+    write_csv(args.per_slice, pd.concat(frames, ignore_index=True))
+    write_json(args.val_metrics, reports["val"])
+    write_json(args.test_metrics, reports["test"])
+    log.info("Evaluation done: %.1f s", time.perf_counter() - start)
 
 
 if __name__ == "__main__":

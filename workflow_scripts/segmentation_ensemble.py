@@ -1,16 +1,15 @@
-"""Fold ensemble of one architecture: the mean of the fold models' test probabilities,
-thresholded and scored like a single model."""
+"""Fold ensemble of one architecture: the mean of the fold models' stored test probabilities,
+thresholded and scored like a single model (test set: per-slice metrics with the empty-mask
+rules, tumor and all slices, per-patient volume Dice)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-import numpy as np
-
 from brainmri.data import load_table
 from brainmri.io import InputError, run_cli, setup_logging, write_csv, write_json, write_npy
-from brainmri.metrics import per_slice_metrics, segmentation_report, volume_dice
+from brainmri.metrics import evaluate_split, load_masks, load_probabilities, mean_probabilities
 
 
 def main() -> None:
@@ -26,31 +25,29 @@ def main() -> None:
     parser.add_argument("--output-probabilities", required=True, type=Path)
     args = parser.parse_args()
     log = setup_logging()
+    if not 0 < args.threshold < 1:
+        raise ValueError(f"--threshold {args.threshold}: must lie strictly between 0 and 1")
     table = load_table(args.manifest, args.splits)
     rows = table[table["seg_split"] == "test"]
-    total = None
-    for path in args.probabilities:
-        fold = np.load(path).astype(np.float32) / 255
-        if fold.shape[0] != len(rows):
-            raise InputError(f"{path}: {fold.shape[0]} slices, the test set has {len(rows)}")
-        total = fold if total is None else total + fold
-    probabilities = total / len(args.probabilities)
-    masks = np.load(args.masks, mmap_mode="r")[rows["array_index"].to_numpy()].astype(bool)
-    pred = probabilities >= args.threshold
-    frame = per_slice_metrics(pred, masks, args.threads)
-    frame.insert(0, "has_tumor", rows["has_tumor"].to_numpy())
-    frame.insert(0, "patient", rows["patient"].to_numpy())
-    frame.insert(0, "id", rows["id"].to_numpy())
-    report = segmentation_report(frame, volume_dice(pred, masks, rows["patient"].to_numpy()))
-    report.update(models=len(args.probabilities), split="test", threshold=args.threshold)
-    write_npy(args.output_probabilities, np.round(probabilities * 255).astype(np.uint8))
-    write_csv(args.per_slice, frame.assign(split="test"))
+    if rows.empty:
+        raise InputError(f"{args.splits}: no LGG slices with seg_split test")
+    masks = load_masks(args.masks, rows)
+    folds = [load_probabilities(path, masks.shape) for path in args.probabilities]
+    stored = mean_probabilities(folds)
+    frame, report = evaluate_split(rows, stored, masks, args.threshold, "test", args.threads)
+    report.update(models=len(folds))  # no paths: the JSON must not depend on the results dir
+    write_npy(args.output_probabilities, stored)
+    write_csv(args.per_slice, frame)
     write_json(args.metrics, report)
+    tumor = report["tumor_slices"]["dice"]["mean"]
     log.info(
-        "Fold ensemble of %d models: test Dice %.4f (tumor slices), volume Dice %.4f",
-        len(args.probabilities),
-        report["tumor_slices"]["dice"]["mean"] or 0,
-        report["volume_dice"]["mean"] or 0,
+        "Fold ensemble of %d models on %d test slices: Dice %s (tumor slices), %.4f (all), "
+        "volume Dice %.4f",
+        len(folds),
+        len(rows),
+        "n/a" if tumor is None else f"{tumor:.4f}",
+        report["all_slices"]["dice"]["mean"],
+        report["volume_dice"]["mean"],
     )
 
 

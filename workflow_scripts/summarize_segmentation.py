@@ -1,5 +1,7 @@
-"""The paper's Table 1 (validation, mean ± std over folds) and Table 2 (test, mean ± std over
-the fold models, plus the fold ensemble), summary.json, all per-slice rows, and overlays."""
+"""The paper's Table 1 (validation: mean ± std over the folds of each fold's mean) and Table 2
+(test: mean ± std over the fold models, plus a row for the fold ensemble), per architecture, on
+tumor-containing slices, with all-slice and per-patient volume Dice beside; summary.json with
+everything; all folds' per-slice rows; and the overlay figure (paper Fig. 6)."""
 
 from __future__ import annotations
 
@@ -10,50 +12,31 @@ import numpy as np
 import pandas as pd
 
 from brainmri.data import load_table
-from brainmri.io import read_json, run_cli, setup_logging, write_csv, write_json
-from brainmri.metrics import mean_std
-from brainmri.plotting import overlay_figure, save_figure
+from brainmri.io import InputError, read_json, run_cli, setup_logging, write_csv, write_json
+from brainmri.metrics import (
+    EMPTY_MASK_RULES,
+    TABLE_COLUMNS,
+    binarize,
+    ensemble_row,
+    fold_summary,
+    load_masks,
+    load_probabilities,
+    select_overlay_slices,
+    table_row,
+)
+from brainmri.plotting import message_figure, overlay_figure, save_figure
 
-METRICS = ("dice", "jaccard", "hd", "assd")
 OVERLAY_ROWS = 6
 
 
-def fold_summary(reports: list[dict]) -> dict:
-    """Mean ± std over folds of each fold's mean, on tumor slices, all slices, and volumes."""
-    summary = {}
-    for scope in ("tumor_slices", "all_slices"):
-        summary[scope] = {m: mean_std([r[scope][m]["mean"] for r in reports]) for m in METRICS}
-        summary[scope]["cases"] = {
-            case: int(sum(r[scope]["cases"][case] for r in reports))
-            for case in reports[0][scope]["cases"]
-        }
-    summary["volume_dice"] = mean_std([r["volume_dice"]["mean"] for r in reports])
-    return summary
-
-
-def table_row(name: str, summary: dict) -> dict:
-    row = {"model": name}
-    for metric in METRICS:
-        value = summary["tumor_slices"][metric]
-        row[metric] = (
-            f"{value['mean']:.3f} ± {value['std']:.3f}" if value["mean"] is not None else ""
+def read_fold_report(path: Path, arch: str, fold: int) -> dict:
+    report = read_json(path)
+    if report.get("fold") != fold or report.get("arch") != arch:
+        raise InputError(
+            f"{path}: holds arch {report.get('arch')!r} fold {report.get('fold')!r}, "
+            f"expected {arch!r} fold {fold}"
         )
-    dice_all = summary["all_slices"]["dice"]
-    row["dice (all slices)"] = f"{dice_all['mean']:.3f} ± {dice_all['std']:.3f}"
-    volume = summary["volume_dice"]
-    row["volume dice"] = (
-        f"{volume['mean']:.3f} ± {volume['std']:.3f}" if volume["mean"] is not None else ""
-    )
-    return row
-
-
-def ensemble_row(name: str, report: dict) -> dict:
-    row = {"model": f"{name} (fold ensemble)"}
-    for metric in METRICS:
-        row[metric] = f"{report['tumor_slices'][metric]['mean']:.3f}"
-    row["dice (all slices)"] = f"{report['all_slices']['dice']['mean']:.3f}"
-    row["volume dice"] = f"{report['volume_dice']['mean']:.3f}"
-    return row
+    return report
 
 
 def main() -> None:
@@ -70,77 +53,92 @@ def main() -> None:
     args = parser.parse_args()
     log = setup_logging()
     root = args.results_dir / "segmentation"
-    summary: dict = {"architectures": {}}
-    table1, table2, slices = [], [], []
+    folds = range(args.folds)
+    summary: dict = {
+        "architectures": {},
+        "folds": args.folds,
+        "empty_mask_rules": EMPTY_MASK_RULES,
+        "metric_scope": (
+            "Tables: per-slice metrics on tumor-containing slices (as the paper), averaged over "
+            "a fold's slices, then mean ± population std over the folds; 'all slices' and "
+            "per-patient volume Dice beside. Fold ensemble: one model, means over test slices."
+        ),
+    }
+    table1, table2, slices, ensembles = [], [], [], {}
     for arch in args.architectures:
-        val = [read_json(root / arch / f"fold{k}" / "val_metrics.json") for k in range(args.folds)]
-        test = [
-            read_json(root / arch / f"fold{k}" / "test_metrics.json") for k in range(args.folds)
-        ]
-        ensemble = read_json(root / arch / "ensemble" / "test_metrics.json")
+        folder = root / arch
+        val = [read_fold_report(folder / f"fold{k}" / "val_metrics.json", arch, k) for k in folds]
+        test = [read_fold_report(folder / f"fold{k}" / "test_metrics.json", arch, k) for k in folds]
+        ensemble = read_json(folder / "ensemble" / "test_metrics.json")
+        ensembles[arch] = ensemble
         summary["architectures"][arch] = {
             "validation": fold_summary(val),
             "test": fold_summary(test),
-            "test_fold_ensemble": {k: ensemble[k] for k in ("tumor_slices", "all_slices")}
-            | {
-                "volume_dice": {
-                    "mean": ensemble["volume_dice"]["mean"],
-                    "std": ensemble["volume_dice"]["std"],
-                }
+            "test_fold_ensemble": {
+                "tumor_slices": ensemble["tumor_slices"],
+                "all_slices": ensemble["all_slices"],
+                "volume_dice": {k: ensemble["volume_dice"][k] for k in ("mean", "std")},
+                "models": ensemble.get("models"),
+                "threshold": ensemble.get("threshold"),
             },
-            "folds": args.folds,
+            "per_fold": {
+                split: {
+                    "tumor_dice": [r["tumor_slices"]["dice"]["mean"] for r in reports],
+                    "all_dice": [r["all_slices"]["dice"]["mean"] for r in reports],
+                    "volume_dice": [r["volume_dice"]["mean"] for r in reports],
+                }
+                for split, reports in (("validation", val), ("test", test))
+            },
         }
         table1.append(table_row(arch, summary["architectures"][arch]["validation"]))
         table2.append(table_row(arch, summary["architectures"][arch]["test"]))
         table2.append(ensemble_row(arch, ensemble))
-        for k in range(args.folds):
-            frame = pd.read_csv(root / arch / f"fold{k}" / "per_slice.csv")
+        for k in folds:
+            frame = pd.read_csv(folder / f"fold{k}" / "per_slice.csv", keep_default_na=False)
             slices.append(frame.assign(arch=arch, fold=k))
-    summary["empty_mask_rules"] = val[0]["empty_mask_rules"]
-    summary["metric_scope"] = (
-        "Tables: per-slice metrics on tumor-containing slices (as the paper), mean over a fold's "
-        "slices, then mean ± std over the folds; 'all slices' and per-patient volume Dice beside."
-    )
 
-    # Overlays: a seeded selection of test tumor slices, the worst and a random few.
+    # Overlays: the first architecture's ensemble picks the slices (failures and successes).
     table = load_table(
         args.results_dir / "data" / "manifest.csv", args.results_dir / "splits" / "splits.csv"
     )
-    test_rows = table[table["seg_split"] == "test"].reset_index(drop=True)
+    rows = table[table["seg_split"] == "test"].reset_index(drop=True)
     first = args.architectures[0]
-    ensemble_slices = pd.read_csv(root / first / "ensemble" / "per_slice.csv")
-    tumor = ensemble_slices.index[ensemble_slices["has_tumor"] == 1].to_numpy()
-    rng = np.random.default_rng(args.seed)
-    worst = ensemble_slices.loc[tumor].sort_values("dice").index[:2].tolist()
-    rest = [i for i in tumor if i not in worst]
-    chosen = worst + sorted(
-        rng.choice(rest, size=min(len(rest), OVERLAY_ROWS - len(worst)), replace=False).tolist()
-    )
+    scored = pd.read_csv(root / first / "ensemble" / "per_slice.csv", keep_default_na=False)
+    if list(scored["id"]) != list(rows["id"]):
+        raise InputError(f"{root / first / 'ensemble' / 'per_slice.csv'}: not the test slices")
+    chosen = select_overlay_slices(scored, OVERLAY_ROWS, args.seed)
+    summary["overlay_slices"] = [str(rows.loc[i, "id"]) for i in chosen]
     if chosen:
+        picked = rows.loc[chosen]
+        masks = load_masks(args.results_dir / "data" / "lgg" / "masks.npy", picked)
         images = np.load(args.results_dir / "data" / "lgg" / "images.npy", mmap_mode="r")
-        masks = np.load(args.results_dir / "data" / "lgg" / "masks.npy", mmap_mode="r")
-        index = test_rows.loc[chosen, "array_index"].to_numpy()
+        shape = (len(rows), *masks.shape[1:])
         predictions = {
-            arch: np.load(root / arch / "ensemble" / "test_probabilities.npy")[chosen] >= 128
+            arch: binarize(
+                load_probabilities(root / arch / "ensemble" / "test_probabilities.npy", shape)[
+                    chosen
+                ],
+                ensembles[arch].get("threshold", 0.5),
+            )
             for arch in args.architectures
         }
         titles = [
-            f"{test_rows.loc[i, 'id']}\nDice {ensemble_slices.loc[i, 'dice']:.2f} ({first})"
-            for i in chosen
+            f"{rows.loc[i, 'id']}\nDice {scored.loc[i, 'dice']:.2f} ({first})" for i in chosen
         ]
-        figure = overlay_figure(images[index], masks[index], predictions, titles)
+        figure = overlay_figure(
+            np.asarray(images[picked["array_index"].to_numpy()]), masks, predictions, titles
+        )
     else:
-        import matplotlib.pyplot as plt
-
-        figure = plt.figure(figsize=(4, 1))
-        figure.text(0.5, 0.5, "no tumor slices in the test set", ha="center")
+        figure = message_figure("no test slices")
     save_figure(figure, args.overlays)
-    write_csv(args.table1, pd.DataFrame(table1), sep="\t")
-    write_csv(args.table2, pd.DataFrame(table2), sep="\t")
+    table1_frame = pd.DataFrame(table1, columns=TABLE_COLUMNS)
+    table2_frame = pd.DataFrame(table2, columns=TABLE_COLUMNS)
+    write_csv(args.table1, table1_frame, sep="\t")
+    write_csv(args.table2, table2_frame, sep="\t")
     write_csv(args.per_slice, pd.concat(slices, ignore_index=True))
     write_json(args.summary, summary)
-    log.info("Table 1 (validation):\n%s", pd.DataFrame(table1).to_string(index=False))
-    log.info("Table 2 (test):\n%s", pd.DataFrame(table2).to_string(index=False))
+    log.info("Table 1 (validation):\n%s", table1_frame.to_string(index=False))
+    log.info("Table 2 (test):\n%s", table2_frame.to_string(index=False))
 
 
 if __name__ == "__main__":
