@@ -164,13 +164,20 @@ class Batches:
     def epoch(
         self, indices: np.ndarray | None = None, generator: torch.Generator | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Iterate over ``indices`` (default: all, in order) in batches."""
+        """Iterate over ``indices`` (default: all, in order) in batches.
+
+        With a ``generator`` (training) the batches are augmented, and a last batch of one
+        image joins the batch before it.
+        """
         if indices is None:
             indices = np.arange(len(self.images))
         chunks = [
             np.sort(indices[i : i + self.batch_size])
             for i in range(0, len(indices), self.batch_size)
         ]
+        if generator is not None and len(chunks) > 1 and len(chunks[-1]) == 1:
+            # A training batch of one breaks batch norm (e.g. DeepLabV3+'s ASPP pooling).
+            chunks[-2:] = [np.sort(np.concatenate(chunks[-2:]))]
         for raw_images, raw_targets in _prefetch(self.images, self.targets, chunks):
             images = to_device(raw_images, self.device, self.size)
             targets = targets_to_device(raw_targets, self.device, self.size)

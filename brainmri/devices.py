@@ -66,7 +66,7 @@ def select_device(log_to: logging.Logger | None = None) -> torch.device:
     """CUDA (a claimed free GPU, or the scheduler's) when present, else the CPU; logs which."""
     logger = log_to or log
     if not torch.cuda.is_available():
-        logger.info("Device: CPU (%d threads), no CUDA device", torch.get_num_threads())
+        logger.info("Device: CPU (no CUDA device)")
         return torch.device("cpu")
     if os.environ.get("CUDA_VISIBLE_DEVICES"):
         index = 0

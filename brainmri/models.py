@@ -170,12 +170,35 @@ def check_classifier_config(settings: dict[str, Any], key: str) -> None:
         raise ConfigError(f"{key}: {name} cannot take {size} px images ({problem})")
 
 
+@functools.lru_cache(maxsize=64)
+def _segmenter_accepts(arch: str, encoder: str, size: int) -> str | None:
+    """None if smp's ``arch``/``encoder`` runs on a size x size input, else the error text."""
+    import segmentation_models_pytorch as smp
+
+    try:
+        with torch.device("meta"):
+            model = smp.create_model(arch, encoder_name=encoder, encoder_weights=None, classes=1)
+            model.eval()(torch.zeros(1, 3, size, size))
+    except NotImplementedError:  # an op without a meta kernel: assume it runs
+        return None
+    except (RuntimeError, ValueError, KeyError) as error:
+        return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return None
+
+
 def check_segmenter_config(settings: dict[str, Any], key: str) -> None:
     """Raise ConfigError (naming ``key``) if smp cannot build this architecture/encoder/size."""
     import segmentation_models_pytorch as smp
 
     from brainmri.config import ConfigError
 
+    arch = settings["arch"]
+    if arch.lower() not in smp.MODEL_ARCHITECTURES_MAPPING:
+        known = sorted(cls.__name__ for cls in smp.MODEL_ARCHITECTURES_MAPPING.values())
+        raise ConfigError(
+            f"{key}.arch: segmentation-models-pytorch has no architecture {arch!r} "
+            f"(known: {', '.join(known)})"
+        )
     if settings["encoder"] not in smp.encoders.get_encoder_names():
         raise ConfigError(
             f"{key}.encoder: segmentation-models-pytorch has no encoder {settings['encoder']!r}"
@@ -183,10 +206,13 @@ def check_segmenter_config(settings: dict[str, Any], key: str) -> None:
     size = settings["image_size"]
     if size % 32:
         raise ConfigError(
-            f"{key}: image_size {size} must be a multiple of 32 (the encoder's output stride)"
+            f"{key}.image_size: {size} must be a multiple of 32 (the encoder's output stride)"
         )
-    if size < 64:
-        raise ConfigError(f"{key}: image_size {size} is too small (at least 64 px)")
+    problem = _segmenter_accepts(arch, settings["encoder"], size)
+    if problem:
+        raise ConfigError(
+            f"{key}: {arch}/{settings['encoder']} cannot take {size} px images ({problem})"
+        )
 
 
 def save_checkpoint(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +80,15 @@ def _check_weights(job: TrainJob, library: str, name: str) -> None:
         )
 
 
+@contextmanager
+def _oom_hint(stage: str, batch_size: int) -> Iterator[None]:
+    """Turn CUDA out-of-memory into one line that names the batch_size knob."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise InputError(out_of_memory_message(stage, batch_size)) from None
+
+
 def _run_fit(
     job: TrainJob,
     stage: str,
@@ -98,7 +109,7 @@ def _run_fit(
         metric_name=metric_name,
     )
     digest = settings_digest({"settings": job.settings, "seed": job.seed, "stage": stage})
-    try:
+    with _oom_hint(stage, job.settings["batch_size"]):
         return fit(
             model,
             loss_fn,
@@ -110,8 +121,6 @@ def _run_fit(
             job.resume_dir,
             digest,
         )
-    except torch.OutOfMemoryError:
-        raise InputError(out_of_memory_message(stage, job.settings["batch_size"])) from None
 
 
 def train_classifier(job: TrainJob, predictions: Path) -> None:
@@ -187,7 +196,9 @@ def train_classifier(job: TrainJob, predictions: Path) -> None:
         None,
         channels_last,
     )
-    probabilities = torch.softmax(predict_logits(model, test_data.epoch(), device), dim=1)[:, 1]
+    with _oom_hint("classification", batch):
+        logits = predict_logits(model, test_data.epoch(), device)
+    probabilities = torch.softmax(logits, dim=1)[:, 1]
     prob = probabilities.numpy().astype(np.float64)
     frame = pd.DataFrame(
         {

@@ -2,8 +2,10 @@
 
 Adam, early stopping on validation loss, best-validation-loss weights, a per-epoch history; on
 CUDA mixed precision (bf16 where supported), channels_last and cudnn benchmark. Every epoch the
-whole state is saved atomically to ``<resume_dir>/state.pt``; a killed job started again resumes
-from the last completed epoch and ends bit-identical on the CPU, because each epoch's data order,
+whole state (model, optimizer, grad scaler, best weights, early-stopping counter, history, the
+global python/numpy/torch/CUDA RNG states) is saved atomically to ``<resume_dir>/state.pt`` (the
+previous one kept as ``state.prev.pt``); a killed job started again resumes from the last
+completed epoch and ends bit-identical on the CPU, also because each epoch's data order,
 augmentation and dropout are drawn from generators seeded with (seed, epoch). SIGTERM (a SLURM
 time limit) stops the job at the next batch with exit status 143; the state of the last completed
 epoch is on disk.
@@ -68,14 +70,61 @@ def seed_everything(seed: int) -> None:
 
 
 def configure_torch(device: torch.device, threads: int) -> None:
-    """Threads; deterministic algorithms on the CPU; cudnn benchmark on CUDA."""
+    """Threads; deterministic algorithms on the CPU; cudnn benchmark on CUDA. Logs the choice."""
     torch.set_num_threads(max(1, threads))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16 + GradScaler"
+        log.info(
+            "Threads: %d; CUDA: %s autocast, channels_last, cudnn.benchmark (not bit-reproducible)",
+            torch.get_num_threads(),
+            precision,
+        )
     else:
         torch.use_deterministic_algorithms(True, warn_only=True)
+        log.info("Threads: %d; CPU: deterministic algorithms", torch.get_num_threads())
+
+
+def rng_states(device: torch.device) -> dict[str, Any]:
+    """The global RNG states (python, numpy, torch, CUDA) as plain types and tensors."""
+    numpy_state = np.random.get_state(legacy=False)
+    states: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "bit_generator": numpy_state["bit_generator"],
+            "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+            "pos": int(numpy_state["state"]["pos"]),
+            "has_gauss": int(numpy_state["has_gauss"]),
+            "gauss": float(numpy_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore what :func:`rng_states` saved."""
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy_state = states["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": numpy_state["bit_generator"],
+            "state": {
+                "key": numpy_state["key"].numpy().astype(np.uint32),
+                "pos": numpy_state["pos"],
+            },
+            "has_gauss": numpy_state["has_gauss"],
+            "gauss": numpy_state["gauss"],
+        }
+    )
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def autocast(device: torch.device):
@@ -175,6 +224,10 @@ def fit(
         history = list(state["history"])
         best_state, best_loss = state["best_state"], state["best_val_loss"]
         best_epoch, stale, start = state["best_epoch"], state["stale"], state["epoch"] + 1
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        if "rng" in state:
+            set_rng_states(state["rng"])
         log.info("Resuming after epoch %d (best val loss %.4f)", start, best_loss)
 
     name = settings.metric_name
@@ -200,9 +253,9 @@ def fit(
                 total_loss += float(loss.detach()) * n
                 total_metric += float(metric_fn(logits.detach().float(), targets).sum())
                 count += n
-            val_loss, val_metric = evaluate(model, loss_fn, metric_fn, val_batches(), device)
-            if term.raised:
-                raise Preempted(f"stopped by SIGTERM after epoch {epoch + 1}")
+            val_loss, val_metric = evaluate(
+                model, loss_fn, metric_fn, val_batches(), device, lambda: term.raised
+            )
             improved = val_loss < best_loss
             if improved:
                 best_loss, best_epoch, stale = val_loss, epoch, 0
@@ -245,8 +298,13 @@ def fit(
                     "best_val_loss": best_loss,
                     "best_epoch": best_epoch,
                     "stale": stale,
+                    "scaler": scaler.state_dict(),
+                    "rng": rng_states(device),
+                    "generators": {"seed": settings.seed, "next_epoch": epoch + 1},
                 },
             )
+            if term.raised:
+                raise Preempted(f"stopped by SIGTERM after epoch {epoch + 1} (state saved)")
     if settings.patience is not None and stale >= settings.patience:
         log.info("Early stopping: no improvement of the validation loss for %d epochs", stale)
     log.info("Best validation loss %.4f at epoch %d", best_loss, best_epoch + 1)
@@ -260,11 +318,17 @@ def evaluate(
     metric_fn: MetricFn,
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
+    stop: Callable[[], bool] | None = None,
 ) -> tuple[float, float]:
-    """Mean loss (weighted by batch size) and mean per-sample metric over ``batches``."""
+    """Mean loss (weighted by batch size) and mean per-sample metric over ``batches``.
+
+    ``stop`` (checked before each batch) returning true raises :class:`Preempted`.
+    """
     model.eval()
     total_loss = total_metric = count = 0.0
     for images, targets in batches:
+        if stop is not None and stop():
+            raise Preempted("stopped by SIGTERM during validation")
         with autocast(device):
             logits = model(images)
         logits = logits.float()

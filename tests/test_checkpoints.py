@@ -1,4 +1,4 @@
-"""Safe loading everywhere, the offline weight cache, and config checks of the model factories."""
+"""Safe loading everywhere (checkpoints, resume state, weights) and the offline weight cache."""
 
 from __future__ import annotations
 
@@ -8,14 +8,11 @@ import pytest
 import torch
 from helpers import run_script
 
-from brainmri.config import ConfigError
 from brainmri.io import InputError
 from brainmri.models import (
     WeightsError,
     build_classifier,
     build_segmenter,
-    check_classifier_config,
-    check_segmenter_config,
     load_checkpoint,
     load_weights_file,
     safe_torch_load,
@@ -74,6 +71,20 @@ def test_every_loader_refuses_a_pickled_callable(booby_trapped, tmp_path, caplog
     assert "refusing to load" in caplog.text
     with pytest.raises(WeightsError):
         load_weights_file(resume / "state.pt", "timm", "resnet10t")
+    converted = tmp_path / "weights.safetensors"
+    result = run_script(
+        "download_weights.py",
+        "--library",
+        "timm",
+        "--name",
+        "resnet10t",
+        "--output",
+        converted,
+        "--from-file",
+        resume / "state.pt",
+    )
+    assert result.returncode == 1 and "refusing to load" in result.stderr
+    assert not converted.exists()
     assert not marker.exists()
 
 
@@ -165,20 +176,3 @@ def test_missing_weights_name_the_model_and_the_way_to_fix_it(tmp_path):
     )
     assert result.returncode == 1 and "resnet10t" in result.stderr
     assert not missing.exists()
-
-
-def test_config_checks_name_the_key():
-    with pytest.raises(ConfigError, match=r"classification\.backbones\.resnet5O.*no model"):
-        check_classifier_config(
-            {**CLASSIFIER, "backbone": "resnet5O"}, "classification.backbones.resnet5O"
-        )
-    with pytest.raises(ConfigError, match="inception_v3 cannot take 64 px"):
-        check_classifier_config(
-            {**CLASSIFIER, "backbone": "inception_v3"}, "classification.backbones.inception_v3"
-        )
-    with pytest.raises(ConfigError, match="multiple of 32"):
-        check_segmenter_config({**SEGMENTER, "image_size": 100}, "segmentation.architectures.unet")
-    with pytest.raises(ConfigError, match="encoder"):
-        check_segmenter_config(
-            {**SEGMENTER, "encoder": "resnet9000"}, "segmentation.architectures.unet"
-        )

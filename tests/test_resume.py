@@ -122,3 +122,32 @@ def test_corrupted_state_falls_back_with_a_warning(preprocessed_data, uninterrup
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Ignoring the resume state" in result.stderr
     assert_same_result(uninterrupted, tmp_path)
+
+
+def test_outputs_of_a_classifier_run(preprocessed_data, uninterrupted):
+    history = pd.read_csv(uninterrupted / "history.csv")
+    assert list(history.columns) == [
+        "epoch",
+        "train_loss",
+        "train_accuracy",
+        "val_loss",
+        "val_accuracy",
+        "lr",
+        "seconds",
+        "best",
+    ]
+    assert history["epoch"].tolist() == [1, 2, 3, 4]
+    predictions = pd.read_csv(uninterrupted / "test.csv")
+    assert list(predictions.columns) == ["id", "patient", "label", "prob_tumor", "pred"]
+    manifest = pd.read_csv(preprocessed_data.manifest, keep_default_na=False)
+    splits = pd.read_csv(preprocessed_data.splits, keep_default_na=False)
+    test = manifest.merge(splits, on="id").query("cls_split == 'test'")
+    assert predictions["id"].tolist() == test["id"].tolist()
+    assert predictions["label"].tolist() == test["has_tumor"].tolist()
+    assert predictions["prob_tumor"].between(0, 1).all()
+    assert (predictions["pred"] == (predictions["prob_tumor"] >= 0.5)).all()
+    checkpoint = torch.load(uninterrupted / "model.pt", weights_only=True)
+    assert (
+        checkpoint["format"] == "brainmri-checkpoint-v1" and checkpoint["task"] == "classification"
+    )
+    assert checkpoint["val_loss"] == pytest.approx(history["val_loss"].min())

@@ -1,17 +1,25 @@
-"""Device-side augmentation, training-slice selection, GPU placement, and learning itself."""
+"""Device-side augmentation, training-slice selection, and learning itself."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
+import json
 
 import numpy as np
+import pandas as pd
+import pytest
 import torch
-from helpers import REPO
+import torch.nn.functional as F
+from helpers import run_script
 
-from brainmri.data import Augment, segmentation_training_indices
-from brainmri.devices import claim_gpu, release_gpus
+from brainmri.data import Augment, Batches, segmentation_training_indices
+from brainmri.models import build_classifier, load_checkpoint
+from brainmri.training import (
+    FitSettings,
+    accuracy_per_sample,
+    configure_torch,
+    epoch_generator,
+    fit,
+)
 
 
 def test_augmentation_moves_image_and_mask_together_and_masks_stay_binary():
@@ -22,6 +30,7 @@ def test_augmentation_moves_image_and_mask_together_and_masks_stay_binary():
     augment = Augment(rotation_deg=30, shift_fraction=0.1, hflip=True, vflip=True)
     out_images, out_masks = augment(images, masks, torch.Generator().manual_seed(0))
     assert set(out_masks.unique().tolist()) <= {0.0, 1.0}
+    assert not torch.equal(out_masks, masks)  # the geometry did change
     # The bright square and the mask land in the same place.
     overlap = ((out_images[:, 0] > 0.5) & (out_masks[:, 0] > 0.5)).sum()
     assert overlap >= 0.8 * (out_masks > 0.5).sum()
@@ -54,50 +63,167 @@ def test_training_slice_selection():
     assert len(segmentation_training_indices(has_tumor, "all", 0, generator)) == 12
 
 
-def test_concurrent_jobs_claim_distinct_gpus(tmp_path):
-    """Fake device counts on the CPU: jobs holding locks get distinct indices."""
-    script = textwrap.dedent(f"""
-        import sys, time
-        sys.path.insert(0, {str(REPO)!r})
-        from pathlib import Path
-        from brainmri.devices import claim_gpu
-        print(claim_gpu(3, Path({str(tmp_path)!r}), timeout=30, poll=0.05), flush=True)
-        time.sleep(3)
-    """)
-    processes = [
-        subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-        for _ in range(3)
+def test_empty_slices_are_redrawn_each_epoch():
+    has_tumor = np.array([1] * 4 + [0] * 40)
+    draws = [
+        set(segmentation_training_indices(has_tumor, "tumor_plus_empty", 1.0, generator))
+        - {0, 1, 2, 3}
+        for generator in (epoch_generator(1, 0), epoch_generator(1, 1), epoch_generator(1, 0))
     ]
-    indices = sorted(int(p.stdout.readline()) for p in processes)
-    assert indices == [0, 1, 2]
-    for process in processes:
-        process.wait(timeout=30)
-    # All released at exit: a new claim gets GPU 0 again.
-    assert claim_gpu(3, tmp_path, timeout=5) == 0
-    assert claim_gpu(3, tmp_path, timeout=5) == 1  # this process now holds 0 and 1
-    release_gpus()
-    assert claim_gpu(3, tmp_path, timeout=5) == 0
-    release_gpus()
+    assert len(draws[0]) == 4 and draws[0] != draws[1] and draws[0] == draws[2]
 
 
-def test_all_gpus_taken_waits_then_times_out(tmp_path):
-    assert claim_gpu(1, tmp_path, timeout=5) == 0
-    script = (
-        f"import sys; sys.path.insert(0, {str(REPO)!r}); from pathlib import Path; "
-        f"from brainmri.devices import claim_gpu; claim_gpu(1, Path({str(tmp_path)!r}), "
-        "timeout=1, poll=0.1)"
+def blobs(count: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Noise images; label 1 has a bright square somewhere (an easy signal)."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 90, (count, size, size, 3), dtype=np.uint8)
+    labels = np.arange(count) % 2
+    for i in np.flatnonzero(labels):
+        y, x = rng.integers(0, size - 10, 2)
+        images[i, y : y + 10, x : x + 10] = 230
+    return images, labels
+
+
+HISTORY_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy"]
+HISTORY_COLUMNS += ["lr", "seconds", "best"]
+
+
+def run_fit(tmp_path, model, epochs: int, lr: float, patience: int | None):
+    torch.manual_seed(0)
+    cpu = torch.device("cpu")
+    configure_torch(cpu, 1)
+    train = Batches(*blobs(48, 32, 0), 16, cpu, 32, Augment(hflip=True, vflip=True))
+    val = Batches(*blobs(24, 32, 1), 16, cpu, 32)
+
+    def train_batches(epoch):
+        generator = epoch_generator(0, epoch)
+        return train.epoch(torch.randperm(len(train), generator=generator).numpy(), generator)
+
+    settings = FitSettings(epochs=epochs, lr=lr, patience=patience, seed=0)
+    result = fit(
+        model,
+        F.cross_entropy,
+        accuracy_per_sample,
+        train_batches,
+        val.epoch,
+        settings,
+        cpu,
+        tmp_path / "resume",
+        "digest",
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert result.returncode != 0 and "no free GPU" in result.stderr
-    release_gpus()
+    return model, result
 
 
-def test_scheduler_visible_devices_skip_the_locks(monkeypatch):
-    import brainmri.devices as devices
+def test_training_learns_an_easy_signal(tmp_path):
+    model = build_classifier({"backbone": "resnet10t", "pretrained": False})
+    _, result = run_fit(tmp_path, model, epochs=4, lr=3e-3, patience=None)
+    history = pd.DataFrame(result.history)
+    assert list(history.columns) == HISTORY_COLUMNS
+    assert history["epoch"].tolist() == [1, 2, 3, 4]
+    assert history["train_loss"].iloc[-1] < 0.5 * history["train_loss"].iloc[0]
+    assert history["val_accuracy"].max() >= 0.9
+    # The best epoch's weights are returned, and they are the lowest validation loss.
+    assert result.best_val_loss == history["val_loss"].min()
+    assert history.loc[history["best"] == 1, "epoch"].iloc[-1] == result.best_epoch + 1
+    state = (tmp_path / "resume" / "state.pt").is_file()
+    assert state and (tmp_path / "resume" / "state.prev.pt").is_file()
 
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Fake GPU")
-    monkeypatch.setattr(devices, "claim_gpu", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
-    assert devices.select_device() == torch.device("cuda", 0)
+
+def test_early_stopping_keeps_the_best_weights(tmp_path):
+    """lr 0, no batch norm: the validation loss never improves after epoch 1, so training stops
+    after 1 + patience epochs."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 2))
+    model, result = run_fit(tmp_path, model, epochs=10, lr=0.0, patience=2)
+    assert [row["epoch"] for row in result.history] == [1, 2, 3]
+    assert result.best_epoch == 0
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in result.best_state.items())
+
+
+def segmenter_settings(**overrides):
+    settings = {
+        "name": "unet",
+        "arch": "Unet",
+        "encoder": "resnet18",
+        "pretrained": False,
+        "image_size": 64,
+        "epochs": 2,
+        "batch_size": 16,
+        "lr": 1e-3,
+        "weight_decay": 0.0,
+        "patience": None,
+        "dice_smooth": 1.0,
+        "train_slices": "tumor_plus_empty",
+        "empty_fraction": 0.5,
+        "threshold": 0.5,
+        "augment": {"rotation_deg": 10, "hflip": True, "vflip": True, "brightness": 0.1},
+    }
+    return {**settings, **overrides}
+
+
+def train_segmenter(data, out, settings, fold=0, splits=None, weights=""):
+    return run_script(
+        "train_segmenter.py",
+        "--arch",
+        "unet",
+        "--fold",
+        fold,
+        "--settings",
+        json.dumps(settings),
+        "--manifest",
+        data.manifest,
+        "--splits",
+        splits or data.splits,
+        "--data-dir",
+        data.data_dir,
+        f"--weights={weights}",
+        "--threads",
+        "1",
+        "--checkpoint",
+        out / "model.pt",
+        "--history",
+        out / "history.csv",
+        env={"OMP_NUM_THREADS": "1"},
+    )
+
+
+def test_segmenter_trains_on_the_other_folds_and_validates_on_its_own(preprocessed_data, tmp_path):
+    result = train_segmenter(preprocessed_data, tmp_path, segmenter_settings())
+    assert result.returncode == 0, result.stderr[-3000:]
+    splits = pd.read_csv(preprocessed_data.splits)
+    train = splits[splits["seg_split"] == "train"]
+    n_val = int((train["fold"] == 0).sum())
+    assert f"{len(train) - n_val} train" in result.stderr and f"{n_val} val slices" in result.stderr
+    assert "Device: CPU" in result.stderr and "Threads: 1" in result.stderr
+    history = pd.read_csv(tmp_path / "history.csv")
+    expected = ["epoch", "train_loss", "train_dice", "val_loss", "val_dice", "lr", "seconds"]
+    assert list(history.columns) == [*expected, "best"]
+    assert len(history) == 2 and history["val_dice"].between(0, 1).all()
+    model, checkpoint = load_checkpoint(tmp_path / "model.pt")
+    assert checkpoint["task"] == "segmentation" and checkpoint["fold"] == 0
+    assert checkpoint["val_loss"] == pytest.approx(history["val_loss"].min())
+    assert model(torch.rand(1, 3, 64, 64)).shape == (1, 1, 64, 64)
+    assert not (tmp_path / "resume").exists()
+
+
+def test_bad_inputs_fail_before_training(preprocessed_data, tmp_path):
+    # An empty validation fold.
+    splits = pd.read_csv(preprocessed_data.splits, keep_default_na=False)
+    splits.loc[splits["fold"] == 1, "fold"] = 0
+    splits.to_csv(tmp_path / "splits.csv", index=False)
+    result = train_segmenter(
+        preprocessed_data, tmp_path, segmenter_settings(), fold=1, splits=tmp_path / "splits.csv"
+    )
+    assert result.returncode == 1 and "fold 1 does not exist" in result.stderr
+    # Pretrained without the cached encoder weights: the message says how to get them.
+    missing = tmp_path / "weights" / "smp" / "resnet18.safetensors"
+    result = train_segmenter(
+        preprocessed_data, tmp_path, segmenter_settings(pretrained=True), weights=missing
+    )
+    assert result.returncode == 1
+    assert str(missing) in result.stderr and "resnet18" in result.stderr
+    assert "--from-file" in result.stderr
+    # An image size the encoder cannot take.
+    result = train_segmenter(preprocessed_data, tmp_path, segmenter_settings(image_size=80))
+    assert result.returncode == 1 and "multiple of 32" in result.stderr
+    # Nothing half-written, nothing that looks complete.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["splits.csv"]
