@@ -16,7 +16,7 @@ rule download_weights:
     conda:
         "../envs/training.yaml"
     shell:
-        "{PYTHON} {SCRIPTS}/download_weights.py --library {wildcards.library}"
+        "$PYTHON $SCRIPTS/download_weights.py --library {wildcards.library}"
         " --name {wildcards.name} --output {output} > {log} 2>&1"
 
 
@@ -34,7 +34,7 @@ rule train_classifier:
         predictions=results("classification/{backbone}/test_predictions.csv"),
     params:
         settings=classifier_settings,
-        data_dir=results("data"),
+        data_dir=lambda wildcards, input: os.path.dirname(input.manifest),
         seed=config["seed"],
     threads: 4
     resources:
@@ -48,7 +48,7 @@ rule train_classifier:
     conda:
         "../envs/training.yaml"
     shell:
-        "{PYTHON} {SCRIPTS}/train_classifier.py --backbone {wildcards.backbone}"
+        "$PYTHON $SCRIPTS/train_classifier.py --backbone {wildcards.backbone}"
         " --settings {params.settings:q} --manifest {input.manifest} --splits {input.splits}"
         " --data-dir {params.data_dir} --weights={input.weights:q} --seed {params.seed}"
         " --threads {threads} --checkpoint {output.checkpoint} --history {output.history}"
@@ -70,7 +70,7 @@ rule ensemble_classifiers:
     conda:
         "../envs/evaluation.yaml"
     shell:
-        "{PYTHON} {SCRIPTS}/ensemble_classifiers.py --method {params.method}"
+        "$PYTHON $SCRIPTS/ensemble_classifiers.py --method {params.method}"
         " --predictions {input} --output {output} > {log} 2>&1"
 
 
@@ -100,13 +100,13 @@ rule evaluate_classifier:
             caption="../report/errors.rst",
         ),
     params:
-        data_dir=results("data"),
+        data_dir=lambda wildcards, input: os.path.dirname(input.manifest),
     log:
         results("logs/classification/evaluate_{model}.log"),
     conda:
         "../envs/evaluation.yaml"
     shell:
-        "{PYTHON} {SCRIPTS}/evaluate_classifier.py --model {wildcards.model}"
+        "$PYTHON $SCRIPTS/evaluate_classifier.py --model {wildcards.model}"
         " --predictions {input.predictions} --manifest {input.manifest}"
         " --data-dir {params.data_dir} --metrics {output.metrics} --table {output.table}"
         " --confusion {output.confusion} --gallery {output.gallery} > {log} 2>&1"

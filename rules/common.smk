@@ -18,7 +18,10 @@ from brainmri.config import model_names, preflight, training_settings  # noqa: E
 
 
 validate(config, schema="../config/schema.yaml", set_default=True)
-preflight(config)
+# Cross-key checks (they import timm and smp: seconds) once, in the main process; the jobs
+# of a cluster run, which read the workflow again, skip them.
+if workflow.is_main_process:
+    preflight(config)
 
 RESULTS = Path(config["results_dir"])
 WEIGHTS = Path(config["weights_dir"])

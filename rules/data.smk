@@ -23,7 +23,7 @@ rule fetch_lgg:
     conda:
         "../envs/data.yaml"
     shell:
-        "{PYTHON} {SCRIPTS}/fetch_dataset.py --dataset lgg-mri-segmentation"
+        "$PYTHON $SCRIPTS/fetch_dataset.py --dataset lgg-mri-segmentation"
         " --source {params.source} --local-dir={params.local_dir:q}"
         " --synthetic {params.synthetic:q} --extraction {params.extraction:q}"
         " --seed {params.seed} --out-dir {output.folder} --checksums {output.checksums}"
@@ -46,7 +46,7 @@ rule fetch_btm:
     conda:
         "../envs/data.yaml"
     shell:
-        "{PYTHON} {SCRIPTS}/fetch_dataset.py --dataset brain-tumor-mri-dataset"
+        "$PYTHON $SCRIPTS/fetch_dataset.py --dataset brain-tumor-mri-dataset"
         " --source {params.source} --local-dir={params.local_dir:q}"
         " --synthetic {params.synthetic:q} --extraction {params.extraction:q}"
         " --seed {params.seed} --out-dir {output.folder} --checksums {output.checksums}"
@@ -75,7 +75,7 @@ rule preprocess_lgg:
     conda:
         "../envs/data.yaml"
     shell:
-        "{PYTHON} {SCRIPTS}/preprocess.py lgg --raw-dir {input} --image-size {params.image_size}"
+        "$PYTHON $SCRIPTS/preprocess.py lgg --raw-dir {input} --image-size {params.image_size}"
         " --png-dir {output.png} --images {output.images} --masks {output.masks}"
         " --manifest {output.manifest} --threads {threads} > {log} 2>&1"
 
@@ -101,7 +101,7 @@ rule preprocess_btm:
     conda:
         "../envs/data.yaml"
     shell:
-        "{PYTHON} {SCRIPTS}/preprocess.py btm --raw-dir {input} --image-size {params.image_size}"
+        "$PYTHON $SCRIPTS/preprocess.py btm --raw-dir {input} --image-size {params.image_size}"
         " --png-dir {output.png} --images {output.images}"
         " --manifest {output.manifest} --threads {threads} > {log} 2>&1"
 
@@ -118,7 +118,7 @@ rule manifest:
     conda:
         "../envs/data.yaml"
     shell:
-        "{PYTHON} {SCRIPTS}/build_manifest.py --parts {input.lgg} {input.btm}"
+        "$PYTHON $SCRIPTS/build_manifest.py --parts {input.lgg} {input.btm}"
         " --output {output} > {log} 2>&1"
 
 
@@ -141,7 +141,7 @@ rule split:
     conda:
         "../envs/data.yaml"
     shell:
-        "{PYTHON} {SCRIPTS}/make_splits.py --manifest {input} --level {params.level}"
+        "$PYTHON $SCRIPTS/make_splits.py --manifest {input} --level {params.level}"
         " --test-fraction {params.test_fraction} --val-fraction {params.val_fraction}"
         " --folds {params.folds} --seed {params.seed}"
         " --second-dataset {params.use_second_dataset}"

@@ -14,7 +14,7 @@ rule train_segmenter:
         history=results("segmentation/{arch}/fold{fold}/history.csv"),
     params:
         settings=segmenter_settings,
-        data_dir=results("data"),
+        data_dir=lambda wildcards, input: os.path.dirname(input.manifest),
         seed=config["seed"],
     threads: 4
     resources:
@@ -28,7 +28,7 @@ rule train_segmenter:
     conda:
         "../envs/training.yaml"
     shell:
-        "{PYTHON} {SCRIPTS}/train_segmenter.py --arch {wildcards.arch} --fold {wildcards.fold}"
+        "$PYTHON $SCRIPTS/train_segmenter.py --arch {wildcards.arch} --fold {wildcards.fold}"
         " --settings {params.settings:q} --manifest {input.manifest} --splits {input.splits}"
         " --data-dir {params.data_dir} --weights={input.weights:q} --seed {params.seed}"
         " --threads {threads} --checkpoint {output.checkpoint} --history {output.history}"
@@ -49,7 +49,7 @@ rule evaluate_segmenter:
         per_slice=results("segmentation/{arch}/fold{fold}/per_slice.csv"),
         test_probs=results("segmentation/{arch}/fold{fold}/test_probabilities.npy"),
     params:
-        data_dir=results("data"),
+        data_dir=lambda wildcards, input: os.path.dirname(input.manifest),
         threshold=config["segmentation"]["threshold"],
     threads: 4
     resources:
@@ -63,7 +63,7 @@ rule evaluate_segmenter:
     conda:
         "../envs/training.yaml"
     shell:
-        "{PYTHON} {SCRIPTS}/evaluate_segmenter.py --checkpoint {input.checkpoint}"
+        "$PYTHON $SCRIPTS/evaluate_segmenter.py --checkpoint {input.checkpoint}"
         " --fold {wildcards.fold} --manifest {input.manifest} --splits {input.splits}"
         " --data-dir {params.data_dir} --threshold {params.threshold} --threads {threads}"
         " --val-metrics {output.val} --test-metrics {output.test}"
@@ -93,7 +93,7 @@ rule segmentation_fold_ensemble:
     conda:
         "../envs/evaluation.yaml"
     shell:
-        "{PYTHON} {SCRIPTS}/segmentation_ensemble.py --probabilities {input.probabilities}"
+        "$PYTHON $SCRIPTS/segmentation_ensemble.py --probabilities {input.probabilities}"
         " --manifest {input.manifest} --splits {input.splits} --masks {input.masks}"
         " --threshold {params.threshold} --threads {threads} --metrics {output.metrics}"
         " --per-slice {output.per_slice} --output-probabilities {output.probabilities}"
@@ -144,7 +144,7 @@ rule summarize_segmentation:
             caption="../report/overlays.rst",
         ),
     params:
-        results_dir=str(RESULTS),
+        results_dir=lambda wildcards, output: str(Path(output.summary).parents[1]),
         architectures=ARCHITECTURES,
         folds=len(FOLDS),
         seed=config["seed"],
@@ -153,7 +153,7 @@ rule summarize_segmentation:
     conda:
         "../envs/evaluation.yaml"
     shell:
-        "{PYTHON} {SCRIPTS}/summarize_segmentation.py --results-dir {params.results_dir}"
+        "$PYTHON $SCRIPTS/summarize_segmentation.py --results-dir {params.results_dir}"
         " --architectures {params.architectures} --folds {params.folds} --seed {params.seed}"
         " --summary {output.summary} --table1 {output.table1} --table2 {output.table2}"
         " --per-slice {output.per_slice} --overlays {output.overlays} > {log} 2>&1"

@@ -1,0 +1,186 @@
+"""The workflow as Snakemake sees it, without running a job: lint, dry runs, bad configs, and
+the two profiles (profiles/default, the workflow profile, and profiles/slurm)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import REPO, snakemake
+
+DEMO = REPO / "config" / "demo.yaml"
+PAPER = REPO / "config" / "config.yaml"
+DEFAULT_PROFILE = REPO / "profiles" / "default" / "config.yaml"
+SLURM_PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
+GPU_RULES = {"train_classifier", "train_segmenter", "evaluate_segmenter", "predict_new_images"}
+LOCAL_RULES = {"fetch_lgg", "fetch_btm", "download_weights", "predict"}
+
+
+def job_stats(output: str) -> dict[str, int]:
+    """Job counts per rule from the first "Job stats:" table of a Snakemake run."""
+    table = output.split("Job stats:", 1)[1].split("\ntotal", 1)[0]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.MULTILINE)}
+
+
+def dry_run(tmp_path: Path, *args: str):
+    return snakemake("-n", "--cores", "2", *args, "--config", f"results_dir={tmp_path}/results")
+
+
+@pytest.mark.parametrize("config", [PAPER, DEMO], ids=["paper", "demo"])
+def test_lint_is_clean(config):
+    result = snakemake("--lint", "--configfile", str(config))
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+    assert "Congratulations, your workflow is in a good condition!" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        # 3 pretrained backbones + 1 pretrained encoder (deeplabv3plus/resnet101) to download;
+        # 2 architectures x 5 folds.
+        (PAPER, {"download_weights": 4, "train_classifier": 3, "train_segmenter": 10,
+                 "evaluate_segmenter": 10, "evaluate_classifier": 4, "report": 1}),
+        # Nothing pretrained; 2 architectures x 3 folds.
+        (DEMO, {"train_classifier": 3, "train_segmenter": 6, "evaluate_segmenter": 6,
+                "evaluate_classifier": 4, "segmentation_fold_ensemble": 2, "report": 1}),
+    ],
+    ids=["paper", "demo"],
+)  # fmt: skip
+def test_dry_run_resolves_the_whole_dag(tmp_path, config, expected):
+    result = dry_run(tmp_path, "--configfile", str(config))
+    assert result.returncode == 0, result.stderr[-5000:]
+    stats = job_stats(result.stdout + result.stderr)
+    for rule, count in expected.items():
+        assert stats.get(rule) == count, (rule, stats)
+    for rule in ("fetch_lgg", "fetch_btm", "preprocess_lgg", "split", "cascade", "all"):
+        assert stats.get(rule) == 1, (rule, stats)
+    if "download_weights" not in expected:
+        assert "download_weights" not in stats
+    assert not (tmp_path / "results").exists(), "a dry run wrote results"
+
+
+def modified_demo(tmp_path: Path, change) -> Path:
+    config = yaml.safe_load(DEMO.read_text())
+    change(config)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+INVALID_CONFIGS = {
+    # name: (change to config/demo.yaml, text the error must contain)
+    "unknown key": (
+        lambda c: c["split"].update(fold=3),
+        "Additional properties are not allowed ('fold' was unexpected)",
+    ),
+    "wrong type": (
+        lambda c: c["classification"].update(epochs="ten"),
+        "On instance['classification']['epochs']",
+    ),
+    "unknown backbone": (
+        lambda c: c["classification"]["backbones"].append("resnet_5000"),
+        "classification.backbones.resnet_5000: timm has no model named 'resnet_5000'",
+    ),
+    "more folds than patients": (
+        lambda c: c["split"].update(folds=11),
+        "split.folds: 11 folds need at least 11 training patients, "
+        "but data.synthetic.patients=12 leaves 10",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", INVALID_CONFIGS)
+def test_invalid_config_fails_the_dry_run_naming_the_key(tmp_path, name):
+    change, message = INVALID_CONFIGS[name]
+    result = dry_run(tmp_path, "--configfile", str(modified_demo(tmp_path, change)))
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert message in output, output[-3000:]
+    assert "Building DAG of jobs" not in output
+    assert not (tmp_path / "results").exists()
+
+
+def test_the_valid_demo_copy_passes(tmp_path):
+    """The same copy mechanism without a change: the failures above come from the changes."""
+    result = dry_run(tmp_path, "--configfile", str(modified_demo(tmp_path, lambda c: None)))
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+# --- profiles ---------------------------------------------------------------------------------
+
+
+def rules_text() -> str:
+    return "\n".join(path.read_text() for path in sorted((REPO / "rules").glob("*.smk")))
+
+
+def test_gpu_rules_and_local_rules_are_the_documented_ones():
+    text = rules_text()
+    gpu = set()
+    for name, body in re.findall(r"^rule (\w+):\n((?:[ \t]+.*\n|\n)*)", text, re.MULTILINE):
+        if re.search(r"^\s+gpu=1,$", body, re.MULTILINE):
+            gpu.add(name)
+    assert gpu == GPU_RULES
+    local = set()
+    for block in re.findall(r"^localrules:\n((?:[ \t]+.*\n)+)", text, re.MULTILINE):
+        local.update(re.findall(r"(\w+),", block))
+    assert local == LOCAL_RULES
+
+
+def test_workflow_profile_does_not_shadow_the_slurm_profile():
+    """Snakemake reads profiles/default next to --profile profiles/slurm and it wins per key."""
+    default = yaml.safe_load(DEFAULT_PROFILE.read_text())
+    slurm = yaml.safe_load(SLURM_PROFILE.read_text())
+    assert default["cores"] == "all" and default["rerun-incomplete"] is True
+    for key in ("default-resources", "set-resources", "set-threads", "resources", "executor"):
+        assert key not in default, key
+    for key, value in default.items():
+        if key in slurm:
+            assert slurm[key] == value, f"profiles/default sets {key}={value}, slurm {slurm[key]}"
+
+
+def test_slurm_profile_uses_only_options_the_plugin_has():
+    from snakemake_executor_plugin_slurm import ExecutorSettings
+
+    settings = {"slurm-" + f.name.replace("_", "-") for f in dataclasses.fields(ExecutorSettings)}
+    profile = yaml.safe_load(SLURM_PROFILE.read_text())
+    assert profile["executor"] == "slurm"
+    plugin_keys = {key for key in profile if key.startswith("slurm-")}
+    assert plugin_keys <= settings, plugin_keys - settings
+    assert profile["slurm-status-command"] in {"sacct", "squeue"}
+    defaults = profile["default-resources"]
+    assert {"slurm_partition", "slurm_account", "runtime", "mem_mb", "cpus_per_task"} <= set(
+        defaults
+    )
+    # Every GPU rule has its knobs; a GPU is asked for with gpu/gpu_model, never with gres.
+    assert set(profile["set-resources"]) == GPU_RULES
+    for rule, resources in profile["set-resources"].items():
+        assert {"slurm_partition", "gpu_model", "runtime", "mem_mb"} <= set(resources), rule
+    for resources in [defaults, *profile["set-resources"].values()]:
+        assert "gres" not in resources
+
+
+def test_slurm_profile_dry_run_gives_gpu_rules_a_gpu(tmp_path):
+    result = snakemake(
+        "-n", "--profile", "profiles/slurm", "--configfile", str(DEMO),
+        "--config", f"results_dir={tmp_path}/results",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-5000:]
+    output = result.stdout + result.stderr
+    assert "profiles/slurm and workflow specific profile profiles/default" in output
+    jobs = re.findall(r"^rule (\w+):\n(.*?)(?=^\[|\Z)", output, re.MULTILINE | re.DOTALL)
+    seen = set()
+    for rule, body in jobs:
+        resources = re.search(r"^\s+resources: (.*)$", body, re.MULTILINE)
+        if resources is None:
+            continue
+        resources = resources[1]
+        seen.add(rule)
+        assert ("gpu=1" in resources.split(", ")) == (rule in GPU_RULES), (rule, resources)
+        assert "gres" not in resources
+        assert "runtime=" in resources and "mem_mb=" in resources, (rule, resources)
+        if rule == "train_classifier":
+            assert "runtime=240" in resources and "mem_mb=16000" in resources
+    assert {"train_classifier", "train_segmenter", "evaluate_segmenter", "split"} <= seen
