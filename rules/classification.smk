@@ -9,10 +9,10 @@ rule download_weights:
     """ImageNet weights into the local cache, where the network is (never inside a GPU job)."""
     output:
         str(WEIGHTS / "{library}" / "{name}.safetensors"),
-    wildcard_constraints:
-        library="timm|smp",
     log:
         str(WEIGHTS / "logs" / "{library}_{name}.log"),
+    wildcard_constraints:
+        library="timm|smp",
     conda:
         "../envs/training.yaml"
     shell:
@@ -32,21 +32,21 @@ rule train_classifier:
         checkpoint=results("classification/{backbone}/model.pt"),
         history=results("classification/{backbone}/history.csv"),
         predictions=results("classification/{backbone}/test_predictions.csv"),
-    params:
-        settings=classifier_settings,
-        data_dir=lambda wildcards, input: os.path.dirname(input.manifest),
-        seed=config["seed"],
-    threads: 4
-    resources:
-        gpu=1,
-        mem_mb=16000,
-        runtime=240,
     log:
         results("logs/classification/{backbone}.log"),
     benchmark:
         results("benchmarks/classification/{backbone}.tsv")
     conda:
         "../envs/training.yaml"
+    threads: 4
+    resources:
+        gpu=1,
+        mem_mb=16000,
+        runtime=240,
+    params:
+        settings=classifier_settings,
+        data_dir=lambda wildcards, input: os.path.dirname(input.manifest),
+        seed=config["seed"],
     shell:
         "$PYTHON $SCRIPTS/train_classifier.py --backbone {wildcards.backbone}"
         " --settings {params.settings:q} --manifest {input.manifest} --splits {input.splits}"
@@ -59,16 +59,17 @@ rule ensemble_classifiers:
     """Majority vote (or soft vote) of the backbones' test predictions."""
     input:
         expand(
-            results("classification/{backbone}/test_predictions.csv"), backbone=BACKBONES
+            results("classification/{backbone}/test_predictions.csv"),
+            backbone=BACKBONES,
         ),
     output:
         results("classification/ensemble/test_predictions.csv"),
-    params:
-        method=config["classification"]["ensemble"],
     log:
         results("logs/classification/ensemble.log"),
     conda:
         "../envs/evaluation.yaml"
+    params:
+        method=config["classification"]["ensemble"],
     shell:
         "$PYTHON $SCRIPTS/ensemble_classifiers.py --method {params.method}"
         " --predictions {input} --output {output} > {log} 2>&1"
@@ -99,12 +100,12 @@ rule evaluate_classifier:
             subcategory="{model}",
             caption="../report/errors.rst",
         ),
-    params:
-        data_dir=lambda wildcards, input: os.path.dirname(input.manifest),
     log:
         results("logs/classification/evaluate_{model}.log"),
     conda:
         "../envs/evaluation.yaml"
+    params:
+        data_dir=lambda wildcards, input: os.path.dirname(input.manifest),
     shell:
         "$PYTHON $SCRIPTS/evaluate_classifier.py --model {wildcards.model}"
         " --predictions {input.predictions} --manifest {input.manifest}"

@@ -16,7 +16,6 @@ min_version("9.0")
 sys.path.insert(0, workflow.basedir)
 from brainmri.config import model_names, preflight, training_settings  # noqa: E402
 
-
 validate(config, schema="../config/schema.yaml", set_default=True)
 # Cross-key checks (they import timm and smp: seconds) once, in the main process; the jobs
 # of a cluster run, which read the workflow again, skip them.

@@ -12,16 +12,16 @@ rule fetch_lgg:
     output:
         folder=directory(results("raw/lgg-mri-segmentation")),
         checksums=results("raw/lgg-mri-segmentation.sha256.tsv"),
+    log:
+        results("logs/data/fetch_lgg.log"),
+    conda:
+        "../envs/data.yaml"
     params:
         source=config["data"]["source"],
         local_dir=config["data"]["local_dir"] or "",
         synthetic=as_json(config["data"]["synthetic"]),
         extraction=as_json(config["data"]["extraction"]),
         seed=config["seed"],
-    log:
-        results("logs/data/fetch_lgg.log"),
-    conda:
-        "../envs/data.yaml"
     shell:
         "$PYTHON $SCRIPTS/fetch_dataset.py --dataset lgg-mri-segmentation"
         " --source {params.source} --local-dir={params.local_dir:q}"
@@ -35,16 +35,16 @@ rule fetch_btm:
     output:
         folder=directory(results("raw/brain-tumor-mri-dataset")),
         checksums=results("raw/brain-tumor-mri-dataset.sha256.tsv"),
+    log:
+        results("logs/data/fetch_btm.log"),
+    conda:
+        "../envs/data.yaml"
     params:
         source=config["data"]["source"],
         local_dir=config["data"]["local_dir"] or "",
         synthetic=as_json(config["data"]["synthetic"]),
         extraction=as_json(config["data"]["extraction"]),
         seed=config["seed"],
-    log:
-        results("logs/data/fetch_btm.log"),
-    conda:
-        "../envs/data.yaml"
     shell:
         "$PYTHON $SCRIPTS/fetch_dataset.py --dataset brain-tumor-mri-dataset"
         " --source {params.source} --local-dir={params.local_dir:q}"
@@ -62,18 +62,18 @@ rule preprocess_lgg:
         images=results("data/lgg/images.npy"),
         masks=results("data/lgg/masks.npy"),
         manifest=results("data/lgg/manifest.csv"),
-    params:
-        image_size=config["data"]["image_size"],
-    threads: 2
-    resources:
-        mem_mb=4000,
-        runtime=30,
     log:
         results("logs/data/preprocess_lgg.log"),
     benchmark:
         results("benchmarks/data/preprocess_lgg.tsv")
     conda:
         "../envs/data.yaml"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    params:
+        image_size=config["data"]["image_size"],
     shell:
         "$PYTHON $SCRIPTS/preprocess.py lgg --raw-dir {input} --image-size {params.image_size}"
         " --png-dir {output.png} --images {output.images} --masks {output.masks}"
@@ -88,18 +88,18 @@ rule preprocess_btm:
         png=directory(results("data/btm/png")),
         images=results("data/btm/images.npy"),
         manifest=results("data/btm/manifest.csv"),
-    params:
-        image_size=config["data"]["image_size"],
-    threads: 2
-    resources:
-        mem_mb=4000,
-        runtime=30,
     log:
         results("logs/data/preprocess_btm.log"),
     benchmark:
         results("benchmarks/data/preprocess_btm.tsv")
     conda:
         "../envs/data.yaml"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    params:
+        image_size=config["data"]["image_size"],
     shell:
         "$PYTHON $SCRIPTS/preprocess.py btm --raw-dir {input} --image-size {params.image_size}"
         " --png-dir {output.png} --images {output.images}"
@@ -129,6 +129,10 @@ rule split:
     output:
         splits=results("splits/splits.csv"),
         summary=results("splits/summary.tsv"),
+    log:
+        results("logs/data/split.log"),
+    conda:
+        "../envs/data.yaml"
     params:
         level=config["split"]["level"],
         test_fraction=config["split"]["test_fraction"],
@@ -136,10 +140,6 @@ rule split:
         folds=config["split"]["folds"],
         use_second_dataset=config["classification"]["use_second_dataset"],
         seed=config["seed"],
-    log:
-        results("logs/data/split.log"),
-    conda:
-        "../envs/data.yaml"
     shell:
         "$PYTHON $SCRIPTS/make_splits.py --manifest {input} --level {params.level}"
         " --test-fraction {params.test_fraction} --val-fraction {params.val_fraction}"

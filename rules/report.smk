@@ -23,14 +23,14 @@ rule cascade:
             category="Cascade",
             caption="../report/cascade.rst",
         ),
-    params:
-        threshold=config["segmentation"]["threshold"],
-        architecture=config["cascade"]["architecture"],
-    threads: 2
     log:
         results("logs/cascade.log"),
     conda:
         "../envs/evaluation.yaml"
+    threads: 2
+    params:
+        threshold=config["segmentation"]["threshold"],
+        architecture=config["cascade"]["architecture"],
     shell:
         "$PYTHON $SCRIPTS/cascade.py --classifier {input.classifier}"
         " --probabilities {input.probabilities} --architecture {params.architecture}"
@@ -63,13 +63,13 @@ rule report:
             caption="../report/report.rst",
         ),
         metrics=results("report/metrics.json"),
-    params:
-        results_dir=lambda wildcards, output: str(Path(output.metrics).parents[1]),
-        config=as_json(config),
     log:
         results("logs/report.log"),
     conda:
         "../envs/evaluation.yaml"
+    params:
+        results_dir=lambda wildcards, output: str(Path(output.metrics).parents[1]),
+        config=as_json(config),
     shell:
         "$PYTHON $SCRIPTS/make_report.py --results-dir {params.results_dir}"
         " --config {params.config:q} --html {output.html} --metrics {output.metrics}"
@@ -84,29 +84,31 @@ rule predict_new_images:
             results("classification/{backbone}/model.pt"), backbone=BACKBONES
         ),
         segmenters=expand(
-            results(f"segmentation/{config['cascade']['architecture']}/fold{{fold}}/model.pt"),
+            results(
+                f"segmentation/{config['cascade']['architecture']}/fold{{fold}}/model.pt"
+            ),
             fold=FOLDS,
         ),
     output:
         csv=results("predict/predictions.csv"),
         masks=directory(results("predict/masks")),
         overlays=directory(results("predict/overlays")),
-    params:
-        results_dir=lambda wildcards, output: str(Path(output.csv).parents[1]),
-        architecture=config["cascade"]["architecture"],
-        method=config["classification"]["ensemble"],
-        threshold=config["segmentation"]["threshold"],
-    threads: 2
-    resources:
-        gpu=1,
-        mem_mb=8000,
-        runtime=60,
     log:
         results("logs/predict.log"),
     benchmark:
         results("benchmarks/predict.tsv")
     conda:
         "../envs/training.yaml"
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=8000,
+        runtime=60,
+    params:
+        results_dir=lambda wildcards, output: str(Path(output.csv).parents[1]),
+        architecture=config["cascade"]["architecture"],
+        method=config["classification"]["ensemble"],
+        threshold=config["segmentation"]["threshold"],
     shell:
         "$PYTHON $SCRIPTS/predict.py --input-dir {input.images:q}"
         " --results-dir {params.results_dir} --architecture {params.architecture}"

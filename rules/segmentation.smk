@@ -12,21 +12,21 @@ rule train_segmenter:
     output:
         checkpoint=results("segmentation/{arch}/fold{fold}/model.pt"),
         history=results("segmentation/{arch}/fold{fold}/history.csv"),
-    params:
-        settings=segmenter_settings,
-        data_dir=lambda wildcards, input: os.path.dirname(input.manifest),
-        seed=config["seed"],
-    threads: 4
-    resources:
-        gpu=1,
-        mem_mb=16000,
-        runtime=180,
     log:
         results("logs/segmentation/{arch}_fold{fold}.log"),
     benchmark:
         results("benchmarks/segmentation/{arch}_fold{fold}.tsv")
     conda:
         "../envs/training.yaml"
+    threads: 4
+    resources:
+        gpu=1,
+        mem_mb=16000,
+        runtime=180,
+    params:
+        settings=segmenter_settings,
+        data_dir=lambda wildcards, input: os.path.dirname(input.manifest),
+        seed=config["seed"],
     shell:
         "$PYTHON $SCRIPTS/train_segmenter.py --arch {wildcards.arch} --fold {wildcards.fold}"
         " --settings {params.settings:q} --manifest {input.manifest} --splits {input.splits}"
@@ -48,20 +48,20 @@ rule evaluate_segmenter:
         test=results("segmentation/{arch}/fold{fold}/test_metrics.json"),
         per_slice=results("segmentation/{arch}/fold{fold}/per_slice.csv"),
         test_probs=results("segmentation/{arch}/fold{fold}/test_probabilities.npy"),
-    params:
-        data_dir=lambda wildcards, input: os.path.dirname(input.manifest),
-        threshold=config["segmentation"]["threshold"],
-    threads: 4
-    resources:
-        gpu=1,
-        mem_mb=8000,
-        runtime=60,
     log:
         results("logs/segmentation/evaluate_{arch}_fold{fold}.log"),
     benchmark:
         results("benchmarks/segmentation/evaluate_{arch}_fold{fold}.tsv")
     conda:
         "../envs/training.yaml"
+    threads: 4
+    resources:
+        gpu=1,
+        mem_mb=8000,
+        runtime=60,
+    params:
+        data_dir=lambda wildcards, input: os.path.dirname(input.manifest),
+        threshold=config["segmentation"]["threshold"],
     shell:
         "$PYTHON $SCRIPTS/evaluate_segmenter.py --checkpoint {input.checkpoint}"
         " --fold {wildcards.fold} --manifest {input.manifest} --splits {input.splits}"
@@ -85,13 +85,13 @@ rule segmentation_fold_ensemble:
         metrics=results("segmentation/{arch}/ensemble/test_metrics.json"),
         per_slice=results("segmentation/{arch}/ensemble/per_slice.csv"),
         probabilities=results("segmentation/{arch}/ensemble/test_probabilities.npy"),
-    params:
-        threshold=config["segmentation"]["threshold"],
-    threads: 2
     log:
         results("logs/segmentation/ensemble_{arch}.log"),
     conda:
         "../envs/evaluation.yaml"
+    threads: 2
+    params:
+        threshold=config["segmentation"]["threshold"],
     shell:
         "$PYTHON $SCRIPTS/segmentation_ensemble.py --probabilities {input.probabilities}"
         " --manifest {input.manifest} --splits {input.splits} --masks {input.masks}"
@@ -115,7 +115,8 @@ rule summarize_segmentation:
             fold=FOLDS,
         ),
         ensembles=expand(
-            results("segmentation/{arch}/ensemble/test_metrics.json"), arch=ARCHITECTURES
+            results("segmentation/{arch}/ensemble/test_metrics.json"),
+            arch=ARCHITECTURES,
         ),
         ensemble_probs=expand(
             results("segmentation/{arch}/ensemble/test_probabilities.npy"),
@@ -143,15 +144,15 @@ rule summarize_segmentation:
             category="Segmentation",
             caption="../report/overlays.rst",
         ),
+    log:
+        results("logs/segmentation/summary.log"),
+    conda:
+        "../envs/evaluation.yaml"
     params:
         results_dir=lambda wildcards, output: str(Path(output.summary).parents[1]),
         architectures=ARCHITECTURES,
         folds=len(FOLDS),
         seed=config["seed"],
-    log:
-        results("logs/segmentation/summary.log"),
-    conda:
-        "../envs/evaluation.yaml"
     shell:
         "$PYTHON $SCRIPTS/summarize_segmentation.py --results-dir {params.results_dir}"
         " --architectures {params.architectures} --folds {params.folds} --seed {params.seed}"
