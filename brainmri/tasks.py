@@ -107,6 +107,7 @@ def _run_fit(
         patience=job.settings.get("patience"),
         seed=job.seed,
         metric_name=metric_name,
+        lr_schedule=job.settings.get("lr_schedule", "constant"),
     )
     digest = settings_digest({"settings": job.settings, "seed": job.seed, "stage": stage})
     with _oom_hint(stage, job.settings["batch_size"]):

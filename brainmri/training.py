@@ -1,6 +1,7 @@
 """The training loop shared by classification and segmentation.
 
-Adam, early stopping on validation loss, best-validation-loss weights, a per-epoch history; on
+Adam (constant learning rate, or cosine annealing over the epochs), early stopping on validation
+loss, best-validation-loss weights, a per-epoch history; on
 CUDA mixed precision (bf16 where supported), channels_last and cudnn benchmark. Every epoch the
 whole state (model, optimizer, grad scaler, best weights, early-stopping counter, history, the
 global python/numpy/torch/CUDA RNG states) is saved atomically to ``<resume_dir>/state.pt`` (the
@@ -53,6 +54,7 @@ class FitSettings:
     patience: int | None = None
     seed: int = 42
     metric_name: str = "accuracy"
+    lr_schedule: str = "constant"  # constant | cosine (annealed to 0 over ``epochs``)
 
 
 @dataclass
@@ -210,6 +212,7 @@ def fit(
     optimizer = torch.optim.Adam(
         model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
     )
+    scheduler = make_scheduler(optimizer, settings)
     scaler = torch.amp.GradScaler(
         "cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported()
     )
@@ -226,6 +229,8 @@ def fit(
         best_epoch, stale, start = state["best_epoch"], state["stale"], state["epoch"] + 1
         if "scaler" in state:
             scaler.load_state_dict(state["scaler"])
+        if scheduler is not None and "scheduler" in state:
+            scheduler.load_state_dict(state["scheduler"])
         if "rng" in state:
             set_rng_states(state["rng"])
         log.info("Resuming after epoch %d (best val loss %.4f)", start, best_loss)
@@ -273,6 +278,8 @@ def fit(
                 "best": int(improved),
             }
             history.append(row)
+            if scheduler is not None:
+                scheduler.step()
             log.info(
                 "epoch %d/%d  train_loss %.4f  train_%s %.4f  val_loss %.4f  val_%s %.4f  %.1fs%s",
                 epoch + 1,
@@ -299,6 +306,7 @@ def fit(
                     "best_epoch": best_epoch,
                     "stale": stale,
                     "scaler": scaler.state_dict(),
+                    **({"scheduler": scheduler.state_dict()} if scheduler is not None else {}),
                     "rng": rng_states(device),
                     "generators": {"seed": settings.seed, "next_epoch": epoch + 1},
                 },
@@ -309,6 +317,17 @@ def fit(
         log.info("Early stopping: no improvement of the validation loss for %d epochs", stale)
     log.info("Best validation loss %.4f at epoch %d", best_loss, best_epoch + 1)
     return FitResult(best_state, best_epoch, best_loss, history)
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, settings: FitSettings
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The per-epoch learning-rate schedule of ``settings.lr_schedule`` (None: constant)."""
+    if settings.lr_schedule == "constant":
+        return None
+    if settings.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
+    raise ValueError(f"lr_schedule: unknown schedule {settings.lr_schedule!r}")
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pandas as pd
@@ -88,7 +89,15 @@ HISTORY_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_acc
 HISTORY_COLUMNS += ["lr", "seconds", "best"]
 
 
-def run_fit(tmp_path, model, epochs: int, lr: float, patience: int | None):
+def run_fit(
+    tmp_path,
+    model,
+    epochs: int,
+    lr: float,
+    patience: int | None,
+    lr_schedule: str = "constant",
+    stop_at_epoch: int | None = None,
+):
     torch.manual_seed(0)
     cpu = torch.device("cpu")
     configure_torch(cpu, 1)
@@ -96,10 +105,12 @@ def run_fit(tmp_path, model, epochs: int, lr: float, patience: int | None):
     val = Batches(*blobs(24, 32, 1), 16, cpu, 32)
 
     def train_batches(epoch):
+        if epoch == stop_at_epoch:
+            raise KeyboardInterrupt  # a job killed after the previous epoch was saved
         generator = epoch_generator(0, epoch)
         return train.epoch(torch.randperm(len(train), generator=generator).numpy(), generator)
 
-    settings = FitSettings(epochs=epochs, lr=lr, patience=patience, seed=0)
+    settings = FitSettings(epochs=epochs, lr=lr, patience=patience, seed=0, lr_schedule=lr_schedule)
     result = fit(
         model,
         F.cross_entropy,
@@ -137,6 +148,25 @@ def test_early_stopping_keeps_the_best_weights(tmp_path):
     assert [row["epoch"] for row in result.history] == [1, 2, 3]
     assert result.best_epoch == 0
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in result.best_state.items())
+
+
+def test_cosine_schedule_anneals_per_epoch_and_resumes_where_it_stopped(tmp_path):
+    def classifier():
+        torch.manual_seed(0)
+        return build_classifier({"backbone": "resnet10t", "pretrained": False})
+
+    model, result = run_fit(tmp_path / "a", classifier(), 4, 1e-3, None, "cosine")
+    expected = [1e-3 * (1 + math.cos(math.pi * epoch / 4)) / 2 for epoch in range(4)]
+    assert [row["lr"] for row in result.history] == pytest.approx(expected)
+    constant = run_fit(tmp_path / "c", classifier(), 2, 1e-3, None)[1]
+    assert [row["lr"] for row in constant.history] == [1e-3, 1e-3]
+
+    with pytest.raises(KeyboardInterrupt):
+        run_fit(tmp_path / "b", classifier(), 4, 1e-3, None, "cosine", stop_at_epoch=2)
+    resumed_model, resumed = run_fit(tmp_path / "b", classifier(), 4, 1e-3, None, "cosine")
+    assert [row["lr"] for row in resumed.history] == [row["lr"] for row in result.history]
+    state, resumed_state = model.state_dict(), resumed_model.state_dict()
+    assert all(torch.equal(state[key], resumed_state[key]) for key in state)
 
 
 def segmenter_settings(**overrides):
