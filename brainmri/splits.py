@@ -20,6 +20,7 @@ from brainmri.config import ConfigError
 log = logging.getLogger(__name__)
 
 SEARCH_TRIES = 4000
+MIN_VAL_PATIENTS = 2  # fewer: warn, the validation loss then follows one patient
 
 
 def _quotas(counts: pd.Series, n_pick: int) -> dict[str, int]:
@@ -118,6 +119,16 @@ def make_splits(
                 f"only {len(train_patients)} are left after the test split"
             )
         val_patients = set(pick_patients(train_patients, val_fraction, rng, "split.val_fraction"))
+        if len(val_patients) < MIN_VAL_PATIENTS:
+            log.warning(
+                "split.val_fraction: %s of %d training patients puts only %d patient(s) in the "
+                "classifiers' validation set: early stopping and the best checkpoint then follow "
+                "one patient's slices; raise split.val_fraction (e.g. %.2f) for so few patients",
+                val_fraction,
+                len(train_patients),
+                len(val_patients),
+                min(0.5, MIN_VAL_PATIENTS / len(train_patients) + 0.01),
+            )
         is_val = train["patient"].isin(val_patients)
         splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
         fold_iter = splitter.split(train, train["has_tumor"], groups=train["patient"])

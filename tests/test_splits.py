@@ -201,3 +201,17 @@ def test_script_output_is_byte_identical_for_the_same_seed(tmp_path, manifest):
     result = run("d", 7, "maybe")
     assert result.returncode == 2 and "expected True or False" in result.stderr
     assert not (tmp_path / "d").exists()
+
+
+def test_a_one_patient_validation_set_warns_and_names_the_key(caplog):
+    """10 patients: 8 train after the test split, 10 % of them is one validation patient."""
+    small = fake_manifest(patients=10, btm_per_class=4)
+    with caplog.at_level("WARNING", logger="brainmri.splits"):
+        make_splits(small, val_fraction=0.1, folds=2)
+    assert "split.val_fraction" in caplog.text and "only 1 patient(s)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="brainmri.splits"):
+        result = make_splits(small, val_fraction=0.25, folds=2)
+    assert caplog.text == ""
+    val = result[result["cls_split"] == "val"]["id"]
+    assert small.set_index("id").loc[val[val.str.startswith("TCGA")], "patient"].nunique() == 2
