@@ -84,8 +84,9 @@ class BenchOptions:
     encoder: str = "resnet18"
     image_size: int | None = None  # None: the data's size, else 128 (CPU) / 256 (CUDA)
     batch_size: int | None = None  # None: 16 (CPU) / 30 (CUDA)
-    warmup: int = 2
-    batches: int = 5
+    warmup: int = 3
+    batches: int = 8
+    repeats: int = 3  # rounds of limit / workflow / naive, medians reported
     threads: int = field(default_factory=available_cores)
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda
@@ -762,9 +763,60 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def median_of(values: list[Any]) -> Any:
+    """Element-wise median of equally shaped dicts of numbers (other values: the first)."""
+    first = values[0]
+    if isinstance(first, dict):
+        return {key: median_of([value[key] for value in values]) for key in first}
+    if isinstance(first, bool) or not isinstance(first, int | float):
+        return first
+    return float(np.median(values)) if isinstance(first, float) else int(np.median(values))
+
+
+def measure_task(
+    task: str,
+    settings: dict[str, Any],
+    data: DataPaths,
+    device: torch.device,
+    options: BenchOptions,
+) -> dict[str, Any]:
+    """``options.repeats`` rounds of limit, workflow (and naive) loops, back to back.
+
+    Each ratio is taken within a round (the loops it compares ran a few seconds apart, so a
+    busy neighbour or a clock change hits both) and the median over the rounds is reported,
+    with the range; the images/s are medians too. Every round is kept in ``rounds``.
+    """
+    label = model_label(task, settings)
+    rounds = []
+    for index in range(options.repeats):
+        log.info("%s %s: round %d/%d", task, label, index + 1, options.repeats)
+        args = (task, settings, device, options.warmup, options.batches, options.seed)
+        limit = limit_throughput(*args)
+        flow = workflow_throughput(task, settings, data, *args[2:])
+        one: dict[str, Any] = {
+            "limit": limit,
+            "workflow": flow,
+            "train_ratio": flow["train_ips"] / limit["train_ips"],
+            "infer_ratio": flow["infer_ips"] / limit["infer_ips"],
+        }
+        if options.naive:
+            naive = naive_throughput(task, settings, data, *args[2:], options.threads)
+            one["naive"] = naive
+            one["speedup_vs_naive"] = flow["train_ips"] / naive["train_ips"]
+        rounds.append(one)
+    entry = median_of(rounds)
+    entry["model"] = label
+    for key in ("train_ratio", "infer_ratio", "speedup_vs_naive"):
+        if key in entry:
+            values = [one[key] for one in rounds]
+            entry[key + "_range"] = [min(values), max(values)]
+    entry["rounds"] = rounds
+    return entry
+
+
 def run_benchmark(options: BenchOptions, workdir: Path | None = None) -> dict[str, Any]:
     """Every measurement of the benchmark; the report as a JSON-able dict."""
-    for name in ("warmup", "batches", "threads", "metric_slices"):
+    for name in ("warmup", "batches", "repeats", "threads", "metric_slices"):
         if getattr(options, name) < (0 if name == "warmup" else 1):
             raise ValueError(f"--{name.replace('_', '-')}: must be positive")
     device = resolve_device(options.device)
@@ -802,33 +854,7 @@ def run_benchmark(options: BenchOptions, workdir: Path | None = None) -> dict[st
         }
         for task in options.tasks:
             settings = model_settings(options.config, task, options, size, batch)
-            label = model_label(task, settings)
-            log.info("%s %s: limit", task, label)
-            limit = limit_throughput(
-                task, settings, device, options.warmup, options.batches, options.seed
-            )
-            log.info("%s %s: the workflow's fit()", task, label)
-            flow = workflow_throughput(
-                task, settings, data, device, options.warmup, options.batches, options.seed
-            )
-            entry: dict[str, Any] = {"model": label, "limit": limit, "workflow": flow}
-            entry["train_ratio"] = flow["train_ips"] / limit["train_ips"]
-            entry["infer_ratio"] = flow["infer_ips"] / limit["infer_ips"]
-            if options.naive:
-                log.info("%s %s: naive PNG + torchvision loop", task, label)
-                naive = naive_throughput(
-                    task,
-                    settings,
-                    data,
-                    device,
-                    options.warmup,
-                    options.batches,
-                    options.seed,
-                    options.threads,
-                )
-                entry["naive"] = naive
-                entry["speedup_vs_naive"] = flow["train_ips"] / naive["train_ips"]
-            report["tasks"][task] = entry
+            report["tasks"][task] = measure_task(task, settings, data, device, options)
         report["preprocessing"] = _preprocessing_entry(data, size, options.threads)
         masks = np.load(data.data_dir / "lgg" / "masks.npy", mmap_mode="r")
         log.info("Segmentation metrics on %d slices", options.metric_slices)
@@ -952,6 +978,15 @@ def _f(value: float | None, digits: int = 1) -> str:
     return f"{value:.{digits}f}"
 
 
+def _ratio(entry: dict[str, Any], key: str) -> str:
+    """A ratio with its range over the rounds, e.g. ``0.93 (0.91-0.95)``."""
+    value = _f(entry.get(key), 2)
+    low_high = entry.get(key + "_range")
+    if value == "n/a" or not low_high or low_high[0] == low_high[1]:
+        return value
+    return f"{value} ({_f(low_high[0], 2)}-{_f(low_high[1], 2)})"
+
+
 def machine_line(machine: dict[str, Any]) -> str:
     return (
         f"Machine: {machine['cpu']}, {machine['cores']} cores ({machine['usable_cores']} usable, "
@@ -970,7 +1005,8 @@ def format_markdown(report: dict[str, Any]) -> str:
         lines += [
             f"Data: {data['source']}; image size {data['image_size']} px, batch size "
             f"{data['batch_size']}, {options['warmup']} warm-up + {options['batches']} timed "
-            f"batches, seed {options['seed']}.",
+            f"batches per loop, median of {options.get('repeats', 1)} rounds (ratios: median "
+            f"(min-max) of the per-round ratios), seed {options['seed']}.",
             "",
             "## Throughput (images/s)",
             "",
@@ -982,10 +1018,10 @@ def format_markdown(report: dict[str, Any]) -> str:
             limit, flow, naive = entry["limit"], entry["workflow"], entry.get("naive") or {}
             lines.append(
                 f"| {task} | {entry['model']} | {_f(limit['train_ips'])} | "
-                f"{_f(flow['train_ips'])} | {_f(entry['train_ratio'], 2)} | "
-                f"{_f(naive.get('train_ips'))} | {_f(entry.get('speedup_vs_naive'), 2)} | "
+                f"{_f(flow['train_ips'])} | {_ratio(entry, 'train_ratio')} | "
+                f"{_f(naive.get('train_ips'))} | {_ratio(entry, 'speedup_vs_naive')} | "
                 f"{_f(limit['infer_ips'])} | {_f(flow['infer_ips'])} | "
-                f"{_f(entry['infer_ratio'], 2)} |"
+                f"{_ratio(entry, 'infer_ratio')} |"
             )
         lines += [
             "",

@@ -14,6 +14,7 @@ from helpers import run_script
 from brainmri.benchmark import (
     Phase,
     format_markdown,
+    median_of,
     metric_inputs,
     run_scaling,
     timed,
@@ -22,7 +23,7 @@ from brainmri.metrics import slice_cases
 
 TINY = [
     "--classifier", "resnet10t", "--batch-size", "4", "--warmup", "1",
-    "--batches", "2", "--threads", "1", "--device", "cpu", "--patients", "8",
+    "--batches", "2", "--repeats", "2", "--threads", "1", "--device", "cpu", "--patients", "8",
     "--slices-per-patient", "6", "--images-per-class", "4", "--metric-slices", "64",
 ]  # fmt: skip
 
@@ -68,8 +69,18 @@ def test_report_fields_are_finite_and_positive(tiny_report):
             entry["speedup_vs_naive"],
         ):
             assert _positive(value)
-        assert entry["train_ratio"] == pytest.approx(flow["train_ips"] / limit["train_ips"])
-        assert entry["speedup_vs_naive"] == pytest.approx(flow["train_ips"] / naive["train_ips"])
+        assert limit["train_ips"] == pytest.approx(
+            float(np.median([one["limit"]["train_ips"] for one in entry["rounds"]]))
+        )
+        # two rounds, each with its own ratio; the reported ratio is their median
+        assert len(entry["rounds"]) == 2
+        ratios = [one["train_ratio"] for one in entry["rounds"]]
+        assert entry["train_ratio"] == pytest.approx(float(np.median(ratios)))
+        assert entry["train_ratio_range"] == [min(ratios), max(ratios)]
+        for one in entry["rounds"]:
+            assert one["train_ratio"] == pytest.approx(
+                one["workflow"]["train_ips"] / one["limit"]["train_ips"]
+            )
         # exactly the timed batches went through fit(): 2 batches of 4 images
         assert flow["train_images"] == 8
         assert flow["val_images"] >= 4
@@ -181,3 +192,12 @@ def test_scaling_rejects_bad_arguments(tmp_path):
     config.write_text("results_dir: x\n")
     with pytest.raises(ValueError, match="positive"):
         run_scaling([0], False, 1, config)
+
+
+def test_median_of_takes_the_median_of_every_number_and_keeps_the_rest():
+    rounds = [
+        {"ips": 10.0, "images": 8, "name": "a", "parts": {"step_s": 3.0}},
+        {"ips": 30.0, "images": 8, "name": "b", "parts": {"step_s": 1.0}},
+        {"ips": 20.0, "images": 8, "name": "c", "parts": {"step_s": 2.0}},
+    ]
+    assert median_of(rounds) == {"ips": 20.0, "images": 8, "name": "a", "parts": {"step_s": 2.0}}

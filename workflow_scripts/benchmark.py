@@ -45,6 +45,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=defaults.warmup, help="warm-up batches")
     parser.add_argument("--batches", type=int, default=defaults.batches, help="timed batches")
     parser.add_argument(
+        "--repeats", type=int, default=defaults.repeats, help="rounds per task (medians reported)"
+    )
+    parser.add_argument(
         "--threads", type=int, default=available_cores(), help="torch threads, loader workers"
     )
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -89,6 +92,7 @@ def main() -> None:
             batch_size=args.batch_size,
             warmup=args.warmup,
             batches=args.batches,
+            repeats=args.repeats,
             threads=args.threads,
             seed=args.seed,
             device=args.device,
