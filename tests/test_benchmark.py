@@ -84,12 +84,14 @@ def test_report_fields_are_finite_and_positive(tiny_report):
         # exactly the timed batches went through fit(): 2 batches of 4 images
         assert flow["train_images"] == 8
         assert flow["val_images"] >= 4
-        parts = flow["breakdown"]
-        assert all(parts[key] >= 0 for key in parts)
-        assert _positive(parts["step_s"])
-        summed = sum(parts[k] for k in ("data_load_s", "augment_s", "step_s", "eval_s", "other_s"))
-        # the parts add up to the epoch time fit() recorded (rounded to ms)
-        assert summed == pytest.approx(parts["epoch_s"], abs=5e-3)
+        for parts in [one["workflow"]["breakdown"] for one in entry["rounds"]]:
+            assert all(parts[key] >= 0 for key in parts)
+            assert _positive(parts["step_s"])
+            loop = parts["data_load_s"] + parts["augment_s"] + parts["step_s"]
+            assert parts["data_share"] == pytest.approx((loop - parts["step_s"]) / loop)
+            parts_sum = ("data_load_s", "augment_s", "step_s", "eval_s", "other_s")
+            # the parts add up to the epoch time fit() recorded (rounded to ms)
+            assert sum(parts[k] for k in parts_sum) == pytest.approx(parts["epoch_s"], abs=5e-3)
     pre = report["preprocessing"]
     assert pre["slices"] == report["data"]["timings"]["lgg_slices"] > 0
     assert _positive(pre["slices_per_s"])
