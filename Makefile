@@ -36,7 +36,7 @@ format: $(STAMP)
 	$(BIN)/snakefmt Snakefile rules/
 
 bench: $(STAMP)
-	$(BIN)/python workflow_scripts/benchmark.py --output results/bench/benchmark.md --scaling 10 20 40
+	$(BIN)/python bench/run_benchmark.py --output results/bench/benchmark.md --scaling 10 20 40
 
 clean-demo:
 	rm -rf results/demo

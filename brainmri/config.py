@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from brainmri.errors import ConfigError
+
 STAGE_KEYS = {
     "classification": (
         "pretrained",
@@ -32,10 +34,6 @@ STAGE_KEYS = {
         "threshold",
     ),
 }
-
-
-class ConfigError(ValueError):
-    """An invalid configuration; the message names the offending key."""
 
 
 def _entries(config: dict[str, Any], stage: str) -> list[dict[str, Any]]:

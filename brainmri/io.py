@@ -15,9 +15,7 @@ from typing import Any
 
 import numpy as np
 
-
-class InputError(RuntimeError):
-    """Bad input data; the message names the file and the problem."""
+from brainmri.errors import InputError
 
 
 @contextlib.contextmanager

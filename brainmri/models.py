@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from brainmri.io import InputError, atomic_path
+from brainmri.errors import InputError
+from brainmri.io import atomic_path
 
 CHECKPOINT_FORMAT = "brainmri-checkpoint-v1"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -158,7 +159,7 @@ def check_classifier_config(settings: dict[str, Any], key: str) -> None:
     """Raise ConfigError (naming ``key``) if timm cannot build this backbone at this size."""
     import timm
 
-    from brainmri.config import ConfigError
+    from brainmri.errors import ConfigError
 
     name = settings["backbone"]
     if not timm.is_model(name):
@@ -190,7 +191,7 @@ def check_segmenter_config(settings: dict[str, Any], key: str) -> None:
     """Raise ConfigError (naming ``key``) if smp cannot build this architecture/encoder/size."""
     import segmentation_models_pytorch as smp
 
-    from brainmri.config import ConfigError
+    from brainmri.errors import ConfigError
 
     arch = settings["arch"]
     if arch.lower() not in smp.MODEL_ARCHITECTURES_MAPPING:

@@ -14,7 +14,7 @@ min_version("9.0")
 
 # The workflow's own package (brainmri/) sits beside the Snakefile.
 sys.path.insert(0, workflow.basedir)
-from brainmri.config import model_names, preflight, training_settings  # noqa: E402
+from brainmri.config import model_names, preflight, training_settings
 
 validate(config, schema="../config/schema.yaml", set_default=True)
 # Cross-key checks (they import timm and smp: seconds) once, in the main process; the jobs

@@ -47,7 +47,7 @@ rule report:
         segmentation_targets(),
         results("cascade/metrics.json"),
         # The report's own code: editing it rebuilds the report and nothing else.
-        code=[SCRIPTS / "make_report.py", PACKAGE / "report.py"],
+        code=[SCRIPTS / "make_report.py", PACKAGE / "reporting" / "report.py"],
         histories=expand(
             results("classification/{backbone}/history.csv"), backbone=BACKBONES
         )

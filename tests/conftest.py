@@ -55,11 +55,11 @@ FIXTURE_SETTINGS = {
 
 def build_preprocessed_data(root: Path, **overrides: int) -> PreprocessedData:
     """Run the data stage on synthetic data into ``root`` (see FIXTURE_SETTINGS)."""
-    from brainmri.archives import ExtractionLimits, extract_archive
+    from brainmri.data.archives import ExtractionLimits, extract_archive
+    from brainmri.data.preprocess import merge_manifests, preprocess_btm, preprocess_lgg
+    from brainmri.data.splits import make_splits, split_summary
+    from brainmri.data.synthetic import write_btm_archive, write_lgg_archive
     from brainmri.io import write_csv
-    from brainmri.preprocess import merge_manifests, preprocess_btm, preprocess_lgg
-    from brainmri.splits import make_splits, split_summary
-    from brainmri.synthetic import write_btm_archive, write_lgg_archive
 
     settings = {**FIXTURE_SETTINGS, **overrides}
     size, seed = settings["image_size"], settings["seed"]

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from brainmri import archives
-from brainmri.archives import ExtractionLimits, UnsafeArchiveError, copy_tree, extract_archive
-from brainmri.io import InputError
+from brainmri.data import archives
+from brainmri.data.archives import ExtractionLimits, UnsafeArchiveError, copy_tree, extract_archive
+from brainmri.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 REGULAR = stat.S_IFREG | 0o644

@@ -11,21 +11,17 @@ import pytest
 import torch
 from helpers import run_script
 
-from brainmri.benchmark import (
-    Phase,
-    format_markdown,
-    median_of,
-    metric_inputs,
-    run_scaling,
-    timed,
-)
-from brainmri.metrics import slice_cases
+from bench.benchmark import Phase, format_markdown, median_of, metric_inputs, run_scaling, timed
+from brainmri.evaluation.segmentation import slice_cases
 
 TINY = [
     "--classifier", "resnet10t", "--batch-size", "4", "--warmup", "1",
     "--batches", "2", "--repeats", "2", "--threads", "1", "--device", "cpu", "--patients", "8",
     "--slices-per-patient", "6", "--images-per-class", "4", "--metric-slices", "64",
 ]  # fmt: skip
+
+
+BENCH = "../bench/run_benchmark.py"  # run_script runs workflow_scripts/<name>
 
 
 def _positive(value) -> bool:
@@ -36,7 +32,7 @@ def _positive(value) -> bool:
 def tiny_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     result = run_script(
-        "benchmark.py",
+        BENCH,
         "--output",
         out / "bench.md",
         *TINY,
@@ -117,7 +113,7 @@ def test_existing_data_dir(preprocessed_data, tmp_path):
     """--data-dir: the workflow's data folder as is (64 px); preprocessing timed on raw/."""
     output = tmp_path / "bench.md"
     result = run_script(
-        "benchmark.py", "--output", output, *TINY, "--data-dir", preprocessed_data.data_dir,
+        BENCH, "--output", output, *TINY, "--data-dir", preprocessed_data.data_dir,
         "--tasks", "classification", "--no-naive", env={"OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -136,7 +132,13 @@ def test_existing_data_dir(preprocessed_data, tmp_path):
 def test_missing_data_dir_is_a_clear_error(tmp_path):
     output = tmp_path / "bench.md"
     result = run_script(
-        "benchmark.py", "--output", output, "--data-dir", tmp_path / "nowhere", "--device", "cpu"
+        BENCH,
+        "--output",
+        output,
+        "--data-dir",
+        tmp_path / "nowhere",
+        "--device",
+        "cpu",
     )
     assert result.returncode == 1
     assert "nowhere/manifest.csv: not found" in result.stderr

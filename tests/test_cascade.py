@@ -7,8 +7,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from brainmri.cascade import comparison_table, detection, gate_from_classifier, run_cascade
-from brainmri.io import InputError
+from brainmri.errors import InputError
+from brainmri.evaluation.cascade import (
+    comparison_table,
+    detection,
+    gate_from_classifier,
+    run_cascade,
+)
 
 
 def square(top: int, left: int, size: int = 2, shape: int = 6) -> np.ndarray:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import run_script
 
-from brainmri.io import InputError
+from brainmri.errors import InputError
 from brainmri.models import (
     WeightsError,
     build_classifier,
@@ -18,7 +18,7 @@ from brainmri.models import (
     safe_torch_load,
     save_checkpoint,
 )
-from brainmri.training import _load_resume_state
+from brainmri.training.loop import _load_resume_state
 
 CLASSIFIER = {"backbone": "resnet10t", "name": "resnet10t", "image_size": 64, "pretrained": False}
 SEGMENTER = {

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
 
-from brainmri.metrics import classification_metrics, fig3_table, vote
+from brainmri.evaluation.classification import classification_metrics, fig3_table, vote
 
 
 def test_metrics_match_scikit_learn_on_hand_made_predictions():

@@ -7,16 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from brainmri.io import InputError
-from brainmri.metrics import (
-    ensemble_predictions,
-    ensemble_row,
-    fold_summary,
-    mean_probabilities,
-    read_predictions,
-    select_overlay_slices,
-    table_row,
-)
+from brainmri.errors import InputError
+from brainmri.evaluation.classification import ensemble_predictions, read_predictions
+from brainmri.evaluation.masks import mean_probabilities
+from brainmri.evaluation.summary import ensemble_row, fold_summary, select_overlay_slices, table_row
 
 
 def predictions(preds, probs, labels=None, ids=None) -> pd.DataFrame:

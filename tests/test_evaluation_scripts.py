@@ -19,24 +19,18 @@ from helpers import SCRIPTS, run_script
 from PIL import Image
 from sklearn.metrics import classification_report, roc_auc_score
 
-from brainmri.data import load_table
+from brainmri.evaluation.classification import classification_errors
+from brainmri.evaluation.masks import binarize, load_masks, mean_probabilities, quantize
+from brainmri.evaluation.segmentation import evaluate_split, per_slice_metrics
 from brainmri.io import write_csv, write_json, write_npy
-from brainmri.metrics import (
-    binarize,
-    classification_errors,
-    evaluate_split,
-    load_masks,
-    mean_probabilities,
-    per_slice_metrics,
-    quantize,
-)
-from brainmri.plotting import (
+from brainmri.reporting.plotting import (
     confusion_figure,
     error_gallery,
     load_gallery_items,
     overlay_figure,
     save_figure,
 )
+from brainmri.tables import load_table
 
 PER_SLICE_COLUMNS = [
     "id",

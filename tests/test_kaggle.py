@@ -22,9 +22,9 @@ from typing import ClassVar
 
 import pytest
 
-from brainmri import kaggle_client
-from brainmri.io import InputError
-from brainmri.synthetic import write_btm_archive
+from brainmri.data import kaggle_client
+from brainmri.data.synthetic import write_btm_archive
+from brainmri.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "k3y-0123456789abcdef-SECRET"

@@ -7,8 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from brainmri.config import ConfigError
-from brainmri.data import Batches, gather, targets_to_device, to_device
+from brainmri.errors import ConfigError
 from brainmri.models import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -18,6 +17,8 @@ from brainmri.models import (
     check_classifier_config,
     check_segmenter_config,
 )
+from brainmri.tables import gather
+from brainmri.training.batches import Batches, targets_to_device, to_device
 
 CLASSIFIER = {"backbone": "resnet10t", "image_size": 64, "pretrained": False}
 SEGMENTER = {"arch": "Unet", "encoder": "resnet18", "image_size": 64, "pretrained": False}

@@ -15,14 +15,14 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from brainmri.io import InputError
-from brainmri.preprocess import (
+from brainmri.data.preprocess import (
     MANIFEST_COLUMNS,
     merge_manifests,
     preprocess_btm,
     preprocess_lgg,
-    read_manifest,
 )
+from brainmri.errors import InputError
+from brainmri.tables import read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 PATIENT = "TCGA_CS_4941_19960909"

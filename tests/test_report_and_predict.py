@@ -11,7 +11,7 @@ import yaml
 from helpers import TINY_CONFIG, run_script
 from PIL import Image
 
-from brainmri.report import esc, table_html
+from brainmri.reporting.report import esc, table_html
 
 pytestmark = pytest.mark.slow
 

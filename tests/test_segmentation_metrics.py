@@ -8,14 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from brainmri import metrics
-from brainmri.metrics import (
-    binarize,
+from brainmri.evaluation import segmentation as segmentation_metrics
+from brainmri.evaluation.masks import binarize, quantize
+from brainmri.evaluation.segmentation import (
     distance_metrics,
     evaluate_split,
     overlap_metrics,
     per_slice_metrics,
-    quantize,
     summarize_slices,
     volume_dice,
 )
@@ -122,7 +121,8 @@ def test_parallel_distances_equal_serial(monkeypatch):
     pred, truth = random_boxes(40, 16, 3), random_boxes(40, 16, 4)
     pred[5] = False  # an empty case among them
     serial = per_slice_metrics(pred, truth, threads=1)
-    monkeypatch.setattr(metrics, "PARALLEL_MIN_PAIRS", 0)  # use the pool even for 39 pairs
+    # use the pool even for 39 pairs
+    monkeypatch.setattr(segmentation_metrics, "PARALLEL_MIN_PAIRS", 0)
     parallel = per_slice_metrics(pred, truth, threads=2)
     pd.testing.assert_frame_equal(serial, parallel)
 

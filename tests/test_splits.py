@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from brainmri.config import ConfigError
-from brainmri.preprocess import MANIFEST_COLUMNS
-from brainmri.splits import make_splits, split_summary
+from brainmri.data.preprocess import MANIFEST_COLUMNS
+from brainmri.data.splits import make_splits, split_summary
+from brainmri.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 INSTITUTIONS = ("CS", "DU", "EZ", "FG", "HT")

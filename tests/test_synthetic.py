@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from brainmri.synthetic import INSTITUTIONS, write_btm_archive, write_lgg_archive
+from brainmri.data.synthetic import INSTITUTIONS, write_btm_archive, write_lgg_archive
 
 REPO = Path(__file__).resolve().parents[1]
 SLICE = re.compile(r"^kaggle_3m/(TCGA_([A-Z]{2})_\d{4}_\d{8})/\1_(\d+)\.tif$")

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from helpers import run_script
 
-from brainmri.data import Augment, Batches, segmentation_training_indices
 from brainmri.models import build_classifier, load_checkpoint
-from brainmri.training import (
+from brainmri.training.batches import Augment, Batches, segmentation_training_indices
+from brainmri.training.loop import (
     FitSettings,
     accuracy_per_sample,
     configure_torch,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from brainmri.data.preprocess import merge_manifests
 from brainmri.io import run_cli, setup_logging, write_csv
-from brainmri.preprocess import merge_manifests
 
 
 def main() -> None:

@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from brainmri.cascade import comparison_table, gate_from_classifier, run_cascade
-from brainmri.data import load_table
-from brainmri.io import InputError, run_cli, setup_logging, write_csv, write_json
-from brainmri.metrics import binarize, load_masks, load_probabilities, read_predictions
+from brainmri.errors import InputError
+from brainmri.evaluation.cascade import comparison_table, gate_from_classifier, run_cascade
+from brainmri.evaluation.classification import read_predictions
+from brainmri.evaluation.masks import binarize, load_masks, load_probabilities
+from brainmri.io import run_cli, setup_logging, write_csv, write_json
+from brainmri.tables import load_table
 
 
 def main() -> None:

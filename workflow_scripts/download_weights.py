@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from brainmri.io import InputError, atomic_path, run_cli, setup_logging
+from brainmri.errors import InputError
+from brainmri.io import atomic_path, run_cli, setup_logging
 from brainmri.models import safe_torch_load, weights_hint
 
 

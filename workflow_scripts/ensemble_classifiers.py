@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from brainmri.evaluation.classification import ensemble_predictions, read_predictions
 from brainmri.io import run_cli, setup_logging, write_csv
-from brainmri.metrics import ensemble_predictions, read_predictions
 
 
 def main() -> None:

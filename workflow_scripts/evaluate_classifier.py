@@ -7,16 +7,21 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from brainmri.io import run_cli, setup_logging, write_csv, write_json
-from brainmri.metrics import (
+from brainmri.evaluation.classification import (
     check_ids_in_manifest,
     classification_errors,
     classification_metrics,
     fig3_table,
     read_predictions,
 )
-from brainmri.plotting import confusion_figure, error_gallery, load_gallery_items, save_figure
-from brainmri.preprocess import read_manifest
+from brainmri.io import run_cli, setup_logging, write_csv, write_json
+from brainmri.reporting.plotting import (
+    confusion_figure,
+    error_gallery,
+    load_gallery_items,
+    save_figure,
+)
+from brainmri.tables import read_manifest
 
 GALLERY_SIZE = 8
 

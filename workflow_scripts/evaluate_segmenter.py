@@ -1,6 +1,6 @@
 """Evaluate one fold model on its validation fold (seg_split train, fold k) and on the common
 test set: per-slice Dice, Jaccard, Hausdorff distance and ASSD (medpy; empty-mask rules in
-brainmri.metrics) on tumor-containing slices and on all slices, and per-patient volume Dice.
+brainmri.evaluation.segmentation) on tumor-containing slices and on all slices, and per-patient volume Dice.
 Also writes the model's test probabilities (uint8, x 255) for the fold ensemble."""
 
 from __future__ import annotations
@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from brainmri.data import load_table
-from brainmri.io import InputError, run_cli, setup_logging, write_csv, write_json, write_npy
-from brainmri.metrics import evaluate_split, quantize
-from brainmri.segment import predict_probabilities
+from brainmri.errors import InputError
+from brainmri.evaluation.masks import quantize
+from brainmri.evaluation.segmentation import evaluate_split
+from brainmri.inference.segment import predict_probabilities
+from brainmri.io import run_cli, setup_logging, write_csv, write_json, write_npy
+from brainmri.tables import load_table
 
 
 def main() -> None:

@@ -11,10 +11,11 @@ import json
 import tempfile
 from pathlib import Path
 
-from brainmri.archives import ExtractionLimits, copy_tree, extract_archive
-from brainmri.io import InputError, run_cli, setup_logging, write_text
-from brainmri.kaggle_client import DATASET_SLUGS, download_dataset
-from brainmri.synthetic import write_btm_archive, write_lgg_archive
+from brainmri.data.archives import ExtractionLimits, copy_tree, extract_archive
+from brainmri.data.kaggle_client import DATASET_SLUGS, download_dataset
+from brainmri.data.synthetic import write_btm_archive, write_lgg_archive
+from brainmri.errors import InputError
+from brainmri.io import run_cli, setup_logging, write_text
 
 
 def sha256(path: Path) -> str:

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 from brainmri.io import run_cli, setup_logging, write_json, write_text
-from brainmri.provenance import provenance
-from brainmri.report import build_report
+from brainmri.reporting.provenance import provenance
+from brainmri.reporting.report import build_report
 
 
 def main() -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from brainmri.data.splits import make_splits, split_summary
 from brainmri.io import run_cli, setup_logging, write_csv
-from brainmri.preprocess import read_manifest
-from brainmri.splits import make_splits, split_summary
+from brainmri.tables import read_manifest
 
 
 def boolean(text: str) -> bool:

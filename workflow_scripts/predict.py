@@ -10,8 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from brainmri.inference.predict import predict_folder
 from brainmri.io import run_cli, setup_logging
-from brainmri.predict import predict_folder
 
 
 def main() -> None:

@@ -10,8 +10,9 @@ import argparse
 import time
 from pathlib import Path
 
-from brainmri.io import InputError, run_cli, setup_logging
-from brainmri.preprocess import preprocess_btm, preprocess_lgg
+from brainmri.data.preprocess import preprocess_btm, preprocess_lgg
+from brainmri.errors import InputError
+from brainmri.io import run_cli, setup_logging
 
 
 def main() -> None:

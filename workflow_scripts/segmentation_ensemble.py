@@ -7,9 +7,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from brainmri.data import load_table
-from brainmri.io import InputError, run_cli, setup_logging, write_csv, write_json, write_npy
-from brainmri.metrics import evaluate_split, load_masks, load_probabilities, mean_probabilities
+from brainmri.errors import InputError
+from brainmri.evaluation.masks import load_masks, load_probabilities, mean_probabilities
+from brainmri.evaluation.segmentation import evaluate_split
+from brainmri.io import run_cli, setup_logging, write_csv, write_json, write_npy
+from brainmri.tables import load_table
 
 
 def main() -> None:

@@ -11,20 +11,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from brainmri.data import load_table
-from brainmri.io import InputError, read_json, run_cli, setup_logging, write_csv, write_json
-from brainmri.metrics import (
-    EMPTY_MASK_RULES,
+from brainmri.errors import InputError
+from brainmri.evaluation.masks import binarize, load_masks, load_probabilities
+from brainmri.evaluation.segmentation import EMPTY_MASK_RULES
+from brainmri.evaluation.summary import (
     TABLE_COLUMNS,
-    binarize,
     ensemble_row,
     fold_summary,
-    load_masks,
-    load_probabilities,
     select_overlay_slices,
     table_row,
 )
-from brainmri.plotting import message_figure, overlay_figure, save_figure
+from brainmri.io import read_json, run_cli, setup_logging, write_csv, write_json
+from brainmri.reporting.plotting import message_figure, overlay_figure, save_figure
+from brainmri.tables import load_table
 
 OVERLAY_ROWS = 6
 

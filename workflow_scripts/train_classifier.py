@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from brainmri.io import run_cli, setup_logging
-from brainmri.tasks import Preempted, TrainJob, train_classifier
+from brainmri.training.jobs import Preempted, TrainJob, train_classifier
 
 
 def main() -> None:

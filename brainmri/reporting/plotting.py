@@ -17,8 +17,9 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.colors import ListedColormap
 
-from brainmri.io import InputError, atomic_path
-from brainmri.metrics import CLASS_NAMES
+from brainmri.errors import InputError
+from brainmri.evaluation.classification import CLASS_NAMES
+from brainmri.io import atomic_path
 
 DPI = 100
 RED = ListedColormap(["red"])

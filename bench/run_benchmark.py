@@ -13,9 +13,13 @@ stage (and with --scaling-full of the whole demo) through Snakemake for N synthe
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from brainmri.benchmark import (
+# Run as a file (`python bench/run_benchmark.py`): the repository root holds bench/ and brainmri/.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.benchmark import (
     REPO,
     TASKS,
     BenchOptions,

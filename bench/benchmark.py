@@ -4,9 +4,9 @@ For one classifier and one segmenter at one image size it measures, in images/s:
 
 * the *limit*: forward + backward + optimizer step (training) and forward (inference) on random
   tensors already on the device, after warm-up;
-* the *workflow*: :func:`brainmri.training.fit` fed by the workflow's data path
-  (:class:`brainmri.data.Batches` over the preprocessed uint8 arrays, batched augmentation),
-  set up as :mod:`brainmri.tasks` does, for a fixed number of batches; the time of the timed
+* the *workflow*: :func:`brainmri.training.loop.fit` fed by the workflow's data path
+  (:class:`brainmri.training.batches.Batches` over the preprocessed uint8 arrays, batched augmentation),
+  set up as :mod:`brainmri.training.jobs` does, for a fixed number of batches; the time of the timed
   epoch is split into data loading, augmentation, step, evaluation and the rest (checkpointing);
 * a *naive baseline*: the same model trained by a plain PyTorch loop that reads the PNGs with
   PIL every step and augments per sample with torchvision transforms (DataLoader workers);
@@ -40,16 +40,18 @@ import yaml
 from PIL import Image
 
 from brainmri.config import training_settings
-from brainmri.data import Augment, Batches, gather, load_table, segmentation_training_indices
-from brainmri.io import InputError, write_csv
-from brainmri.metrics import distance_metrics, overlap_metrics, per_slice_metrics
+from brainmri.errors import InputError
+from brainmri.evaluation.segmentation import distance_metrics, overlap_metrics, per_slice_metrics
+from brainmri.io import write_csv
 from brainmri.models import (
     build_classifier,
     build_segmenter,
     check_classifier_config,
     check_segmenter_config,
 )
-from brainmri.training import (
+from brainmri.tables import gather, load_table
+from brainmri.training.batches import Augment, Batches, segmentation_training_indices
+from brainmri.training.loop import (
     FitSettings,
     accuracy_per_sample,
     autocast,
@@ -225,10 +227,10 @@ def prepare_synthetic_data(
 
     The LGG preprocessing is timed (slices/s), as is every other step.
     """
-    from brainmri.archives import ExtractionLimits, extract_archive
-    from brainmri.preprocess import merge_manifests, preprocess_btm, preprocess_lgg
-    from brainmri.splits import make_splits
-    from brainmri.synthetic import write_btm_archive, write_lgg_archive
+    from brainmri.data.archives import ExtractionLimits, extract_archive
+    from brainmri.data.preprocess import merge_manifests, preprocess_btm, preprocess_lgg
+    from brainmri.data.splits import make_splits
+    from brainmri.data.synthetic import write_btm_archive, write_lgg_archive
 
     raw, data = root / "raw", root / "data"
     timings: dict[str, Any] = {}
@@ -337,7 +339,7 @@ def build(task: str, settings: dict[str, Any], seed: int) -> torch.nn.Module:
 
 
 def loss_and_metric(task: str, settings: dict[str, Any]) -> tuple[Callable, Callable, str]:
-    """The loss, per-sample metric and metric name that brainmri.tasks trains with."""
+    """The loss, per-sample metric and metric name that brainmri.training.jobs trains with."""
     if task == "classification":
         return F.cross_entropy, accuracy_per_sample, "accuracy"
     import segmentation_models_pytorch as smp
@@ -420,7 +422,7 @@ def _cycle(indices: np.ndarray, count: int) -> np.ndarray:
 def _task_rows(
     task: str, table: pd.DataFrame, splits: Path
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(train, val, test) rows as brainmri.tasks selects them (segmentation: fold 0 = val)."""
+    """(train, val, test) rows as brainmri.training.jobs selects them (segmentation: fold 0 = val)."""
     if task == "classification":
         parts = [table[table["cls_split"] == s] for s in ("train", "val", "test")]
     else:
@@ -443,7 +445,7 @@ def workflow_throughput(
 ) -> dict[str, Any]:
     """Run the workflow's ``fit`` for a warm-up epoch and a timed epoch of ``batches`` batches.
 
-    The batches come from :class:`Batches` built exactly as :mod:`brainmri.tasks` builds them;
+    The batches come from :class:`Batches` built exactly as :mod:`brainmri.training.jobs` builds them;
     the validation pass of the timed epoch holds as many images, relative to the training
     batches, as the split's validation set holds relative to one training epoch.
     """
@@ -691,7 +693,7 @@ def naive_throughput(
 
 def preprocess_throughput(raw_dir: Path, image_size: int, threads: int) -> dict[str, Any]:
     """Slices/s of the workflow's LGG preprocessing of ``raw_dir`` (outputs in a temp dir)."""
-    from brainmri.preprocess import preprocess_lgg
+    from brainmri.data.preprocess import preprocess_lgg
 
     with tempfile.TemporaryDirectory(prefix="brainmri-bench-pre-") as scratch:
         out = Path(scratch)
@@ -716,7 +718,7 @@ def preprocess_throughput(raw_dir: Path, image_size: int, threads: int) -> dict[
 def metric_inputs(masks: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
     """(prediction, truth) pairs from real masks: the truth tiled to ``count`` slices and a
     prediction shifted by a few pixels, every 7th one emptied and a small false blob added to
-    every 11th one (so every empty-mask case of brainmri.metrics occurs)."""
+    every 11th one (so every empty-mask case of brainmri.evaluation.segmentation occurs)."""
     truth = np.resize(np.asarray(masks, dtype=bool), (count, *masks.shape[1:]))
     pred = np.roll(truth, shift=(2, -1), axis=(1, 2))
     pred[::7] = False

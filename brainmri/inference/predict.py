@@ -18,14 +18,21 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from brainmri.data import Batches
+from brainmri.data.preprocess import (
+    gray_to_rgb,
+    open_image,
+    resize_image,
+    square_pad,
+    to_uint8_gray,
+)
 from brainmri.devices import select_device
-from brainmri.io import InputError, atomic_path, write_csv
-from brainmri.metrics import vote
+from brainmri.errors import InputError
+from brainmri.evaluation.classification import vote
+from brainmri.inference.segment import probabilities_of
+from brainmri.io import atomic_path, write_csv
 from brainmri.models import load_checkpoint
-from brainmri.preprocess import gray_to_rgb, open_image, resize_image, square_pad, to_uint8_gray
-from brainmri.segment import probabilities_of
-from brainmri.training import predict_logits
+from brainmri.training.batches import Batches
+from brainmri.training.loop import predict_logits
 
 log = logging.getLogger(__name__)
 

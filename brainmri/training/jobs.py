@@ -15,10 +15,9 @@ import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
 
-from brainmri.config import ConfigError
-from brainmri.data import Augment, Batches, gather, load_table, segmentation_training_indices
 from brainmri.devices import select_device
-from brainmri.io import InputError, write_csv
+from brainmri.errors import ConfigError, InputError
+from brainmri.io import write_csv
 from brainmri.models import (
     build_classifier,
     build_segmenter,
@@ -26,7 +25,9 @@ from brainmri.models import (
     check_segmenter_config,
     save_checkpoint,
 )
-from brainmri.training import (
+from brainmri.tables import gather, load_table
+from brainmri.training.batches import Augment, Batches, segmentation_training_indices
+from brainmri.training.loop import (
     FitSettings,
     Preempted,
     accuracy_per_sample,

@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from brainmri.io import InputError, atomic_path
+from brainmri.errors import InputError
+from brainmri.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -404,8 +405,3 @@ def merge_manifests(parts: list[Path]) -> pd.DataFrame:
     if len(duplicated):
         raise InputError(f"{parts}: duplicate ids, e.g. {duplicated.iloc[0]}")
     return manifest
-
-
-def read_manifest(path: str | Path) -> pd.DataFrame:
-    """Read data/manifest.csv with empty strings (not NaN) for empty text cells."""
-    return pd.read_csv(path, keep_default_na=False)

@@ -10,10 +10,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from brainmri.data import Batches, gather
 from brainmri.devices import select_device
 from brainmri.models import load_checkpoint
-from brainmri.training import configure_torch, predict_logits
+from brainmri.tables import gather
+from brainmri.training.batches import Batches
+from brainmri.training.loop import configure_torch, predict_logits
 
 BATCH = 32
 

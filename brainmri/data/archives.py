@@ -18,7 +18,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from brainmri.io import InputError, atomic_path
+from brainmri.errors import InputError
+from brainmri.io import atomic_path
 
 CHUNK = 1 << 20
 

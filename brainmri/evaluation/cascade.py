@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from brainmri.io import InputError
-from brainmri.metrics import CASES, score_slices, volume_dice
+from brainmri.errors import InputError
+from brainmri.evaluation.segmentation import CASES, score_slices, volume_dice
 
 
 def gate_from_classifier(

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from brainmri.io import InputError, read_json
+from brainmri.errors import InputError
+from brainmri.io import read_json
 
 PAPER = {
     "classification": {"ensemble_accuracy": 0.96, "tumor_f1": 0.94, "test_slices": 786},
@@ -158,7 +159,7 @@ class RunResults:
 
 
 def _history_curves(root: Path, paths: dict[str, Path], metric: str, title: str) -> str:
-    from brainmri.plotting import curves_figure
+    from brainmri.reporting.plotting import curves_figure
 
     histories = {name: pd.read_csv(p) for name, p in paths.items() if p.is_file()}
     if not histories:
@@ -193,8 +194,8 @@ def _training_devices(root: Path) -> list[str]:
 
 def _examples(root: Path, count: int = 6) -> str:
     """A few test tumor slices with their mask contour."""
-    from brainmri.plotting import error_gallery, read_png
-    from brainmri.preprocess import read_manifest
+    from brainmri.reporting.plotting import error_gallery, read_png
+    from brainmri.tables import read_manifest
 
     manifest = read_manifest(root / "data" / "manifest.csv")
     lgg = manifest[(manifest["source"] == "lgg") & (manifest["has_tumor"] == 1)]

@@ -17,7 +17,7 @@ import os
 import stat
 from pathlib import Path
 
-from brainmri.io import InputError
+from brainmri.errors import InputError
 
 DATASET_SLUGS = {
     "lgg-mri-segmentation": "mateuszbuda/lgg-mri-segmentation",

@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from brainmri.io import InputError, atomic_path
+from brainmri.errors import InputError
+from brainmri.io import atomic_path
 from brainmri.models import safe_torch_load
 
 log = logging.getLogger(__name__)

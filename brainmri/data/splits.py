@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
-from brainmri.config import ConfigError
+from brainmri.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
