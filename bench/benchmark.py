@@ -5,8 +5,9 @@ For one classifier and one segmenter at one image size it measures, in images/s:
 * the *limit*: forward + backward + optimizer step (training) and forward (inference) on random
   tensors already on the device, after warm-up;
 * the *workflow*: :func:`brainmri.training.loop.fit` fed by the workflow's data path
-  (:class:`brainmri.training.batches.Batches` over the preprocessed uint8 arrays, batched augmentation),
-  set up as :mod:`brainmri.training.jobs` does, for a fixed number of batches; the time of the timed
+  (:class:`brainmri.training.batches.Batches` over the preprocessed uint8 arrays, batched
+  augmentation), set up as :mod:`brainmri.training.jobs` does, for a fixed number of batches;
+  the time of the timed
   epoch is split into data loading, augmentation, step, evaluation and the rest (checkpointing);
 * a *naive baseline*: the same model trained by a plain PyTorch loop that reads the PNGs with
   PIL every step and augments per sample with torchvision transforms (DataLoader workers);
@@ -422,7 +423,8 @@ def _cycle(indices: np.ndarray, count: int) -> np.ndarray:
 def _task_rows(
     task: str, table: pd.DataFrame, splits: Path
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(train, val, test) rows as brainmri.training.jobs selects them (segmentation: fold 0 = val)."""
+    """(train, val, test) rows as brainmri.training.jobs selects them (segmentation: fold 0 =
+    val)."""
     if task == "classification":
         parts = [table[table["cls_split"] == s] for s in ("train", "val", "test")]
     else:
@@ -445,7 +447,8 @@ def workflow_throughput(
 ) -> dict[str, Any]:
     """Run the workflow's ``fit`` for a warm-up epoch and a timed epoch of ``batches`` batches.
 
-    The batches come from :class:`Batches` built exactly as :mod:`brainmri.training.jobs` builds them;
+    The batches come from :class:`Batches` built exactly as :mod:`brainmri.training.jobs` builds
+    them;
     the validation pass of the timed epoch holds as many images, relative to the training
     batches, as the split's validation set holds relative to one training epoch.
     """

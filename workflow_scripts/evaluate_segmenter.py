@@ -1,6 +1,7 @@
 """Evaluate one fold model on its validation fold (seg_split train, fold k) and on the common
 test set: per-slice Dice, Jaccard, Hausdorff distance and ASSD (medpy; empty-mask rules in
-brainmri.evaluation.segmentation) on tumor-containing slices and on all slices, and per-patient volume Dice.
+brainmri.evaluation.segmentation) on tumor-containing slices and on all slices, and per-patient
+volume Dice.
 Also writes the model's test probabilities (uint8, x 255) for the fold ensemble."""
 
 from __future__ import annotations
