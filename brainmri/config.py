@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import difflib
+from collections.abc import Iterable
 from typing import Any
 
 from brainmri.errors import ConfigError
@@ -73,36 +75,192 @@ def training_settings(config: dict[str, Any], stage: str, name: str) -> dict[str
 
 
 def preflight(config: dict[str, Any]) -> None:
-    """Cross-key checks that the schema cannot express; raise ConfigError naming the key."""
+    """Cross-key checks that the schema cannot express; one ConfigError listing every problem."""
+    problems = preflight_errors(config)
+    if problems:
+        raise ConfigError(error_report(problems))
+
+
+def preflight_errors(config: dict[str, Any]) -> list[str]:
+    """Every cross-key problem of a schema-valid config, one line each, naming the key."""
     from brainmri.models import check_classifier_config, check_segmenter_config
 
-    cascade_arch = config["cascade"]["architecture"]
+    problems: list[str] = []
+
+    def collect(check, *args, **kwargs) -> None:
+        try:
+            check(*args, **kwargs)
+        except ConfigError as error:
+            problems.append(str(error))
+
     architectures = model_names(config, "segmentation")
+    cascade_arch = config["cascade"]["architecture"]
     if cascade_arch not in architectures:
-        raise ConfigError(
+        problems.append(
             f"cascade.architecture: {cascade_arch!r} is not the name of one of "
             f"segmentation.architectures ({', '.join(architectures)})"
+            + did_you_mean(cascade_arch, architectures)
         )
     for name in model_names(config, "classification"):
-        check_classifier_config(
+        collect(
+            check_classifier_config,
             training_settings(config, "classification", name),
             key=f"classification.backbones.{name}",
         )
     for name in architectures:
-        check_segmenter_config(
+        collect(
+            check_segmenter_config,
             training_settings(config, "segmentation", name),
             key=f"segmentation.architectures.{name}",
         )
     data = config["data"]
     if data["source"] == "local" and not data["local_dir"]:
-        raise ConfigError("data.local_dir: required when data.source is 'local'")
+        problems.append("data.local_dir: required when data.source is 'local'")
     if data["source"] == "synthetic":
         patients = data["synthetic"]["patients"]
         folds = config["split"]["folds"]
         if config["split"]["level"] == "patient":
             train_patients = patients - max(1, round(patients * config["split"]["test_fraction"]))
             if folds > train_patients:
-                raise ConfigError(
+                problems.append(
                     f"split.folds: {folds} folds need at least {folds} training patients, "
                     f"but data.synthetic.patients={patients} leaves {train_patients}"
                 )
+    return problems
+
+
+# --- schema errors as one line each ----------------------------------------------------------
+
+
+def close_matches(word: str, candidates: Iterable[str], n: int = 3) -> list[str]:
+    """The candidates most similar to ``word`` (difflib, case-insensitive), best first."""
+    by_lower: dict[str, str] = {}
+    for candidate in candidates:
+        by_lower.setdefault(str(candidate).lower(), str(candidate))
+    close = difflib.get_close_matches(str(word).lower(), list(by_lower), n=n, cutoff=0.6)
+    return [by_lower[c] for c in close]
+
+
+def did_you_mean(word: str, candidates: Iterable[str], n: int = 3) -> str:
+    """`` (did you mean 'x' or 'y'?)`` for the candidates closest to ``word``, else ``""``."""
+    close = close_matches(word, candidates, n)
+    return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+
+
+def error_report(problems: list[str]) -> str:
+    """The text of a ConfigError: a count, then one line per problem."""
+    count = f"{len(problems)} configuration error{'s' if len(problems) > 1 else ''}"
+    return f"{count} (keys and defaults: config/schema.yaml):\n" + "\n".join(
+        f"  {line}" for line in problems
+    )
+
+
+def _resolve(schema: dict[str, Any], node: Any) -> Any:
+    """Follow a local ``$ref`` (``#/$defs/...``)."""
+    while isinstance(node, dict) and isinstance(node.get("$ref"), str):
+        target: Any = schema
+        for part in node["$ref"].lstrip("#/").split("/"):
+            target = target[part]
+        node = {**{k: v for k, v in node.items() if k != "$ref"}, **target}
+    return node
+
+
+def _properties(schema: dict[str, Any], node: Any) -> dict[str, Any]:
+    """The keys an object schema declares, through $ref, allOf/oneOf/anyOf and array items."""
+    node = _resolve(schema, node)
+    if not isinstance(node, dict):
+        return {}
+    found = dict(node.get("properties", {}))
+    for combinator in ("allOf", "oneOf", "anyOf"):
+        for branch in node.get(combinator, []):
+            found.update(_properties(schema, branch))
+    if "items" in node:
+        found.update(_properties(schema, node["items"]))
+    return found
+
+
+def schema_keys(schema: dict[str, Any]) -> list[str]:
+    """Every key the schema knows, as dotted paths (``split.folds``, ``data.extraction...``)."""
+    paths: list[str] = []
+
+    def walk(node: Any, prefix: str) -> None:
+        for key, child in _properties(schema, node).items():
+            path = f"{prefix}{key}"
+            paths.append(path)
+            walk(child, f"{path}.")
+
+    walk(schema, "")
+    return sorted(set(paths))
+
+
+def _where(path: Iterable[Any]) -> str:
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else f"{'.' if text else ''}{part}"
+    return text
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _describe(error: Any, schema: dict[str, Any], keys: list[str]) -> list[str]:
+    where = _where(error.absolute_path)
+    kind = error.validator
+    if kind == "additionalProperties" and isinstance(error.instance, dict):
+        allowed = _properties(schema, error.schema)
+        lines = []
+        for key in error.instance:
+            if key in allowed:
+                continue
+            full = f"{where}.{key}" if where else str(key)
+            hint = did_you_mean(key, allowed)
+            if not hint:  # a key of another section? compare with every key's last part
+                leaves = close_matches(key, {k.rsplit(".", 1)[-1] for k in keys}, n=2)
+                paths = [k for k in keys if k.rsplit(".", 1)[-1] in leaves][:3]
+                hint = f" (did you mean {' or '.join(map(repr, paths))}?)" if paths else ""
+            lines.append(f"{full}: unknown key{hint}")
+        return lines
+    if kind in ("oneOf", "anyOf") and error.context:
+        # The branch the value was meant for: the one that failed on more than its type.
+        specific = [e for e in error.context if e.validator != "type"] or list(error.context)
+        lines = []
+        for sub in specific:
+            lines.extend(_describe(sub, schema, keys))
+        return lines
+    prefix = f"{where}: " if where else ""
+    if kind == "enum":
+        choices = ", ".join(map(str, error.validator_value))
+        hint = did_you_mean(str(error.instance), map(str, error.validator_value))
+        return [f"{prefix}{_short(error.instance)} is not one of {choices}{hint}"]
+    if kind == "type":
+        expected = error.validator_value
+        expected = " or ".join(expected) if isinstance(expected, list) else expected
+        return [f"{prefix}expected {expected}, got {_short(error.instance)}"]
+    message = " ".join(error.message.split())
+    return [f"{prefix}{message[:200]}"]
+
+
+def schema_errors(config: dict[str, Any], schema: dict[str, Any]) -> list[str]:
+    """Every violation of the JSON schema, one line each, with did-you-mean suggestions."""
+    from jsonschema import Draft202012Validator
+
+    keys = schema_keys(schema)
+    errors = sorted(
+        Draft202012Validator(schema).iter_errors(config),
+        key=lambda e: [str(p) for p in e.absolute_path],
+    )
+    lines: list[str] = []
+    for error in errors:
+        for line in _describe(error, schema, keys):
+            if line not in lines:
+                lines.append(line)
+    return lines
+
+
+def check_config(config: dict[str, Any], schema: dict[str, Any]) -> None:
+    """Raise one ConfigError listing every schema violation of ``config`` (defaults not set)."""
+    problems = schema_errors(config, schema)
+    if problems:
+        raise ConfigError(error_report(problems))

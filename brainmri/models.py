@@ -159,12 +159,13 @@ def check_classifier_config(settings: dict[str, Any], key: str) -> None:
     """Raise ConfigError (naming ``key``) if timm cannot build this backbone at this size."""
     import timm
 
+    from brainmri.config import did_you_mean
     from brainmri.errors import ConfigError
 
     name = settings["backbone"]
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
-        raise ConfigError(f"{key}: timm has no model named {name!r} (similar: {close})")
+        hint = did_you_mean(name, timm.list_models())
+        raise ConfigError(f"{key}: timm has no model named {name!r}{hint}")
     size = settings["image_size"]
     problem = _classifier_accepts(name, size)
     if problem:
@@ -191,18 +192,21 @@ def check_segmenter_config(settings: dict[str, Any], key: str) -> None:
     """Raise ConfigError (naming ``key``) if smp cannot build this architecture/encoder/size."""
     import segmentation_models_pytorch as smp
 
+    from brainmri.config import did_you_mean
     from brainmri.errors import ConfigError
 
     arch = settings["arch"]
     if arch.lower() not in smp.MODEL_ARCHITECTURES_MAPPING:
         known = sorted(cls.__name__ for cls in smp.MODEL_ARCHITECTURES_MAPPING.values())
         raise ConfigError(
-            f"{key}.arch: segmentation-models-pytorch has no architecture {arch!r} "
-            f"(known: {', '.join(known)})"
+            f"{key}.arch: segmentation-models-pytorch has no architecture {arch!r}"
+            f"{did_you_mean(arch, known) or ' (known: ' + ', '.join(known) + ')'}"
         )
-    if settings["encoder"] not in smp.encoders.get_encoder_names():
+    encoders = smp.encoders.get_encoder_names()
+    if settings["encoder"] not in encoders:
         raise ConfigError(
             f"{key}.encoder: segmentation-models-pytorch has no encoder {settings['encoder']!r}"
+            f"{did_you_mean(settings['encoder'], encoders)}"
         )
     size = settings["image_size"]
     if size % 32:

@@ -14,8 +14,12 @@ min_version("9.0")
 
 # The workflow's own package (brainmri/) sits beside the Snakefile.
 sys.path.insert(0, workflow.basedir)
-from brainmri.config import model_names, preflight, training_settings
+import yaml
+from brainmri.config import check_config, model_names, preflight, training_settings
 
+# Every schema violation at once, one line each with did-you-mean hints; then Snakemake's
+# validate (which then passes) fills in the defaults.
+check_config(config, yaml.safe_load((Path(workflow.basedir) / "config/schema.yaml").read_text()))
 validate(config, schema="../config/schema.yaml", set_default=True)
 # Cross-key checks (they import timm and smp: seconds) once, in the main process; the jobs
 # of a cluster run, which read the workflow again, skip them.

@@ -46,7 +46,9 @@ NOT_IMPORTED_BUT_NEEDED = {
 }
 # Functions that only the Snakemake process calls (rules/common.smk), never a job: their
 # imports do not count for the jobs' environments.
-SNAKEMAKE_ONLY = {("brainmri.config", "preflight")}
+SNAKEMAKE_ONLY = {
+    ("brainmri.config", name) for name in ("preflight", "schema_errors", "check_config")
+}
 
 
 # --- rules -> scripts -> imports --------------------------------------------------------------

@@ -74,15 +74,16 @@ INVALID_CONFIGS = {
     # name: (change to config/demo.yaml, text the error must contain)
     "unknown key": (
         lambda c: c["split"].update(fold=3),
-        "Additional properties are not allowed ('fold' was unexpected)",
+        "split.fold: unknown key (did you mean 'folds'?)",
     ),
     "wrong type": (
         lambda c: c["classification"].update(epochs="ten"),
-        "On instance['classification']['epochs']",
+        "classification.epochs: expected integer, got 'ten'",
     ),
     "unknown backbone": (
-        lambda c: c["classification"]["backbones"].append("resnet_5000"),
-        "classification.backbones.resnet_5000: timm has no model named 'resnet_5000'",
+        lambda c: c["classification"]["backbones"].append("resnt50"),
+        "classification.backbones.resnt50: timm has no model named 'resnt50' "
+        "(did you mean 'resnet50'",
     ),
     "more folds than patients": (
         lambda c: c["split"].update(folds=11),
@@ -101,6 +102,27 @@ def test_invalid_config_fails_the_dry_run_naming_the_key(tmp_path, name):
     assert message in output, output[-3000:]
     assert "Building DAG of jobs" not in output
     assert not (tmp_path / "results").exists()
+    # One line per problem, no schema dump.
+    assert "Failed validating" not in output and "On instance" not in output
+    assert len(output.splitlines()) < 12, output
+
+
+def test_every_config_error_is_reported_at_once(tmp_path):
+    def change(config):
+        config["split"].update(fold=3, level="patients")
+        config["classification"].update(epochs="ten", threshold=0.4)
+
+    result = dry_run(tmp_path, "--configfile", str(modified_demo(tmp_path, change)))
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "4 configuration errors (keys and defaults: config/schema.yaml):" in output
+    for line in (
+        "  split.fold: unknown key (did you mean 'folds'?)",
+        "  split.level: 'patients' is not one of patient, slice (did you mean 'patient'?)",
+        "  classification.epochs: expected integer, got 'ten'",
+        "  classification.threshold: unknown key (did you mean 'segmentation.threshold'?)",
+    ):
+        assert line in output.splitlines(), output
 
 
 def test_the_valid_demo_copy_passes(tmp_path):
