@@ -19,7 +19,8 @@ from brainmri.config import check_config, model_names, preflight, training_setti
 
 # Every schema violation at once, one line each with did-you-mean hints; then Snakemake's
 # validate (which then passes) fills in the defaults.
-check_config(config, yaml.safe_load((Path(workflow.basedir) / "config/schema.yaml").read_text()))
+SCHEMA = Path(workflow.basedir) / "config" / "schema.yaml"
+check_config(config, yaml.safe_load(SCHEMA.read_text()))
 validate(config, schema="../config/schema.yaml", set_default=True)
 # Cross-key checks (they import timm and smp: seconds) once, in the main process; the jobs
 # of a cluster run, which read the workflow again, skip them.
