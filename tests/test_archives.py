@@ -205,7 +205,7 @@ def test_corrupt_zip_is_an_input_error_naming_the_archive(tmp_path):
 
 
 def test_not_enough_disk_space_is_refused_before_writing(tmp_path, monkeypatch):
-    archive = make_zip(tmp_path / "big.zip", [("a.bin", b"\0" * 100_000, REGULAR)])
+    archive = make_zip(tmp_path / "big.zip", [("a.bin", os.urandom(100_000), REGULAR)])
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(archives.shutil, "disk_usage", lambda path: usage(10**6, 10**6, 1000))
     with pytest.raises(InputError, match=r"big\.zip: extraction needs"):
@@ -289,3 +289,75 @@ def test_fetch_local_uses_the_zip_or_the_extracted_folder_or_names_both(tmp_path
     message = result.stderr.strip().splitlines()[-1]
     assert str(empty / "lgg-mri-segmentation.zip") in message
     assert str(empty / "lgg-mri-segmentation") + "/" in message
+
+
+# --- compression ratio (zip bombs that stay under the size cap) ----------------------------
+
+
+def zip_bomb(path: Path, megabytes: int, members: int = 1) -> Path:
+    """``members`` files of zeros, ``megabytes`` MB each: ~1,000x smaller on disk."""
+    zeros = b"\0" * (megabytes << 20)
+    return make_zip(path, [(f"zeros{i}.bin", zeros, REGULAR) for i in range(members)])
+
+
+def test_default_caps_fit_the_real_archives_with_a_margin():
+    limits = ExtractionLimits()
+    # The full LGG archive, duplicate tree included, expands to about 1.5 GB.
+    assert 3 * 1_500_000_000 <= limits.max_total_bytes <= 10_000_000_000
+    sample = REPO.parent / "shared" / "data" / "kaggle-mini"
+    for name, ratio in (("lgg-mri-segmentation.zip", 2.6), ("brain-tumor-mri-dataset.zip", 1.0)):
+        if (sample / name).is_file():
+            with zipfile.ZipFile(sample / name) as handle:
+                total = sum(i.file_size for i in handle.infolist())
+            assert total / (sample / name).stat().st_size == pytest.approx(ratio, abs=0.1)
+        assert limits.max_ratio >= 10 * ratio
+
+
+def test_zip_bomb_under_the_size_cap_is_refused_by_its_declared_ratio(tmp_path):
+    archive = zip_bomb(tmp_path / "bomb.zip", 40, members=2)  # 80 MB from ~80 KB
+    assert archive.stat().st_size < 200_000
+    limits = ExtractionLimits()  # the defaults: 80 MB is far below max_total_bytes
+    assert_refused(
+        tmp_path, archive, "compression ratio of", "data.extraction.max_ratio", limits=limits
+    )
+
+
+def test_zip_bomb_with_lying_headers_leaves_nothing(tmp_path):
+    archive = zip_bomb(tmp_path / "liar.zip", 40)
+    data = bytearray(archive.read_bytes())
+    central = data.rfind(b"PK\x01\x02")
+    struct.pack_into("<I", data, central + 24, 1000)  # declares 1,000 bytes uncompressed
+    struct.pack_into("<I", data, 22, 1000)
+    archive.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"liar\.zip"):
+        extract_archive(archive, tmp_path / "work" / "out", ExtractionLimits())
+    assert list((tmp_path / "work").iterdir()) == []
+
+
+def test_streamed_ratio_stops_a_bomb_whose_headers_were_believed(tmp_path, monkeypatch):
+    # Skip the header check, as if the headers had lied: the bytes counted while streaming
+    # stop the extraction at max_ratio x the archive's size, and the partial output is removed.
+    archive = zip_bomb(tmp_path / "bomb.zip", 20, members=3)
+    monkeypatch.setattr(archives, "_check_caps", lambda archive, sizes, limits: 0)
+    with pytest.raises(
+        UnsafeArchiveError, match=r"bomb\.zip: member 'zeros\d\.bin' inflates beyond data\."
+        r"extraction\.max_ratio \(50 x the archive's size\); nothing was kept"
+    ):  # fmt: skip
+        extract_archive(archive, tmp_path / "work" / "out", ExtractionLimits())
+    assert list((tmp_path / "work").iterdir()) == []
+
+
+def test_tar_gz_bomb_is_refused_by_its_ratio(tmp_path):
+    member = tarfile.TarInfo("zeros.bin")
+    member.size = 30 << 20
+    archive = tmp_path / "bomb.tar.gz"
+    with tarfile.open(archive, "w:gz") as handle:
+        handle.addfile(member, io.BytesIO(b"\0" * member.size))
+    assert_refused(tmp_path, archive, "compression ratio of", limits=ExtractionLimits())
+
+
+def test_an_archive_within_the_ratio_is_extracted(tmp_path):
+    payload = os.urandom(200_000) + b"\0" * 200_000  # ratio about 2, like the LGG archive
+    archive = make_zip(tmp_path / "ok.zip", [("a/b.bin", payload, REGULAR)])
+    names = extract_archive(archive, tmp_path / "out", ExtractionLimits(max_ratio=3))
+    assert names == ["a/b.bin"] and (tmp_path / "out" / "a" / "b.bin").read_bytes() == payload

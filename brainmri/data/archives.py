@@ -1,10 +1,12 @@
 """Safe extraction of downloaded or user-supplied archives.
 
 Refuses members whose path is absolute, contains ``..`` or resolves outside the destination,
-symlink / device / other special members, and archives over the configured size or member
-caps (zip bombs; checked from the headers first and again while streaming, in case they lie).
-Extraction goes to a temporary folder that is renamed only on success: a refused archive
-leaves nothing behind.
+symlink / device / other special members, and archives over the configured size, member or
+compression-ratio caps (zip bombs; checked from the headers first and again while streaming,
+in case they lie). The ratio is the archive's total uncompressed size over its size on disk:
+the real Kaggle archives are about 2.6 (LGG, TIFFs) and 1.0 (JPGs); a zip bomb is 100 to
+1,000+. Extraction goes to a temporary folder that is renamed only on success: a refused
+archive, also one stopped half-way, leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ class UnsafeArchiveError(InputError):
 class ExtractionLimits:
     """Caps from ``data.extraction``."""
 
-    max_total_bytes: int = 20_000_000_000
+    max_total_bytes: int = 5_000_000_000
     max_members: int = 100_000
+    max_ratio: float = 50.0
 
 
 def _check_member_name(archive: Path, name: str) -> PurePosixPath:
@@ -69,6 +72,14 @@ def _tar_members(archive: Path, handle: tarfile.TarFile) -> list[tuple[tarfile.T
     return members
 
 
+def _byte_budget(archive: Path, limits: ExtractionLimits) -> tuple[int, str]:
+    """The most bytes the archive may expand to, and the setting that sets it."""
+    by_ratio = int(limits.max_ratio * archive.stat().st_size)
+    if by_ratio < limits.max_total_bytes:
+        return by_ratio, f"data.extraction.max_ratio ({limits.max_ratio:g} x the archive's size)"
+    return limits.max_total_bytes, f"data.extraction.max_total_bytes ({limits.max_total_bytes})"
+
+
 def _check_caps(archive: Path, sizes: list[tuple[str, int]], limits: ExtractionLimits) -> int:
     if len(sizes) > limits.max_members:
         raise UnsafeArchiveError(
@@ -83,6 +94,13 @@ def _check_caps(archive: Path, sizes: list[tuple[str, int]], limits: ExtractionL
                 f"{archive}: uncompressed size exceeds data.extraction.max_total_bytes "
                 f"({limits.max_total_bytes}) at member {name!r}"
             )
+    packed = archive.stat().st_size
+    if total > limits.max_ratio * packed:
+        raise UnsafeArchiveError(
+            f"{archive}: declares {total} bytes uncompressed from {packed} on disk, a "
+            f"compression ratio of {total / packed:.0f} over data.extraction.max_ratio "
+            f"({limits.max_ratio:g}; a zip bomb?)"
+        )
     return total
 
 
@@ -93,14 +111,22 @@ def _target(archive: Path, root: Path, name: str) -> Path:
     return target
 
 
-def _copy_stream(archive: Path, name: str, source, target: Path, budget: list[int]) -> None:
+def _copy_stream(
+    archive: Path,
+    name: str,
+    source,
+    target: Path,
+    budget: list[int],
+    cap: str = "data.extraction.max_total_bytes",
+) -> None:
+    """Copy one member, counting its bytes against ``budget`` (all members together)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target, "wb") as out:
         while chunk := source.read(CHUNK):
             budget[0] -= len(chunk)
             if budget[0] < 0:
                 raise UnsafeArchiveError(
-                    f"{archive}: member {name!r} inflates beyond data.extraction.max_total_bytes"
+                    f"{archive}: member {name!r} inflates beyond {cap}; nothing was kept"
                 )
             out.write(chunk)
 
@@ -141,14 +167,15 @@ def _extract_zip(archive: Path, root: Path, limits: ExtractionLimits, names: lis
         members = _zip_members(archive, handle)
         total = _check_caps(archive, [(i.filename, s) for i, s in members], limits)
         _check_disk(archive, root, total)
-        budget = [limits.max_total_bytes]
+        allowed, cap = _byte_budget(archive, limits)
+        budget = [allowed]
         for info, _ in members:
             target = _target(archive, root, info.filename)
             if info.is_dir():
                 target.mkdir(parents=True, exist_ok=True)
                 continue
             with handle.open(info) as source:
-                _copy_stream(archive, info.filename, source, target, budget)
+                _copy_stream(archive, info.filename, source, target, budget, cap)
             names.append(PurePosixPath(info.filename).as_posix())
 
 
@@ -157,7 +184,8 @@ def _extract_tar(archive: Path, root: Path, limits: ExtractionLimits, names: lis
         members = _tar_members(archive, handle)
         total = _check_caps(archive, [(i.name, s) for i, s in members], limits)
         _check_disk(archive, root, total)
-        budget = [limits.max_total_bytes]
+        allowed, cap = _byte_budget(archive, limits)
+        budget = [allowed]
         for info, _ in members:
             target = _target(archive, root, info.name)
             if info.isdir():
@@ -166,7 +194,7 @@ def _extract_tar(archive: Path, root: Path, limits: ExtractionLimits, names: lis
             source = handle.extractfile(info)
             if source is None:
                 raise UnsafeArchiveError(f"{archive}: member {info.name!r} is unreadable")
-            _copy_stream(archive, info.name, source, target, budget)
+            _copy_stream(archive, info.name, source, target, budget, cap)
             names.append(PurePosixPath(info.name).as_posix())
 
 
