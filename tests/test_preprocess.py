@@ -353,3 +353,96 @@ def test_wrong_archive_for_the_second_dataset_says_what_was_expected(tmp_path):
             tmp_path / "raw", 32, tmp_path / "png", tmp_path / "i.npy", tmp_path / "m.csv"
         )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
+
+
+# --------------------------------------------- the duplicate kaggle_3m tree: compared, never used
+
+
+def with_duplicate_tree(raw: Path, slices: int = 3) -> tuple[Path, Path]:
+    """A patient in kaggle_3m/ and the same files in lgg-mri-segmentation/kaggle_3m/."""
+    folder = write_patient(raw, slices=slices)
+    copy = raw / "lgg-mri-segmentation" / "kaggle_3m" / PATIENT
+    shutil.copytree(folder, copy)
+    return folder, copy
+
+
+def test_a_mask_missing_from_the_primary_tree_is_not_taken_from_the_duplicate(tmp_path):
+    raw = tmp_path / "raw"
+    folder, _ = with_duplicate_tree(raw)
+    (folder / f"{PATIENT}_2_mask.tif").unlink()
+    with pytest.raises(InputError) as caught:
+        run_lgg(raw, tmp_path / "out")
+    message = str(caught.value)
+    assert message.startswith(f"{folder / f'{PATIENT}_2.tif'}: image without its mask")
+    assert "the duplicate tree lgg-mri-segmentation/kaggle_3m/ has it" in message
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_truncated_primary_image_is_fatal_even_with_a_good_duplicate(tmp_path):
+    raw = tmp_path / "raw"
+    folder, _ = with_duplicate_tree(raw)
+    bad = truncated(folder)
+    with pytest.raises(InputError, match="corrupt or truncated image") as caught:
+        run_lgg(raw, tmp_path / "out")
+    assert str(caught.value).startswith(f"{bad}:")
+
+
+def test_files_only_in_the_duplicate_tree_are_reported_and_ignored(tmp_path, caplog):
+    raw = tmp_path / "raw"
+    _, copy = with_duplicate_tree(raw, slices=3)
+    other = "TCGA_HT_7475_19970918"
+    write_patient(raw / "lgg-mri-segmentation", patient=other, slices=2)  # only in the copy
+    (copy / f"{PATIENT}_3_mask.tif").unlink()  # missing from the copy
+    with caplog.at_level(logging.INFO):
+        manifest = run_lgg(raw, tmp_path / "out")
+    assert manifest["patient"].tolist() == [PATIENT] * 3
+    assert manifest["original_path"].str.startswith("kaggle_3m/").all()
+    assert "reading the primary tree kaggle_3m/" in caplog.text
+    assert "4 files only in the duplicate tree lgg-mri-segmentation/kaggle_3m/ are ignored" in (
+        caplog.text
+    )
+    assert "1 files of the primary tree are missing from the duplicate" in caplog.text
+    assert f"e.g. {PATIENT}_3_mask.tif" in caplog.text
+
+
+def test_errors_name_the_users_archive_and_member_not_the_extracted_copy(tmp_path):
+    """fetch_dataset.py (local zip) then preprocess.py, as the rules run them."""
+    source = tmp_path / "downloads"
+    folder = write_patient(source / "staging", slices=3)
+    truncated(folder)
+    archive = source / "lgg-mri-segmentation.zip"
+    with zipfile.ZipFile(archive, "w") as handle:
+        for path in sorted((source / "staging").rglob("*.tif")):
+            handle.write(path, path.relative_to(source / "staging").as_posix())
+    raw = tmp_path / "results" / "raw" / "lgg-mri-segmentation"
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+
+    def script(name: str, *args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, str(REPO / "workflow_scripts" / name), *args]
+        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+
+    fetched = script(
+        "fetch_dataset.py",
+        "--dataset=lgg-mri-segmentation",
+        "--source=local",
+        f"--local-dir={source}",
+        f"--out-dir={raw}",
+        f"--checksums={raw.parent / 'lgg.sha256.tsv'}",
+    )
+    assert fetched.returncode == 0, fetched.stderr
+    out = tmp_path / "results" / "data"
+    result = script(
+        "preprocess.py",
+        "lgg",
+        f"--raw-dir={raw}",
+        "--image-size=32",
+        f"--png-dir={out / 'png'}",
+        f"--images={out / 'images.npy'}",
+        f"--masks={out / 'masks.npy'}",
+        f"--manifest={out / 'manifest.csv'}",
+    )
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    member = f"kaggle_3m/{PATIENT}/{PATIENT}_2.tif"
+    assert last.startswith(f"error (InputError): {archive}: {member}: corrupt or truncated"), last
+    assert str(raw) not in last

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from brainmri.data.archives import ExtractionLimits, copy_tree, extract_archive
 from brainmri.data.kaggle_client import DATASET_SLUGS, download_dataset
+from brainmri.data.layout import record_source
 from brainmri.data.synthetic import write_btm_archive, write_lgg_archive
 from brainmri.errors import InputError
 from brainmri.io import run_cli, setup_logging, write_text
@@ -34,6 +35,15 @@ def checksum_table(archive: Path | None, folder: Path, names: list[str]) -> str:
         path = folder / name
         lines.append(f"{folder.name}/{name}\t{path.stat().st_size}\t{sha256(path)}")
     return "\n".join(lines) + "\n"
+
+
+def source_name(source: str, dataset: str, archive: Path) -> str:
+    """How errors about the raw files name where they came from (not the extracted copy)."""
+    if source == "kaggle":
+        return f"Kaggle dataset {DATASET_SLUGS[dataset]} ({archive.name})"
+    if source == "synthetic":
+        return f"synthetic {archive.name}"
+    return str(archive)
 
 
 def main() -> None:
@@ -78,6 +88,7 @@ def main() -> None:
             elif folder.is_dir():
                 names = copy_tree(folder, args.out_dir)
                 log.info("Copied %d files from %s", len(names), folder)
+                names.append(record_source(args.out_dir, str(folder)))
                 write_text(args.checksums, checksum_table(None, args.out_dir, names))
                 return
             else:
@@ -87,6 +98,7 @@ def main() -> None:
                 )
         names = extract_archive(archive, args.out_dir, limits)
         log.info("Extracted %d files from %s into %s", len(names), archive.name, args.out_dir)
+        names.append(record_source(args.out_dir, source_name(args.source, args.dataset, archive)))
         write_text(args.checksums, checksum_table(archive, args.out_dir, names))
 
 

@@ -3,7 +3,9 @@
 LGG TIFFs are 3-channel (pre-contrast, FLAIR, post-contrast) and stay so; images of the second
 dataset are converted to grayscale and copied into 3 channels. Images are resized bilinearly,
 masks with nearest neighbour (values 0/255 in the PNG, 0/1 in the array). Every bad input raises
-:class:`InputError` naming the file and the problem; outputs appear only when all succeeded.
+:class:`InputError` naming the file (in the user's archive or folder, when fetch_dataset.py
+recorded it) and the problem; outputs appear only when all succeeded. The LGG archive's
+duplicate tree is compared, never used (:mod:`brainmri.data.layout`).
 """
 
 from __future__ import annotations
@@ -11,23 +13,20 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import re
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
+from brainmri.data.layout import LggSlice, compare_copies, find_lgg_slices, naming_the_source
 from brainmri.errors import InputError
 from brainmri.io import atomic_path
 
 log = logging.getLogger(__name__)
 
-LGG_SLICE = re.compile(r"^(?P<patient>TCGA_(?P<inst>[A-Z0-9]+)_[A-Z0-9]+_\d+)_(?P<n>\d+)\.tiff?$")
-LGG_MASK = re.compile(r"^(?P<patient>TCGA_[A-Z0-9]+_[A-Z0-9]+_\d+)_(?P<n>\d+)_mask\.tiff?$")
 BTM_CLASSES = {"glioma": "tumor", "notumor": "no_tumor"}
 BTM_SUBSETS = ("Training", "Testing")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
@@ -111,74 +110,8 @@ def gray_to_rgb(gray: np.ndarray) -> np.ndarray:
     return np.repeat(gray[..., None], 3, axis=-1)
 
 
-@dataclass(frozen=True)
-class LggSlice:
-    """One LGG slice: the copy of image and mask that is used, and the archive's other copies."""
-
-    patient: str
-    institution: str
-    index: int
-    image: Path
-    mask: Path
-    other_copies: tuple[tuple[Path, Path], ...] = ()
-
-
-def find_lgg_slices(raw_dir: Path) -> list[LggSlice]:
-    """Every (patient, slice) once, with its mask; the archive's second copy is skipped."""
-    images: dict[tuple[str, int], list[Path]] = {}
-    masks: dict[tuple[str, int], list[Path]] = {}
-    for path in sorted(raw_dir.rglob("*")):
-        if not path.is_file():
-            continue
-        if match := LGG_MASK.match(path.name):
-            masks.setdefault((match["patient"], int(match["n"])), []).append(path)
-        elif match := LGG_SLICE.match(path.name):
-            images.setdefault((match["patient"], int(match["n"])), []).append(path)
-    if not images and not masks:
-        raise InputError(
-            f"{raw_dir}: no LGG slices found; expected kaggle_3m/TCGA_<inst>_<id>_<date>/"
-            "TCGA_<inst>_<id>_<date>_<n>.tif with ..._<n>_mask.tif (is this the "
-            "lgg-mri-segmentation archive?)"
-        )
-    slices = []
-    for key in sorted(set(images) | set(masks)):
-        if key not in masks:
-            raise InputError(f"{_shortest(images[key])}: image without its mask (_mask.tif)")
-        if key not in images:
-            raise InputError(f"{_shortest(masks[key])}: mask without its image")
-        # The real archive holds every file twice (kaggle_3m/ and lgg-mri-segmentation/
-        # kaggle_3m/): use the shortest path (kaggle_3m/), compare the others when loading.
-        image, mask = _shortest(images[key]), _shortest(masks[key])
-        others = tuple(
-            (path, chosen)
-            for paths, chosen in ((images[key], image), (masks[key], mask))
-            for path in paths
-            if path != chosen
-        )
-        inst = LGG_SLICE.match(image.name)["inst"]
-        slices.append(LggSlice(key[0], inst, key[1], image, mask, others))
-    return slices
-
-
-def _shortest(paths: list[Path]) -> Path:
-    return min(paths, key=lambda p: (len(p.parts), str(p)))
-
-
-def file_sha1(path: Path) -> str:
-    """sha1 of a file's bytes."""
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha1").hexdigest()
-
-
-def _check_copies(item: LggSlice) -> None:
-    """Warn when a second copy of a slice differs from the one used."""
-    for other, chosen in item.other_copies:
-        if file_sha1(other) != file_sha1(chosen):
-            log.warning("%s differs from %s (sha1); using %s", other, chosen, chosen)
-
-
 def _load_lgg_slice(item: LggSlice) -> tuple[np.ndarray, np.ndarray]:
-    _check_copies(item)
+    compare_copies(item)
     image = open_image(item.image)
     if image.mode != "RGB":
         bands = len(image.getbands())
@@ -239,6 +172,21 @@ def preprocess_lgg(
     threads: int = 1,
 ) -> pd.DataFrame:
     """LGG archive folder -> PNGs, images.npy (N,S,S,3), masks.npy (N,S,S) and manifest part."""
+    with naming_the_source(raw_dir):
+        return _preprocess_lgg(
+            raw_dir, image_size, png_dir, images_path, masks_path, manifest_path, threads
+        )
+
+
+def _preprocess_lgg(
+    raw_dir: Path,
+    image_size: int,
+    png_dir: Path,
+    images_path: Path,
+    masks_path: Path,
+    manifest_path: Path,
+    threads: int,
+) -> pd.DataFrame:
     slices = find_lgg_slices(raw_dir)
     log.info("LGG: %d slices of %d patients", len(slices), len({s.patient for s in slices}))
     images = np.zeros((len(slices), image_size, image_size, 3), dtype=np.uint8)
@@ -334,6 +282,18 @@ def preprocess_btm(
     threads: int = 1,
 ) -> pd.DataFrame:
     """Second dataset: glioma (tumor) and notumor images -> gray in 3 channels, PNGs, array."""
+    with naming_the_source(raw_dir):
+        return _preprocess_btm(raw_dir, image_size, png_dir, images_path, manifest_path, threads)
+
+
+def _preprocess_btm(
+    raw_dir: Path,
+    image_size: int,
+    png_dir: Path,
+    images_path: Path,
+    manifest_path: Path,
+    threads: int,
+) -> pd.DataFrame:
     items = find_btm_images(raw_dir)
     log.info("Second dataset: %d glioma/notumor images", len(items))
     images = np.zeros((len(items), image_size, image_size, 3), dtype=np.uint8)
