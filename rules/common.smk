@@ -130,9 +130,24 @@ def segmentation_targets() -> list[str]:
     return [results("segmentation/summary.json")]
 
 
+def model_targets() -> list[str]:
+    """Every training job's outputs (models, histories, test predictions).
+
+    The default target asks for them so that a model lost by a stopped training job
+    (Snakemake deletes a failed job's outputs) is trained again, resuming from its last epoch,
+    by the next plain run, and everything computed from it is redone. Without this, results
+    computed from the lost model would stand and Snakemake would say "Nothing to be done".
+    """
+    return [
+        *expand(rules.train_classifier.output, backbone=BACKBONES),
+        *expand(rules.train_segmenter.output, arch=ARCHITECTURES, fold=FOLDS),
+    ]
+
+
 def all_targets() -> list[str]:
     return [
         *data_targets(),
+        *model_targets(),
         *classification_targets(),
         *segmentation_targets(),
         results("cascade/metrics.json"),

@@ -4,12 +4,14 @@ the two profiles (profiles/default, the workflow profile, and profiles/slurm).""
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import time
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import REPO, snakemake
+from helpers import REPO, TINY_CONFIG, snakemake
 
 DEMO = REPO / "config" / "demo.yaml"
 PAPER = REPO / "config" / "config.yaml"
@@ -206,3 +208,40 @@ def test_slurm_profile_dry_run_gives_gpu_rules_a_gpu(tmp_path):
         if rule == "train_classifier":
             assert "runtime=240" in resources and "mem_mb=16000" in resources
     assert {"train_classifier", "train_segmenter", "evaluate_segmenter", "split"} <= seen
+
+
+# --- a training job stopped by SIGTERM: its lost outputs are redone with what depends on them ---
+
+
+def test_a_model_lost_by_a_stopped_job_is_retrained_with_everything_downstream(tmp_path):
+    """Snakemake deletes the outputs of a failed (e.g. SIGTERM-ed) training job. The next plain
+    run must train it again (resuming) and redo the results computed from the old model,
+    instead of "Nothing to be done" under a stale report."""
+    args = ("--configfile", str(TINY_CONFIG), "--config", f"results_dir={tmp_path}/results")
+    summary = snakemake(*args, "--cores", "1", "--summary")
+    assert summary.returncode == 0, summary.stderr[-3000:]
+    # Every output of the workflow, as if a complete run had written them (one mtime for all).
+    for line in summary.stdout.splitlines()[1:]:
+        path = Path(line.split("\t")[0])
+        if path.suffix:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+        else:  # directory() outputs: raw/<dataset>, data/<dataset>/png
+            path.mkdir(parents=True, exist_ok=True)
+    stamp = time.time()  # newer than the code files the report rule takes as input
+    for path in (tmp_path / "results").rglob("*"):
+        os.utime(path, (stamp, stamp))
+    control = snakemake("-n", "--cores", "1", *args)
+    assert "Nothing to be done" in control.stdout + control.stderr, control.stderr[-3000:]
+
+    model = tmp_path / "results" / "classification" / "resnet10t"
+    for name in ("model.pt", "history.csv", "test_predictions.csv"):
+        (model / name).unlink()
+    result = snakemake("-n", "--cores", "1", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stats = job_stats(result.stdout + result.stderr)
+    assert stats.get("train_classifier") == 1, stats
+    # Its evaluation, the ensemble, the ensemble's evaluation, the cascade and the report.
+    assert stats.get("evaluate_classifier") == 2 and stats.get("ensemble_classifiers") == 1
+    assert stats.get("cascade") == 1 and stats.get("report") == 1, stats
+    assert "train_segmenter" not in stats and "preprocess_lgg" not in stats, stats
