@@ -16,6 +16,7 @@ min_version("9.0")
 sys.path.insert(0, workflow.basedir)
 import yaml
 from brainmri.config import check_config, model_names, preflight, training_settings
+from brainmri.runlock import claim_workdir, held_locks
 
 # Every schema violation at once, one line each with did-you-mean hints; then Snakemake's
 # validate (which then passes) fills in the defaults.
@@ -26,6 +27,23 @@ validate(config, schema="../config/schema.yaml", set_default=True)
 # of a cluster run, which read the workflow again, skip them.
 if workflow.is_main_process:
     preflight(config)
+    # A killed run's lock: removed when no other run of this workflow is alive here
+    # (brainmri/runlock.py), so that rerunning the same command resumes (README, reliability).
+    _LIVE, _STALE, _OTHERS = claim_workdir(".snakemake")
+    if _STALE:
+        print(
+            "Removed the lock of a killed Snakemake run (.snakemake/locks; no other run of "
+            "this workflow is alive here): its unfinished jobs are redone, training resumes "
+            "from its last completed epoch.",
+            file=sys.stderr,
+        )
+    elif _OTHERS and held_locks(".snakemake"):
+        print(
+            "Note: another Snakemake run of this workflow is alive in this folder. If it "
+            "writes the same files, Snakemake stops with LockException: wait for it or stop "
+            "it, then rerun (do not --unlock a live run).",
+            file=sys.stderr,
+        )
 
 RESULTS = Path(config["results_dir"])
 WEIGHTS = Path(config["weights_dir"])

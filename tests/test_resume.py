@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -151,3 +152,58 @@ def test_outputs_of_a_classifier_run(preprocessed_data, uninterrupted):
         checkpoint["format"] == "brainmri-checkpoint-v1" and checkpoint["task"] == "classification"
     )
     assert checkpoint["val_loss"] == pytest.approx(history["val_loss"].min())
+
+
+# --- the whole Snakemake run killed: rerunning the same command resumes ---------------------
+
+
+def test_killed_snakemake_run_resumes_when_the_same_command_is_rerun(tmp_path):
+    """kill -9 of Snakemake's whole process group (a closed terminal, a lost node): Snakemake's
+    lock stays behind. The documented recovery is to rerun the same command: it removes the
+    stale lock itself and training resumes from its last completed epoch (README)."""
+    import os
+
+    from helpers import TINY_CONFIG
+
+    results = tmp_path / "results"
+    model = results / "classification" / "resnet10t"
+    longer = tmp_path / "longer.yaml"
+    longer.write_text("classification: {epochs: 8, patience: null}\n")
+    command = [
+        str(Path(sys.executable).parent / "snakemake"),
+        "--configfile",
+        str(TINY_CONFIG),
+        str(longer),
+        "--config",
+        f"results_dir={results}",
+        "--cores",
+        "2",
+        str(model / "model.pt"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.Popen(
+        command, cwd=REPO, env=env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    state = model / "resume" / "state.pt"
+    deadline = time.monotonic() + 600
+    while not state.exists() and time.monotonic() < deadline and run.poll() is None:
+        time.sleep(0.1)
+    assert run.poll() is None, "the run ended before it could be killed"
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait(timeout=60)
+    assert not (model / "model.pt").exists()
+    locks = REPO / ".snakemake" / "locks"
+    assert any(str(results) in p.read_text() for p in locks.glob("*.lock")), "no stale lock"
+
+    rerun = subprocess.run(
+        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+    )  # the same command, as README says
+    output = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, output[-4000:]
+    assert "Removed the lock of a killed Snakemake run" in output
+    log = (results / "logs" / "classification" / "resnet10t.log").read_text()
+    assert "Resuming after epoch" in log, log[-3000:]
+    history = pd.read_csv(model / "history.csv")
+    assert history["epoch"].tolist() == list(range(1, 9))
+    assert not (model / "resume").exists()
