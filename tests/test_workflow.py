@@ -245,3 +245,41 @@ def test_a_model_lost_by_a_stopped_job_is_retrained_with_everything_downstream(t
     assert stats.get("evaluate_classifier") == 2 and stats.get("ensemble_classifiers") == 1
     assert stats.get("cascade") == 1 and stats.get("report") == 1, stats
     assert "train_segmenter" not in stats and "preprocess_lgg" not in stats, stats
+
+
+# --- targets after --resources --------------------------------------------------------------
+
+
+def documented_commands() -> list[tuple[str, str]]:
+    """(where, line) of every command line in README.md, docs/*.md (code blocks) and Makefile."""
+    found = []
+    for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        inside = False
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if line.lstrip().startswith("```"):
+                inside = not inside
+            elif inside:
+                found.append((f"{path.name}:{number}", line.split(" # ")[0]))
+    for number, line in enumerate((REPO / "Makefile").read_text().splitlines(), 1):
+        if line.startswith("\t"):
+            found.append((f"Makefile:{number}", line))
+    return found
+
+
+def test_documented_targets_after_resources_follow_a_double_dash():
+    """`--resources` takes several values: a target right after it is read as a resource."""
+    commands = documented_commands()
+    assert any("--resources gpu=1 -- results/" in line for _, line in commands)
+    for where, line in commands:
+        for match in re.finditer(r"--resources((?:\s+\w+=\S+)+)\s+(\S+)", line):
+            assert match[2].startswith("-"), f"{where}: target after --resources without --"
+
+
+def test_the_double_dash_form_runs_and_the_bare_form_fails(tmp_path):
+    target = f"{tmp_path}/results/splits/splits.csv"
+    base = ("-n", "--configfile", str(TINY_CONFIG), "--config", f"results_dir={tmp_path}/results")
+    bare = snakemake(*base, "--cores", "1", "--resources", "gpu=1", target)
+    assert bare.returncode != 0 and "ValueError" in bare.stderr, bare.stderr[-2000:]
+    good = snakemake(*base, "--cores", "1", "--resources", "gpu=1", "--", target)
+    assert good.returncode == 0, good.stderr[-2000:]
+    assert "split" in job_stats(good.stdout + good.stderr)
