@@ -143,7 +143,13 @@ def test_download_through_the_real_client_is_extracted_and_checksummed(
     ]
     rows = (out.parent / "brain-tumor-mri-dataset.sha256.tsv").read_text().splitlines()
     assert rows[1].startswith(f"brain-tumor-mri-dataset.zip\t{len(standin.archive)}\t")
-    assert len(rows) == 2 + 12
+    assert len(rows) == 2 + 12 + 1  # header, zip, files, and the source record
+    # Errors about these files will name the Kaggle dataset, not the extracted copy.
+    source = (out / ".brainmri-source").read_text().strip()
+    assert (
+        source
+        == "Kaggle dataset masoudnickparvar/brain-tumor-mri-dataset (%s)" % (rows[1].split("\t")[0])
+    )
     # The key never appears in any written file, in stdout/stderr or in the log records.
     captured = capfd.readouterr()
     encoded = base64.b64encode(f"{USER}:{SECRET}".encode())
