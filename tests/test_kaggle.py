@@ -146,10 +146,8 @@ def test_download_through_the_real_client_is_extracted_and_checksummed(
     assert len(rows) == 2 + 12 + 1  # header, zip, files, and the source record
     # Errors about these files will name the Kaggle dataset, not the extracted copy.
     source = (out / ".brainmri-source").read_text().strip()
-    assert (
-        source
-        == "Kaggle dataset masoudnickparvar/brain-tumor-mri-dataset (%s)" % (rows[1].split("\t")[0])
-    )
+    zip_name = rows[1].split("\t")[0]
+    assert source == f"Kaggle dataset masoudnickparvar/brain-tumor-mri-dataset ({zip_name})"
     # The key never appears in any written file, in stdout/stderr or in the log records.
     captured = capfd.readouterr()
     encoded = base64.b64encode(f"{USER}:{SECRET}".encode())
