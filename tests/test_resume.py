@@ -157,6 +157,7 @@ def test_outputs_of_a_classifier_run(preprocessed_data, uninterrupted):
 # --- the whole Snakemake run killed: rerunning the same command resumes ---------------------
 
 
+@pytest.mark.slow
 def test_killed_snakemake_run_resumes_when_the_same_command_is_rerun(tmp_path):
     """kill -9 of Snakemake's whole process group (a closed terminal, a lost node): Snakemake's
     lock stays behind. The documented recovery is to rerun the same command: it removes the
