@@ -1,0 +1,268 @@
+"""Volume prediction: a whole patient (slice folder or NIfTI) in, per-slice decisions, a 3-D mask
+in the input's geometry, the tumor volume and an overview montage out.
+
+Each slice gets exactly the training preprocessing of :mod:`brainmri.inference.predict` (zero
+padding to a centred square, bilinear resize to the preprocessed size, the model's own input size
+and normalisation inside the model). The classifier ensemble decides per slice; the segmentation
+fold ensemble's mask is kept on the slices called tumor (the cascade), and brought back to the
+slice's size with nearest-neighbour resampling. In a batch, a bad patient is reported in its CSV
+row and skipped, and nothing is written for it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, ImageDraw
+
+from brainmri.data.preprocess import resize_image, square_pad
+from brainmri.errors import InputError
+from brainmri.evaluation.classification import vote
+from brainmri.inference.predict import Prepared, restore_mask
+from brainmri.inference.segment import probabilities_of
+from brainmri.inference.volume_io import Volume, mask_to_input
+from brainmri.io import atomic_path, write_csv
+from brainmri.models import load_checkpoint
+from brainmri.training.batches import Batches
+from brainmri.training.loop import predict_logits
+
+log = logging.getLogger(__name__)
+
+SLICE_COLUMNS = [
+    "slice",
+    "tumor_probability",
+    "decision",
+    "votes",
+    "segmentation_max_probability",
+    "segmentation_decision",
+    "tumor_voxels",
+]
+PATIENT_COLUMNS = [
+    "patient",
+    "input",
+    "form",
+    "shape",
+    "spacing_mm",
+    "missing_sequences",
+    "slices",
+    "tumor_slices",
+    "first_tumor_slice",
+    "last_tumor_slice",
+    "tumor_voxels",
+    "tumor_ml",
+    "mask",
+    "overview",
+    "error",
+]
+MONTAGE_TILES = 16
+TILE = 160
+
+
+class EnsembleModels:
+    """The trained classifier ensemble and segmentation fold ensemble, loaded once."""
+
+    def __init__(
+        self, classifiers: list[Path], segmenters: list[Path], method: str, device: torch.device
+    ) -> None:
+        if not classifiers or not segmenters:
+            raise InputError("volume prediction needs at least one classifier and one segmenter")
+        self.segmenters, self.method, self.device = segmenters, method, device
+        self.classifiers = [load_checkpoint(path, device) for path in classifiers]
+
+    def classify(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per image: ensemble decision (0/1), mean tumor probability, votes."""
+        preds, probs = [], []
+        for model, checkpoint in self.classifiers:
+            batches = Batches(
+                images, np.zeros(len(images)), 32, self.device, checkpoint["image_size"]
+            )
+            logits = predict_logits(model, batches.epoch(), self.device)
+            prob = torch.softmax(logits, 1)[:, 1].numpy()
+            probs.append(prob)
+            preds.append((prob >= 0.5).astype(int))
+        return vote(np.stack(preds), np.stack(probs), self.method)
+
+    def segment(self, images: np.ndarray) -> np.ndarray:
+        """Mean tumor probability (N, S, S) of the fold ensemble."""
+        return probabilities_of(self.segmenters, images, self.device)[0]
+
+
+@dataclass
+class VolumeResult:
+    per_slice: pd.DataFrame
+    mask: np.ndarray  # (Z, H, W) bool, display orientation, the slices' own size
+    summary: dict
+
+
+def model_inputs(slices: np.ndarray, size: int) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """(Z, H, W, 3) slices -> (Z, S, S, 3) as the models saw their training data; the padding."""
+    height, width = slices.shape[1:3]
+    side = max(height, width)
+    images = np.stack(
+        [
+            resize_image(np.stack([square_pad(s[..., c]) for c in range(3)], axis=-1), size)
+            for s in slices
+        ]
+    )
+    return images, (side, (side - height) // 2, (side - width) // 2)
+
+
+def predict_volume(volume: Volume, models, size: int, threshold: float) -> VolumeResult:
+    """Classify and segment every slice; the mask back at the slices' size."""
+    images, pad = model_inputs(volume.slices, size)
+    decision, probability, votes = models.classify(images)
+    seg_probability = models.segment(images)
+    seg_max = seg_probability.reshape(len(images), -1).max(axis=1)
+    mask = np.stack(
+        [
+            restore_mask(
+                (seg_probability[i] >= threshold) & bool(decision[i]),
+                Prepared(str(n), images[i], volume.slices[i], pad),
+            )
+            for i, n in enumerate(volume.slice_numbers)
+        ]
+    )
+    voxels = mask.reshape(len(mask), -1).sum(axis=1)
+    per_slice = pd.DataFrame(
+        {
+            "slice": volume.slice_numbers,
+            "tumor_probability": np.round(probability.astype(float), 6),
+            "decision": np.where(decision.astype(bool), "tumor", "no_tumor"),
+            "votes": votes.astype(int),
+            "segmentation_max_probability": np.round(seg_max.astype(float), 6),
+            "segmentation_decision": np.where(seg_max >= threshold, "tumor", "no_tumor"),
+            "tumor_voxels": voxels.astype(int),
+        },
+        columns=SLICE_COLUMNS,
+    )
+    tumor = [n for n, v in zip(volume.slice_numbers, voxels, strict=True) if v]
+    total = int(voxels.sum())
+    summary = {
+        "patient": volume.name,
+        "input": volume.source,
+        "form": volume.form,
+        "shape": "x".join(map(str, _input_shape(volume))),
+        "spacing_mm": "x".join(f"{s:g}" for s in volume.spacing_mm) if volume.spacing_mm else "",
+        "missing_sequences": ";".join(volume.missing),
+        "slices": len(volume.slice_numbers),
+        "tumor_slices": len(tumor),
+        "first_tumor_slice": min(tumor) if tumor else None,
+        "last_tumor_slice": max(tumor) if tumor else None,
+        "tumor_voxels": total,
+        "tumor_ml": round(total * volume.voxel_ml, 4) if volume.voxel_ml else None,
+        "error": "",
+    }
+    return VolumeResult(per_slice, mask, summary)
+
+
+def _input_shape(volume: Volume) -> tuple[int, ...]:
+    if volume.reference is not None:
+        return tuple(int(d) for d in volume.reference.shape[:3])
+    return tuple(int(d) for d in volume.slices.shape[:3])
+
+
+def write_patient(volume: Volume, result: VolumeResult, folder: Path) -> dict[str, str]:
+    """slices.csv, the mask (mask.nii.gz, or masks/<patient>_<n>_mask.png) and overview.png."""
+    folder.mkdir(parents=True)
+    write_csv(folder / "slices.csv", result.per_slice.astype({"votes": "Int64"}))
+    if volume.reference is not None:
+        reference = volume.reference
+        header = reference.header.copy()
+        header.set_data_dtype(np.uint8)
+        data = mask_to_input(volume, result.mask).astype(np.uint8)
+        image = type(reference)(data, reference.affine, header)
+        image.header.set_slope_inter(1, 0)
+        nib.save(image, folder / "mask.nii.gz")
+        mask_name = "mask.nii.gz"
+    else:
+        (folder / "masks").mkdir()
+        for path, mask in zip(volume.slice_files, result.mask, strict=True):
+            stem = path.name.rsplit(".", 1)[0]
+            Image.fromarray(mask.astype(np.uint8) * 255).save(folder / "masks" / f"{stem}_mask.png")
+        mask_name = "masks"
+    overview(volume, result).save(folder / "overview.png")
+    return {"mask": mask_name, "overview": "overview.png"}
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    padded = np.pad(mask, 1)
+    inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:] & mask
+    return mask & ~inner
+
+
+def overview(volume: Volume, result: VolumeResult) -> Image.Image:
+    """A montage of the tumor slices (at most 16, evenly spaced) with the mask outlined in green;
+    evenly spaced slices marked "no tumor" when none was found."""
+    tumor = np.flatnonzero(result.mask.reshape(len(result.mask), -1).any(axis=1))
+    chosen = tumor if len(tumor) else np.arange(len(result.mask))
+    count = min(MONTAGE_TILES if len(tumor) else 8, len(chosen))
+    chosen = chosen[np.linspace(0, len(chosen) - 1, count).round().astype(int)]
+    height, width = volume.slices.shape[1:3]
+    scale = TILE / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    columns = min(4, count)
+    rows = -(-count // columns)
+    sheet = Image.new("RGB", (columns * size[0], rows * (size[1] + 14)), "black")
+    draw = ImageDraw.Draw(sheet)
+    for k, i in enumerate(chosen):
+        tile = np.asarray(Image.fromarray(volume.slices[i]).resize(size, Image.BILINEAR)).copy()
+        small = np.asarray(
+            Image.fromarray(result.mask[i].astype(np.uint8) * 255).resize(size, Image.NEAREST)
+        )
+        tile[_outline(small > 127)] = (0, 255, 0)
+        x, y = (k % columns) * size[0], (k // columns) * (size[1] + 14)
+        sheet.paste(Image.fromarray(tile), (x, y + 14))
+        label = f"slice {volume.slice_numbers[i]}" + ("" if len(tumor) else " (no tumor)")
+        draw.text((x + 2, y + 1), label, fill="white")
+    return sheet
+
+
+Reader = tuple[str, Callable[[], Volume]]
+
+
+def predict_volumes(
+    readers: list[Reader],
+    models,
+    size: int,
+    threshold: float,
+    patients_dir: Path,
+    csv_path: Path,
+) -> list[str]:
+    """Predict every patient; one CSV row each; return '<input>: <error>' of the failed ones."""
+    rows, failures, done = [], [], set()
+    with atomic_path(patients_dir) as tmp:
+        tmp.mkdir()
+        for label, read in readers:
+            try:
+                volume = read()
+                if volume.name in done:
+                    raise InputError(f"{label}: a second patient named {volume.name}")
+                result = predict_volume(volume, models, size, threshold)
+                with atomic_path(tmp / volume.name) as folder:
+                    names = write_patient(volume, result, folder)
+            except InputError as error:
+                message = str(error) if str(error).startswith(label) else f"{label}: {error}"
+                log.error("Skipping %s", message)
+                failures.append(message)
+                rows.append({"input": label, "error": message})
+                continue
+            done.add(volume.name)
+            log.info(
+                "%s: %d of %d slices with tumor, %d voxels",
+                volume.name,
+                result.summary["tumor_slices"],
+                result.summary["slices"],
+                result.summary["tumor_voxels"],
+            )
+            rows.append(result.summary | {k: f"{volume.name}/{v}" for k, v in names.items()})
+    frame = pd.DataFrame(rows, columns=PATIENT_COLUMNS)
+    integers = ["slices", "tumor_slices", "first_tumor_slice", "last_tumor_slice", "tumor_voxels"]
+    write_csv(csv_path, frame.astype(dict.fromkeys(integers, "Int64")))
+    return failures

@@ -1,0 +1,79 @@
+"""Predict on whole patient volumes with trained models: per-slice tumor probability and
+decision, a 3-D mask in the input's geometry, the tumor volume and an overview montage.
+
+A patient is a Kaggle-layout folder (<patient>_<n>.tif), a folder of NIfTI files named
+<...>_pre, <...>_flair, <...>_post (.nii/.nii.gz; FLAIR required, a missing one is replaced by
+FLAIR), or one NIfTI with the three sequences along a 4th dimension. Bad patients are reported
+and skipped; the exit status is then 1.
+
+  python workflow_scripts/predict_volume.py --inputs patient1/ patient2.nii.gz \\
+      --classifiers results/classification/*/model.pt \\
+      --segmenters results/segmentation/unet/fold*/model.pt --image-size 256 \\
+      --csv out/volumes.csv --patients-dir out/patients
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from pathlib import Path
+
+from brainmri.devices import select_device
+from brainmri.inference.volume import EnsembleModels, predict_volumes
+from brainmri.inference.volume_io import AXES, read_input, read_nifti_files
+from brainmri.io import run_cli, setup_logging
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--inputs", nargs="*", type=Path, default=[], help="patients")
+    parser.add_argument("--flair", type=Path, help="one patient as sequence files: FLAIR ...")
+    parser.add_argument("--pre", type=Path, help="... pre-contrast (optional)")
+    parser.add_argument("--post", type=Path, help="... post-contrast (optional)")
+    parser.add_argument("--name", help="patient name for --flair (default: its folder's name)")
+    parser.add_argument("--classifiers", nargs="+", type=Path, required=True)
+    parser.add_argument("--segmenters", nargs="+", type=Path, required=True)
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        required=True,
+        help="side of the preprocessed slices the models were trained on (data.image_size)",
+    )
+    parser.add_argument("--method", choices=["majority", "soft"], default="majority")
+    parser.add_argument("--threshold", type=float, default=0.5)
+    parser.add_argument("--axis", choices=sorted(AXES), default="axial")
+    parser.add_argument("--csv", type=Path, required=True, help="one row per patient")
+    parser.add_argument("--patients-dir", type=Path, required=True, help="one folder per patient")
+    args = parser.parse_args()
+    if not 0 < args.threshold < 1:
+        parser.error("--threshold must lie strictly between 0 and 1")
+    if (args.pre or args.post or args.name) and not args.flair:
+        parser.error("--pre, --post and --name go with --flair")
+    readers = [(str(p), functools.partial(read_input, p, args.axis)) for p in args.inputs]
+    if args.flair:
+        files = {"FLAIR": args.flair, "pre-contrast": args.pre, "post-contrast": args.post}
+        files = {k: v for k, v in files.items() if v is not None}
+        name = args.name or args.flair.resolve().parent.name
+        read = functools.partial(read_nifti_files, files, args.axis, name, str(args.flair))
+        readers.append((str(args.flair), read))
+    if not readers:
+        parser.error("give --inputs and/or --flair")
+    log = setup_logging()
+    models = EnsembleModels(args.classifiers, args.segmenters, args.method, select_device(log))
+    failures = predict_volumes(
+        readers, models, args.image_size, args.threshold, args.patients_dir, args.csv
+    )
+    if failures:
+        print(
+            f"{len(failures)} of {len(readers)} patient(s) skipped:\n" + "\n".join(failures),
+            file=sys.stderr,
+        )
+        sys.exit(1)
+    log.info("Volumes written to %s and %s", args.csv, args.patients_dir)
+
+
+if __name__ == "__main__":
+    run_cli(main)
