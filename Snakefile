@@ -16,6 +16,7 @@ include: "rules/data.smk"
 include: "rules/classification.smk"
 include: "rules/segmentation.smk"
 include: "rules/report.smk"
+include: "rules/volume.smk"
 
 
 rule all:

@@ -131,6 +131,17 @@ def predict_input_dir(wildcards) -> str:
     return folder
 
 
+def predict_volume_inputs(wildcards) -> list[str]:
+    """The patients (folders or NIfTI files) for the predict_volume target (rules/volume.smk)."""
+    volumes = config["predict"]["volumes"]
+    if not volumes:
+        raise ValueError(
+            "the predict_volume target needs predict.volumes: snakemake predict_volume "
+            "--config predict='{volumes: [path/to/patient_folder, path/to/scan.nii.gz]}'"
+        )
+    return volumes
+
+
 def data_targets() -> list[str]:
     return [
         results("data/manifest.csv"),

@@ -17,8 +17,14 @@ DEMO = REPO / "config" / "demo.yaml"
 PAPER = REPO / "config" / "config.yaml"
 DEFAULT_PROFILE = REPO / "profiles" / "default" / "config.yaml"
 SLURM_PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
-GPU_RULES = {"train_classifier", "train_segmenter", "evaluate_segmenter", "predict_new_images"}
-LOCAL_RULES = {"fetch_lgg", "fetch_btm", "download_weights", "predict"}
+GPU_RULES = {
+    "train_classifier",
+    "train_segmenter",
+    "evaluate_segmenter",
+    "predict_new_images",
+    "predict_patient_volumes",
+}
+LOCAL_RULES = {"fetch_lgg", "fetch_btm", "download_weights", "predict", "predict_volume"}
 
 
 def job_stats(output: str) -> dict[str, int]:

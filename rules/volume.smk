@@ -1,0 +1,51 @@
+"""Prediction on whole patient volumes (slice folders or NIfTI): 3-D masks and tumor volumes."""
+
+
+localrules:
+    predict_volume,
+
+
+rule predict_patient_volumes:
+    """Per-slice decisions, a 3-D mask in the input's geometry and the tumor volume per patient."""
+    input:
+        volumes=predict_volume_inputs,
+        classifiers=expand(
+            results("classification/{backbone}/model.pt"), backbone=BACKBONES
+        ),
+        segmenters=expand(
+            results(
+                f"segmentation/{config['cascade']['architecture']}/fold{{fold}}/model.pt"
+            ),
+            fold=FOLDS,
+        ),
+    output:
+        csv=results("predict_volume/volumes.csv"),
+        patients=directory(results("predict_volume/patients")),
+    log:
+        results("logs/predict_volume.log"),
+    benchmark:
+        results("benchmarks/predict_volume.tsv")
+    conda:
+        "../envs/training.yaml"
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=8000,
+        runtime=60,
+    params:
+        image_size=config["data"]["image_size"],
+        method=config["classification"]["ensemble"],
+        threshold=config["segmentation"]["threshold"],
+        axis=config["predict"]["volume_axis"],
+    shell:
+        "$PYTHON $SCRIPTS/predict_volume.py --inputs {input.volumes:q}"
+        " --classifiers {input.classifiers} --segmenters {input.segmenters}"
+        " --image-size {params.image_size} --method {params.method}"
+        " --threshold {params.threshold} --axis {params.axis}"
+        " --csv {output.csv} --patients-dir {output.patients} > {log} 2>&1"
+
+
+rule predict_volume:
+    """Target: `snakemake predict_volume --config predict='{volumes: [patient_dir, scan.nii.gz]}'`."""
+    input:
+        results("predict_volume/volumes.csv"),
