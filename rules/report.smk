@@ -47,7 +47,11 @@ rule report:
         segmentation_targets(),
         results("cascade/metrics.json"),
         # The report's own code: editing it rebuilds the report and nothing else.
-        code=[SCRIPTS / "make_report.py", PACKAGE / "reporting" / "report.py"],
+        code=[
+            SCRIPTS / "make_report.py",
+            PACKAGE / "reporting" / "report.py",
+            PACKAGE / "reporting" / "volumes.py",
+        ],
         histories=expand(
             results("classification/{backbone}/history.csv"), backbone=BACKBONES
         )

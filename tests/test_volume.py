@@ -290,3 +290,39 @@ def test_reader_errors_name_the_file(tmp_path):
     (tmp_path / "none").mkdir()
     with pytest.raises(InputError, match="none: no slices"):
         read_input(tmp_path / "none", "axial")
+
+
+# --- the report's per-patient volume table ----------------------------------------------------
+
+
+def test_report_volume_table_sums_slices_per_patient(tmp_path):
+    from brainmri.reporting.volumes import patient_volumes, volume_rows
+
+    patients = ["A", "A", "B", "B", "C"]
+    true = [10, 20, 0, 5, 40]
+    for arch, pred in (("unet", [12, 18, 3, 0, 44]), ("fpn", [0, 0, 0, 0, 0])):
+        folder = tmp_path / "segmentation" / arch / "ensemble"
+        folder.mkdir(parents=True)
+        pd.DataFrame({"patient": patients, "pred_area": pred, "true_area": true}).to_csv(
+            folder / "per_slice.csv", index=False
+        )
+    (tmp_path / "cascade").mkdir()
+    pd.DataFrame(
+        {"patient": patients, "cascade_pred_area": [12, 18, 0, 0, 44], "cascade_true_area": true}
+    ).to_csv(tmp_path / "cascade" / "per_slice.csv", index=False)
+    table = patient_volumes(tmp_path, ["unet", "fpn"])
+    assert list(table.columns) == [
+        "patient",
+        "true",
+        "unet fold ensemble",
+        "fpn fold ensemble",
+        "cascade",
+    ]
+    assert table["true"].tolist() == [30, 5, 40]
+    assert table["unet fold ensemble"].tolist() == [30, 3, 44]
+    assert table["cascade"].tolist() == [30, 0, 44]
+    rows = volume_rows(table)
+    last = rows.iloc[-1]
+    assert last["patient"] == "Pearson r with true"
+    assert last["unet fold ensemble"] == pytest.approx(np.corrcoef([30, 5, 40], [30, 3, 44])[0, 1])
+    assert np.isnan(last["fpn fold ensemble"])  # a constant prediction has no correlation

@@ -19,6 +19,7 @@ import pandas as pd
 
 from brainmri.errors import InputError
 from brainmri.io import read_json
+from brainmri.reporting.volumes import patient_volumes, volume_rows
 
 PAPER = {
     "classification": {"ensemble_accuracy": 0.96, "tumor_f1": 0.94, "test_slices": 786},
@@ -350,6 +351,8 @@ def build_report(
         f"<p>The gate dropped {esc(gate['tumor_slices_dropped'])} tumor slices, "
         f"{100 * gate['tumor_area_lost_fraction']:.1f}% of the test tumor area.</p>"
     )
+    add("<h3>Tumor volume per test patient (voxels at the preprocessed size)</h3>")
+    add(table_html(volume_rows(patient_volumes(root, list(run.architectures))), 2))
 
     # Run time and provenance.
     add('<h2 id="runtime">Run time per job</h2>')
