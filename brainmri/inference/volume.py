@@ -176,6 +176,7 @@ def write_patient(volume: Volume, result: VolumeResult, folder: Path) -> dict[st
         reference = volume.reference
         header = reference.header.copy()
         header.set_data_dtype(np.uint8)
+        header.set_intent("none")
         data = mask_to_input(volume, result.mask).astype(np.uint8)
         image = type(reference)(data, reference.affine, header)
         image.header.set_slope_inter(1, 0)

@@ -293,6 +293,16 @@ def _from_nifti(
     known = all(z > 0 for z in spacing)
     if missing:
         log.warning("%s: %s missing; FLAIR is used in its place", source, ", ".join(missing))
+    if known:
+        rows, cols = (spacing[int(i)] for i in np.argsort(forward[:, 0])[:2])
+        if max(rows, cols) > 1.2 * min(rows, cols):
+            log.warning(
+                "%s: in-plane voxels of %.3g x %.3g mm are not square; the models were trained "
+                "on square pixels and see the slices stretched",
+                source,
+                rows,
+                cols,
+            )
     return Volume(
         name=name,
         source=source,
