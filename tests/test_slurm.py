@@ -23,13 +23,7 @@ from helpers import REPO, TINY_CONFIG, snakemake, workflow_run  # noqa: F401
 from slurm_cluster import DEBIAN_PACKAGES, ClusterUnavailable, parse_scontrol_line, start_cluster
 
 SLURM_PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
-GPU_RULES = {
-    "train_classifier",
-    "train_segmenter",
-    "evaluate_segmenter",
-    "predict_new_images",
-    "predict_patient_volumes",
-}
+GPU_RULES = {"train_classifier", "train_segmenter", "evaluate_segmenter", "predict_new_images"}
 LOCAL_RULES = {"fetch_lgg", "fetch_btm", "all"}
 THREADS = 2
 
