@@ -326,3 +326,24 @@ def test_report_volume_table_sums_slices_per_patient(tmp_path):
     assert last["patient"] == "Pearson r with true"
     assert last["unet fold ensemble"] == pytest.approx(np.corrcoef([30, 5, 40], [30, 3, 44])[0, 1])
     assert np.isnan(last["fpn fold ensemble"])  # a constant prediction has no correlation
+
+
+def test_slice_folder_and_nifti_of_the_same_slices_agree(tmp_path):
+    """Slices stacked into a NIfTI whose voxel axes are the display's (rows to posterior, columns
+    to the patient's left, slices to superior) give the folder's per-slice results."""
+    folder = tmp_path / "TCGA_CS_0002_20000101"
+    folder.mkdir()
+    pre, flair, post, _ = (np.transpose(a, (2, 1, 0)) for a in blob_volume())
+    rgb = np.stack([pre, flair, post], axis=-1).clip(0, 255).astype(np.uint8)
+    for k in range(len(rgb)):
+        Image.fromarray(rgb[k]).save(folder / f"{folder.name}_{k}.tif")
+    affine = np.array([[0, -1.0, 0, 0], [-1.0, 0, 0, 0], [0, 0, 2.0, 0], [0, 0, 0, 1]])
+    nifti = save(np.transpose(rgb, (1, 2, 0, 3)), tmp_path / "same.nii.gz", affine)
+    assert nib.aff2axcodes(affine) == ("P", "L", "S")
+    _, table = run([reader(folder), reader(nifti)], tmp_path / "out")
+    patients = tmp_path / "out" / "patients"
+    pd.testing.assert_frame_equal(
+        pd.read_csv(patients / folder.name / "slices.csv"),
+        pd.read_csv(patients / "same" / "slices.csv"),
+    )
+    assert table.iloc[0]["tumor_voxels"] == table.iloc[1]["tumor_voxels"] > 0
