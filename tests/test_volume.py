@@ -104,6 +104,7 @@ def test_mask_in_input_geometry_and_volume_in_ml(tmp_path):
     tumor_z = np.flatnonzero(blob.any(axis=(0, 1)))
     assert (row["first_tumor_slice"], row["last_tumor_slice"]) == (tumor_z[0], tumor_z[-1])
     assert row["form"] == "nifti-3-files" and row["missing_sequences"] == ""
+    assert row["true_tumor_voxels"] == ""
     assert row["spacing_mm"] == "0.9x1.1x2.5" and row["shape"] == "80x72x20"
     slices = pd.read_csv(tmp_path / "out" / "patients" / "p1" / "slices.csv")
     assert list(slices["slice"]) == list(range(SHAPE[2]))
@@ -185,6 +186,7 @@ def test_kaggle_folder_in_slice_number_order(tmp_path):
     tumor = np.flatnonzero(blob.any(axis=(1, 2))) + 1
     assert (row["first_tumor_slice"], row["last_tumor_slice"]) == (tumor[0], tumor[-1])
     assert row["tumor_ml"] == "" and row["spacing_mm"] == ""
+    assert row["true_tumor_voxels"] == blob.sum()  # from the _mask.tif files
     masks_dir = tmp_path / "out" / "patients" / folder.name / "masks"
     written = np.stack(
         [np.asarray(Image.open(masks_dir / f"{folder.name}_{k + 1}_mask.png")) for k in range(12)]

@@ -57,6 +57,7 @@ PATIENT_COLUMNS = [
     "last_tumor_slice",
     "tumor_voxels",
     "tumor_ml",
+    "true_tumor_voxels",
     "mask",
     "overview",
     "error",
@@ -157,6 +158,7 @@ def predict_volume(volume: Volume, models, size: int, threshold: float) -> Volum
         "last_tumor_slice": max(tumor) if tumor else None,
         "tumor_voxels": total,
         "tumor_ml": round(total * volume.voxel_ml, 4) if volume.voxel_ml else None,
+        "true_tumor_voxels": volume.true_voxels,
         "error": "",
     }
     return VolumeResult(per_slice, mask, summary)
@@ -264,6 +266,13 @@ def predict_volumes(
             )
             rows.append(result.summary | {k: f"{volume.name}/{v}" for k, v in names.items()})
     frame = pd.DataFrame(rows, columns=PATIENT_COLUMNS)
-    integers = ["slices", "tumor_slices", "first_tumor_slice", "last_tumor_slice", "tumor_voxels"]
+    integers = [
+        "slices",
+        "tumor_slices",
+        "first_tumor_slice",
+        "last_tumor_slice",
+        "tumor_voxels",
+        "true_tumor_voxels",
+    ]
     write_csv(csv_path, frame.astype(dict.fromkeys(integers, "Int64")))
     return failures

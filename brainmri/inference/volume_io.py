@@ -23,7 +23,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.orientations import aff2axcodes, apply_orientation, axcodes2ornt, ornt_transform
 
-from brainmri.data.preprocess import _missing_modalities, open_image
+from brainmri.data.preprocess import _missing_modalities, open_image, to_uint8_gray
 from brainmri.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class Volume:
     reference: nib.Nifti1Image | None = None  # NIfTI: the input whose geometry masks take
     to_input: np.ndarray | None = None  # NIfTI: orientation transform display -> input voxels
     slice_files: list[Path] = field(default_factory=list)  # folder: the TIFF of each slice
+    true_voxels: int | None = None  # folder: tumor pixels of its _mask.tif files, when all exist
 
 
 def is_nifti(path: Path) -> bool:
@@ -111,7 +112,8 @@ def _sequence_files(folder: Path, niftis: list[Path]) -> dict[str, Path]:
 
 
 def read_kaggle_folder(folder: Path) -> Volume:
-    """``<patient>_<n>.tif`` RGB slices (masks ``_mask.tif`` ignored), ordered by ``n``."""
+    """``<patient>_<n>.tif`` RGB slices, ordered by ``n``; the ``_mask.tif`` files, when every
+    slice has one, give the true tumor volume for comparison."""
     numbered: dict[int, Path] = {}
     patients = set()
     for path in folder.iterdir():
@@ -152,6 +154,12 @@ def read_kaggle_folder(folder: Path) -> Volume:
             )
         slices.append(array)
     stack = np.stack(slices)
+    masks = [
+        path.with_name(f"{path.name.rsplit('.', 1)[0]}_mask.tif") for path in numbered.values()
+    ]
+    true_voxels = None
+    if all(mask.is_file() for mask in masks):
+        true_voxels = sum(int((to_uint8_gray(open_image(mask)) > 127).sum()) for mask in masks)
     missing = _missing_modalities(
         [bool(np.array_equal(s[..., 0], s[..., 1])) for s in stack],
         [bool(np.array_equal(s[..., 2], s[..., 1])) for s in stack],
@@ -165,6 +173,7 @@ def read_kaggle_folder(folder: Path) -> Volume:
         slice_numbers=numbers,
         missing=missing.split(";") if missing else [],
         slice_files=[numbered[n] for n in numbers],
+        true_voxels=true_voxels,
     )
 
 
