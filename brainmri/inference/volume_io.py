@@ -160,21 +160,27 @@ def read_kaggle_folder(folder: Path) -> Volume:
     true_voxels = None
     if all(mask.is_file() for mask in masks):
         true_voxels = sum(int((to_uint8_gray(open_image(mask)) > 127).sum()) for mask in masks)
-    missing = _missing_modalities(
-        [bool(np.array_equal(s[..., 0], s[..., 1])) for s in stack],
-        [bool(np.array_equal(s[..., 2], s[..., 1])) for s in stack],
-        [bool(s.max() == 0) for s in stack],
-    )
     return Volume(
         name=next(iter(patients)),
         source=str(folder),
         form="kaggle-folder",
         slices=stack,
         slice_numbers=numbers,
-        missing=missing.split(";") if missing else [],
+        missing=equal_to_flair(stack),
         slice_files=[numbered[n] for n in numbers],
         true_voxels=true_voxels,
     )
+
+
+def equal_to_flair(slices: np.ndarray) -> list[str]:
+    """The sequences that equal FLAIR on every non-blank slice: missing, as the preprocessing of
+    the training data defines it."""
+    missing = _missing_modalities(
+        [bool(np.array_equal(s[..., 0], s[..., 1])) for s in slices],
+        [bool(np.array_equal(s[..., 2], s[..., 1])) for s in slices],
+        [bool(s.max() == 0) for s in slices],
+    )
+    return missing.split(";") if missing else []
 
 
 # --- NIfTI -------------------------------------------------------------------------------------
@@ -300,6 +306,7 @@ def _from_nifti(
     to_mm = {"meter": 1000.0, "micron": 0.001}.get(unit, 1.0)  # NIfTI's default unit is mm
     spacing = tuple(z * to_mm for z in zooms)
     known = all(z > 0 for z in spacing)
+    missing = [s for s in SEQUENCES if s in missing or s in equal_to_flair(slices)]
     if missing:
         log.warning("%s: %s missing; FLAIR is used in its place", source, ", ".join(missing))
     if known:
