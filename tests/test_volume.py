@@ -351,3 +351,34 @@ def test_slice_folder_and_nifti_of_the_same_slices_agree(tmp_path):
         pd.read_csv(patients / "same" / "slices.csv"),
     )
     assert table.iloc[0]["tumor_voxels"] == table.iloc[1]["tumor_voxels"] > 0
+
+
+@pytest.mark.realdata
+def test_real_sample_patient_folder(tmp_path):
+    """A real Kaggle patient folder (the sample in ../shared/data/kaggle-mini, when present):
+    slices in number order at their own size, masks back at 256 x 256 under the TIFFs' names."""
+    import zipfile
+
+    from test_realdata_sample import SAMPLE
+
+    if SAMPLE is None:
+        pytest.skip("the real sample ../shared/data/kaggle-mini is absent")
+    with zipfile.ZipFile(SAMPLE / "lgg-mri-segmentation.zip") as archive:
+        names = [
+            n for n in archive.namelist() if n.startswith("kaggle_3m/TCGA_") and n[-4:] == ".tif"
+        ]
+        patient = sorted(n.split("/")[1] for n in names)[0]
+        members = [n for n in names if n.split("/")[1] == patient]
+        archive.extractall(tmp_path, members)
+    folder = tmp_path / "kaggle_3m" / patient
+    count = sum(not n.endswith("_mask.tif") for n in members)
+    volume = read_kaggle_folder(folder)
+    assert volume.slice_numbers == list(range(1, count + 1))
+    assert volume.slices.shape == (count, 256, 256, 3)
+    first = np.asarray(Image.open(folder / f"{patient}_1.tif"))
+    np.testing.assert_array_equal(volume.slices[0], first)
+    assert volume.true_voxels > 0
+    failures, table = run([reader(folder)], tmp_path / "out")
+    assert failures == [] and table.iloc[0]["slices"] == count
+    masks = sorted((tmp_path / "out" / "patients" / patient / "masks").iterdir())
+    assert len(masks) == count and Image.open(masks[0]).size == (256, 256)
