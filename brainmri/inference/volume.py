@@ -201,8 +201,9 @@ def _outline(mask: np.ndarray) -> np.ndarray:
 
 
 def overview(volume: Volume, result: VolumeResult) -> Image.Image:
-    """A montage of the tumor slices (at most 16, evenly spaced) with the mask outlined in green;
-    evenly spaced slices marked "no tumor" when none was found."""
+    """A montage of the tumor slices (at most 16, evenly spaced) with the mask outlined in green,
+    each labelled with its slice number and the ensemble's tumor probability; 8 evenly spaced
+    slices when no tumor was found."""
     tumor = np.flatnonzero(result.mask.reshape(len(result.mask), -1).any(axis=1))
     chosen = tumor if len(tumor) else np.arange(len(result.mask))
     count = min(MONTAGE_TILES if len(tumor) else 8, len(chosen))
@@ -222,7 +223,8 @@ def overview(volume: Volume, result: VolumeResult) -> Image.Image:
         tile[_outline(small > 127)] = (0, 255, 0)
         x, y = (k % columns) * size[0], (k // columns) * (size[1] + 14)
         sheet.paste(Image.fromarray(tile), (x, y + 14))
-        label = f"slice {volume.slice_numbers[i]}" + ("" if len(tumor) else " (no tumor)")
+        probability = result.per_slice["tumor_probability"].iloc[i]
+        label = f"slice {volume.slice_numbers[i]}  p={probability:.2f}"
         draw.text((x + 2, y + 1), label, fill="white")
     return sheet
 
