@@ -52,6 +52,11 @@ rule report:
             PACKAGE / "reporting" / "report.py",
             PACKAGE / "reporting" / "volumes.py",
         ],
+        # The per-test-patient tumor volume table.
+        volumes=expand(
+            results("segmentation/{arch}/ensemble/per_slice.csv"), arch=ARCHITECTURES
+        )
+        + [results("cascade/per_slice.csv")],
         histories=expand(
             results("classification/{backbone}/history.csv"), backbone=BACKBONES
         )
