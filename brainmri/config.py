@@ -9,6 +9,10 @@ from typing import Any
 
 from brainmri.errors import ConfigError
 
+# The training settings of each stage: what a model's training job receives (its params, its
+# resume digest and its checkpoint). Evaluation settings (classification.threshold,
+# segmentation.threshold, classification.ensemble) are not among them, so changing one reruns
+# the evaluation jobs only.
 STAGE_KEYS = {
     "classification": (
         "pretrained",
@@ -33,7 +37,6 @@ STAGE_KEYS = {
         "dice_smooth",
         "train_slices",
         "empty_fraction",
-        "threshold",
     ),
 }
 

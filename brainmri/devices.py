@@ -79,3 +79,21 @@ def select_device(log_to: logging.Logger | None = None) -> torch.device:
     torch.cuda.set_device(device)
     logger.info("Device: %s (cuda:%d)", torch.cuda.get_device_name(device), index)
     return device
+
+
+def device_record(device: torch.device) -> dict[str, object]:
+    """What a job ran on, for its ``device.json`` (the report reads these, not the logs)."""
+    record: dict[str, object] = {
+        "type": device.type,
+        "name": "CPU",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    if device.type == "cuda":
+        record.update(
+            name=torch.cuda.get_device_name(device),
+            index=device.index or 0,
+            cuda=torch.version.cuda,
+            visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES") or None,
+        )
+    return record

@@ -237,6 +237,11 @@ def save_checkpoint(
         "image_size": int(settings["image_size"]),
         **extra,
     }
+    if isinstance(model, Normalized):
+        payload["normalization"] = {
+            "mean": model.mean.flatten().tolist(),
+            "std": model.std.flatten().tolist(),
+        }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 

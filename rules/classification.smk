@@ -11,6 +11,8 @@ rule download_weights:
         str(WEIGHTS / "{library}" / "{name}.safetensors"),
     log:
         str(WEIGHTS / "logs" / "{library}_{name}.log"),
+    benchmark:
+        str(WEIGHTS / "logs" / "{library}_{name}.benchmark.tsv")
     wildcard_constraints:
         library="timm|smp",
     conda:
@@ -32,6 +34,7 @@ rule train_classifier:
         checkpoint=results("classification/{backbone}/model.pt"),
         history=results("classification/{backbone}/history.csv"),
         predictions=results("classification/{backbone}/test_predictions.csv"),
+        device=results("classification/{backbone}/device.json"),
     log:
         results("logs/classification/{backbone}.log"),
     benchmark:
@@ -45,14 +48,14 @@ rule train_classifier:
         runtime=240,
     params:
         settings=classifier_settings,
-        data_dir=lambda wildcards, input: os.path.dirname(input.manifest),
         seed=config["seed"],
     shell:
-        "$PYTHON $SCRIPTS/train_classifier.py --backbone {wildcards.backbone}"
-        " --settings {params.settings:q} --manifest {input.manifest} --splits {input.splits}"
-        " --data-dir {params.data_dir} --weights={input.weights:q} --seed {params.seed}"
-        " --threads {threads} --checkpoint {output.checkpoint} --history {output.history}"
-        " --predictions {output.predictions} > {log} 2>&1"
+        "$PYTHON $SCRIPTS/train.py classification --settings {params.settings:q}"
+        " --manifest {input.manifest} --splits {input.splits}"
+        " --images lgg={input.lgg:q} btm={input.btm:q} --weights={input.weights:q}"
+        " --seed {params.seed} --threads {threads} --checkpoint {output.checkpoint}"
+        " --history {output.history} --predictions {output.predictions}"
+        " --device-json {output.device} > {log} 2>&1"
 
 
 rule ensemble_classifiers:
@@ -66,13 +69,16 @@ rule ensemble_classifiers:
         results("classification/ensemble/test_predictions.csv"),
     log:
         results("logs/classification/ensemble.log"),
+    benchmark:
+        results("benchmarks/classification/ensemble.tsv")
     conda:
         "../envs/evaluation.yaml"
     params:
         method=config["classification"]["ensemble"],
+        threshold=config["classification"]["threshold"],
     shell:
         "$PYTHON $SCRIPTS/ensemble_classifiers.py --method {params.method}"
-        " --predictions {input} --output {output} > {log} 2>&1"
+        " --threshold {params.threshold} --predictions {input} --output {output} > {log} 2>&1"
 
 
 rule evaluate_classifier:
@@ -80,6 +86,8 @@ rule evaluate_classifier:
     input:
         predictions=results("classification/{model}/test_predictions.csv"),
         manifest=results("data/manifest.csv"),
+        images=results("data/lgg/images.npy"),
+        masks=results("data/lgg/masks.npy"),
     output:
         metrics=results("classification/{model}/test_metrics.json"),
         table=report(
@@ -102,12 +110,15 @@ rule evaluate_classifier:
         ),
     log:
         results("logs/classification/evaluate_{model}.log"),
+    benchmark:
+        results("benchmarks/classification/evaluate_{model}.tsv")
     conda:
         "../envs/evaluation.yaml"
     params:
-        data_dir=lambda wildcards, input: os.path.dirname(input.manifest),
+        threshold=config["classification"]["threshold"],
     shell:
         "$PYTHON $SCRIPTS/evaluate_classifier.py --model {wildcards.model}"
-        " --predictions {input.predictions} --manifest {input.manifest}"
-        " --data-dir {params.data_dir} --metrics {output.metrics} --table {output.table}"
+        " --predictions {input.predictions} --threshold {params.threshold}"
+        " --manifest {input.manifest} --images lgg={input.images:q} --masks lgg={input.masks:q}"
+        " --metrics {output.metrics} --table {output.table}"
         " --confusion {output.confusion} --gallery {output.gallery} > {log} 2>&1"

@@ -142,6 +142,17 @@ def predict_volume_inputs(wildcards) -> list[str]:
     return volumes
 
 
+def training_devices() -> list[str]:
+    """The device.json of every training job (the report's provenance)."""
+    return expand(
+        results("classification/{backbone}/device.json"), backbone=BACKBONES
+    ) + expand(
+        results("segmentation/{arch}/fold{fold}/device.json"),
+        arch=ARCHITECTURES,
+        fold=FOLDS,
+    )
+
+
 def data_targets() -> list[str]:
     return [
         results("data/manifest.csv"),

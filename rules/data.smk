@@ -3,17 +3,20 @@
 
 # Downloads need the network: keep them on the submitting node under a cluster executor.
 localrules:
-    fetch_lgg,
-    fetch_btm,
+    fetch,
 
 
-rule fetch_lgg:
-    """LGG slices and masks (mateuszbuda/lgg-mri-segmentation), safely extracted."""
+rule fetch:
+    """One Kaggle dataset ({dataset}: its Kaggle folder name), downloaded or copied, safely extracted."""
     output:
-        folder=directory(results("raw/lgg-mri-segmentation")),
-        checksums=results("raw/lgg-mri-segmentation.sha256.tsv"),
+        folder=directory(results("raw/{dataset}")),
+        checksums=results("raw/{dataset}.sha256.tsv"),
     log:
-        results("logs/data/fetch_lgg.log"),
+        results("logs/data/fetch_{dataset}.log"),
+    benchmark:
+        results("benchmarks/data/fetch_{dataset}.tsv")
+    wildcard_constraints:
+        dataset="|".join(map(re.escape, DATASETS.values())),
     conda:
         "../envs/data.yaml"
     params:
@@ -23,30 +26,7 @@ rule fetch_lgg:
         extraction=as_json(config["data"]["extraction"]),
         seed=config["seed"],
     shell:
-        "$PYTHON $SCRIPTS/fetch_dataset.py --dataset lgg-mri-segmentation"
-        " --source {params.source} --local-dir={params.local_dir:q}"
-        " --synthetic {params.synthetic:q} --extraction {params.extraction:q}"
-        " --seed {params.seed} --out-dir {output.folder} --checksums {output.checksums}"
-        " > {log} 2>&1"
-
-
-rule fetch_btm:
-    """Glioma / meningioma / notumor / pituitary JPGs (masoudnickparvar/brain-tumor-mri-dataset)."""
-    output:
-        folder=directory(results("raw/brain-tumor-mri-dataset")),
-        checksums=results("raw/brain-tumor-mri-dataset.sha256.tsv"),
-    log:
-        results("logs/data/fetch_btm.log"),
-    conda:
-        "../envs/data.yaml"
-    params:
-        source=config["data"]["source"],
-        local_dir=config["data"]["local_dir"] or "",
-        synthetic=as_json(config["data"]["synthetic"]),
-        extraction=as_json(config["data"]["extraction"]),
-        seed=config["seed"],
-    shell:
-        "$PYTHON $SCRIPTS/fetch_dataset.py --dataset brain-tumor-mri-dataset"
+        "$PYTHON $SCRIPTS/fetch_dataset.py --dataset {wildcards.dataset}"
         " --source {params.source} --local-dir={params.local_dir:q}"
         " --synthetic {params.synthetic:q} --extraction {params.extraction:q}"
         " --seed {params.seed} --out-dir {output.folder} --checksums {output.checksums}"
@@ -56,12 +36,12 @@ rule fetch_btm:
 rule preprocess_lgg:
     """LGG TIFFs -> 3-channel PNGs + binary mask PNGs + uint8 arrays + manifest part."""
     input:
-        results("raw/lgg-mri-segmentation"),
+        results(f"raw/{DATASETS['lgg']}"),
     output:
         png=directory(results("data/lgg/png")),
         images=results("data/lgg/images.npy"),
-        masks=results("data/lgg/masks.npy"),
         manifest=results("data/lgg/manifest.csv"),
+        masks=results("data/lgg/masks.npy"),
     log:
         results("logs/data/preprocess_lgg.log"),
     benchmark:
@@ -73,17 +53,20 @@ rule preprocess_lgg:
         mem_mb=4000,
         runtime=30,
     params:
+        dataset="lgg",
         image_size=config["data"]["image_size"],
+        masks=lambda wildcards, output: (
+            f"--masks {shlex.quote(output.masks)}" if "masks" in output.keys() else ""
+        ),
     shell:
-        "$PYTHON $SCRIPTS/preprocess.py lgg --raw-dir {input} --image-size {params.image_size}"
-        " --png-dir {output.png} --images {output.images} --masks {output.masks}"
-        " --manifest {output.manifest} --threads {threads} > {log} 2>&1"
+        "$PYTHON $SCRIPTS/preprocess.py {params.dataset} --raw-dir {input}"
+        " --image-size {params.image_size} --png-dir {output.png} --images {output.images}"
+        " {params.masks} --manifest {output.manifest} --threads {threads} > {log} 2>&1"
 
 
-rule preprocess_btm:
-    """Second dataset's glioma/notumor images -> grayscale-in-3-channel PNGs + arrays + manifest part."""
+use rule preprocess_lgg as preprocess_btm with:
     input:
-        results("raw/brain-tumor-mri-dataset"),
+        results(f"raw/{DATASETS['btm']}"),
     output:
         png=directory(results("data/btm/png")),
         images=results("data/btm/images.npy"),
@@ -92,18 +75,10 @@ rule preprocess_btm:
         results("logs/data/preprocess_btm.log"),
     benchmark:
         results("benchmarks/data/preprocess_btm.tsv")
-    conda:
-        "../envs/data.yaml"
-    threads: 2
-    resources:
-        mem_mb=4000,
-        runtime=30,
     params:
+        dataset="btm",
         image_size=config["data"]["image_size"],
-    shell:
-        "$PYTHON $SCRIPTS/preprocess.py btm --raw-dir {input} --image-size {params.image_size}"
-        " --png-dir {output.png} --images {output.images}"
-        " --manifest {output.manifest} --threads {threads} > {log} 2>&1"
+        masks="",
 
 
 rule manifest:
@@ -115,6 +90,8 @@ rule manifest:
         results("data/manifest.csv"),
     log:
         results("logs/data/manifest.log"),
+    benchmark:
+        results("benchmarks/data/manifest.tsv")
     conda:
         "../envs/data.yaml"
     shell:
@@ -131,6 +108,8 @@ rule split:
         summary=results("splits/summary.tsv"),
     log:
         results("logs/data/split.log"),
+    benchmark:
+        results("benchmarks/data/split.tsv")
     conda:
         "../envs/data.yaml"
     params:

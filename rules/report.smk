@@ -25,6 +25,8 @@ rule cascade:
         ),
     log:
         results("logs/cascade.log"),
+    benchmark:
+        results("benchmarks/cascade.tsv")
     conda:
         "../envs/evaluation.yaml"
     threads: 2
@@ -65,6 +67,7 @@ rule report:
             arch=ARCHITECTURES,
             fold=FOLDS,
         ),
+        devices=training_devices(),
     output:
         html=report(
             results("report/report.html"),
@@ -74,6 +77,8 @@ rule report:
         metrics=results("report/metrics.json"),
     log:
         results("logs/report.log"),
+    benchmark:
+        results("benchmarks/report.tsv")
     conda:
         "../envs/evaluation.yaml"
     params:
@@ -81,7 +86,8 @@ rule report:
         config=as_json(config),
     shell:
         "$PYTHON $SCRIPTS/make_report.py --results-dir {params.results_dir}"
-        " --config {params.config:q} --html {output.html} --metrics {output.metrics}"
+        " --config {params.config:q} --devices {input.devices}"
+        " --html {output.html} --metrics {output.metrics}"
         " > {log} 2>&1"
 
 
@@ -114,14 +120,14 @@ rule predict_new_images:
         mem_mb=8000,
         runtime=60,
     params:
-        results_dir=lambda wildcards, output: str(Path(output.csv).parents[1]),
-        architecture=config["cascade"]["architecture"],
         method=config["classification"]["ensemble"],
-        threshold=config["segmentation"]["threshold"],
+        classifier_threshold=config["classification"]["threshold"],
+        segmentation_threshold=config["segmentation"]["threshold"],
     shell:
         "$PYTHON $SCRIPTS/predict.py --input-dir {input.images:q}"
-        " --results-dir {params.results_dir} --architecture {params.architecture}"
-        " --method {params.method} --threshold {params.threshold}"
+        " --classifiers {input.classifiers} --segmenters {input.segmenters}"
+        " --method {params.method} --classifier-threshold {params.classifier_threshold}"
+        " --segmentation-threshold {params.segmentation_threshold}"
         " --output {output.csv} --masks-dir {output.masks} --overlays-dir {output.overlays}"
         " > {log} 2>&1"
 

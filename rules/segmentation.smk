@@ -12,6 +12,7 @@ rule train_segmenter:
     output:
         checkpoint=results("segmentation/{arch}/fold{fold}/model.pt"),
         history=results("segmentation/{arch}/fold{fold}/history.csv"),
+        device=results("segmentation/{arch}/fold{fold}/device.json"),
     log:
         results("logs/segmentation/{arch}_fold{fold}.log"),
     benchmark:
@@ -25,14 +26,13 @@ rule train_segmenter:
         runtime=180,
     params:
         settings=segmenter_settings,
-        data_dir=lambda wildcards, input: os.path.dirname(input.manifest),
         seed=config["seed"],
     shell:
-        "$PYTHON $SCRIPTS/train_segmenter.py --arch {wildcards.arch} --fold {wildcards.fold}"
+        "$PYTHON $SCRIPTS/train.py segmentation --fold {wildcards.fold}"
         " --settings {params.settings:q} --manifest {input.manifest} --splits {input.splits}"
-        " --data-dir {params.data_dir} --weights={input.weights:q} --seed {params.seed}"
-        " --threads {threads} --checkpoint {output.checkpoint} --history {output.history}"
-        " > {log} 2>&1"
+        " --images lgg={input.images:q} --masks lgg={input.masks:q} --weights={input.weights:q}"
+        " --seed {params.seed} --threads {threads} --checkpoint {output.checkpoint}"
+        " --history {output.history} --device-json {output.device} > {log} 2>&1"
 
 
 rule evaluate_segmenter:
@@ -60,12 +60,12 @@ rule evaluate_segmenter:
         mem_mb=8000,
         runtime=60,
     params:
-        data_dir=lambda wildcards, input: os.path.dirname(input.manifest),
         threshold=config["segmentation"]["threshold"],
     shell:
         "$PYTHON $SCRIPTS/evaluate_segmenter.py --checkpoint {input.checkpoint}"
         " --fold {wildcards.fold} --manifest {input.manifest} --splits {input.splits}"
-        " --data-dir {params.data_dir} --threshold {params.threshold} --threads {threads}"
+        " --images {input.images} --masks {input.masks}"
+        " --threshold {params.threshold} --threads {threads}"
         " --val-metrics {output.val} --test-metrics {output.test}"
         " --per-slice {output.per_slice} --test-probabilities {output.test_probs}"
         " > {log} 2>&1"
@@ -87,6 +87,8 @@ rule segmentation_fold_ensemble:
         probabilities=results("segmentation/{arch}/ensemble/test_probabilities.npy"),
     log:
         results("logs/segmentation/ensemble_{arch}.log"),
+    benchmark:
+        results("benchmarks/segmentation/ensemble_{arch}.tsv")
     conda:
         "../envs/evaluation.yaml"
     threads: 2
@@ -103,22 +105,30 @@ rule segmentation_fold_ensemble:
 rule summarize_segmentation:
     """Paper Tables 1 (validation) and 2 (test) as mean +- std over folds, the summary, overlays."""
     input:
-        fold_metrics=expand(
-            results("segmentation/{arch}/fold{fold}/{split}_metrics.json"),
+        val_metrics=expand(
+            results("segmentation/{arch}/fold{fold}/val_metrics.json"),
             arch=ARCHITECTURES,
             fold=FOLDS,
-            split=["val", "test"],
+        ),
+        test_metrics=expand(
+            results("segmentation/{arch}/fold{fold}/test_metrics.json"),
+            arch=ARCHITECTURES,
+            fold=FOLDS,
         ),
         fold_slices=expand(
             results("segmentation/{arch}/fold{fold}/per_slice.csv"),
             arch=ARCHITECTURES,
             fold=FOLDS,
         ),
-        ensembles=expand(
+        ensemble_metrics=expand(
             results("segmentation/{arch}/ensemble/test_metrics.json"),
             arch=ARCHITECTURES,
         ),
-        ensemble_probs=expand(
+        ensemble_slices=expand(
+            results("segmentation/{arch}/ensemble/per_slice.csv"),
+            arch=ARCHITECTURES,
+        ),
+        ensemble_probabilities=expand(
             results("segmentation/{arch}/ensemble/test_probabilities.npy"),
             arch=ARCHITECTURES,
         ),
@@ -146,15 +156,23 @@ rule summarize_segmentation:
         ),
     log:
         results("logs/segmentation/summary.log"),
+    benchmark:
+        results("benchmarks/segmentation/summary.tsv")
     conda:
         "../envs/evaluation.yaml"
     params:
-        results_dir=lambda wildcards, output: str(Path(output.summary).parents[1]),
         architectures=ARCHITECTURES,
         folds=len(FOLDS),
         seed=config["seed"],
+        threshold=config["segmentation"]["threshold"],
     shell:
-        "$PYTHON $SCRIPTS/summarize_segmentation.py --results-dir {params.results_dir}"
-        " --architectures {params.architectures} --folds {params.folds} --seed {params.seed}"
+        "$PYTHON $SCRIPTS/summarize_segmentation.py --architectures {params.architectures}"
+        " --folds {params.folds} --val-metrics {input.val_metrics}"
+        " --test-metrics {input.test_metrics} --fold-slices {input.fold_slices}"
+        " --ensemble-metrics {input.ensemble_metrics}"
+        " --ensemble-slices {input.ensemble_slices}"
+        " --ensemble-probabilities {input.ensemble_probabilities}"
+        " --manifest {input.manifest} --splits {input.splits} --images {input.images}"
+        " --masks {input.masks} --seed {params.seed} --threshold {params.threshold}"
         " --summary {output.summary} --table1 {output.table1} --table2 {output.table2}"
         " --per-slice {output.per_slice} --overlays {output.overlays} > {log} 2>&1"

@@ -88,32 +88,34 @@ def test_every_loader_refuses_a_pickled_callable(booby_trapped, tmp_path, caplog
     assert not marker.exists()
 
 
-def test_predict_refuses_a_booby_trapped_results_directory(booby_trapped, tmp_path):
-    path, marker = booby_trapped
-    results = tmp_path / "results"
-    (results / "classification" / "resnet10t").mkdir(parents=True)
-    (results / "segmentation" / "unet" / "fold0").mkdir(parents=True)
-    os.replace(path, results / "classification" / "resnet10t" / "model.pt")
-    (results / "data" / "lgg").mkdir(parents=True)
+def test_predict_refuses_a_booby_trapped_checkpoint(booby_trapped, tmp_path):
     import numpy as np
     from PIL import Image
 
-    np.save(results / "data" / "lgg" / "images.npy", np.zeros((1, 64, 64, 3), np.uint8))
+    path, marker = booby_trapped
+    segmenter = tmp_path / "unet" / "fold0" / "model.pt"
     save_checkpoint(
-        results / "segmentation" / "unet" / "fold0" / "model.pt",
+        segmenter,
         build_segmenter(SEGMENTER),
         "segmentation",
         SEGMENTER,
+        preprocessing={"array_size": 64},
     )
     images = tmp_path / "images"
     images.mkdir()
     Image.fromarray(np.zeros((40, 40), np.uint8)).save(images / "a.png")
+    out = tmp_path / "out"
     result = run_script(
-        "predict.py", "--input-dir", images, "--results-dir", results, "--architecture", "unet"
+        "predict.py",
+        *("--input-dir", images, "--classifiers", path, "--segmenters", segmenter),
+        *("--method", "majority", "--classifier-threshold", 0.5),
+        *("--segmentation-threshold", 0.5, "--output", out / "predictions.csv"),
+        *("--masks-dir", out / "masks", "--overlays-dir", out / "overlays"),
     )
     assert result.returncode == 1
     assert "refusing to load" in result.stderr
     assert not marker.exists()
+    assert not out.exists()
 
 
 def test_checkpoint_round_trip(tmp_path):

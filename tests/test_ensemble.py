@@ -32,7 +32,7 @@ def test_majority_vote_of_tables_adds_votes_and_keeps_a_backbones_columns():
         "b.csv": predictions([1, 1, 0], [0.8, 0.7, 0.4]),
         "c.csv": predictions([0, 0, 0], [0.3, 0.1, 0.2]),
     }
-    result, ties = ensemble_predictions(frames, "majority")
+    result, ties = ensemble_predictions(frames, "majority", 0.5)
     assert list(result.columns) == ["id", "patient", "label", "prob_tumor", "pred", "votes"]
     assert result["votes"].tolist() == [2, 1, 1]
     assert result["pred"].tolist() == [1, 0, 0]
@@ -45,7 +45,7 @@ def test_two_models_tie_goes_to_the_mean_probability():
         "a.csv": predictions([1, 1, 0], [0.9, 0.55, 0.1]),
         "b.csv": predictions([0, 0, 0], [0.2, 0.35, 0.3]),
     }
-    result, ties = ensemble_predictions(frames)
+    result, ties = ensemble_predictions(frames, "majority", 0.5)
     # ties on the first two rows: means 0.55 -> tumor, 0.45 -> no tumor
     assert result["votes"].tolist() == [1, 1, 0]
     assert result["pred"].tolist() == [1, 0, 0]
@@ -59,7 +59,7 @@ def test_four_models_two_to_two_tie_and_three_to_one():
         "c.csv": predictions([0, 1], [0.1, 0.6]),
         "d.csv": predictions([0, 0], [0.45, 0.0]),
     }
-    result, ties = ensemble_predictions(frames)
+    result, ties = ensemble_predictions(frames, "majority", 0.5)
     assert result["votes"].tolist() == [2, 3]
     # 2-2 tie, mean 0.4375 -> no tumor; 3-1 majority -> tumor
     assert result["pred"].tolist() == [0, 1]
@@ -72,8 +72,8 @@ def test_soft_vote_differs_from_majority_on_the_same_tables():
         "b.csv": predictions([1], [0.51]),
         "c.csv": predictions([0], [0.0]),
     }
-    assert ensemble_predictions(frames, "majority")[0]["pred"].tolist() == [1]
-    soft, ties = ensemble_predictions(frames, "soft")
+    assert ensemble_predictions(frames, "majority", 0.5)[0]["pred"].tolist() == [1]
+    soft, ties = ensemble_predictions(frames, "soft", 0.5)
     assert soft["pred"].tolist() == [0] and ties == 0  # mean 0.34
 
 
@@ -81,13 +81,13 @@ def test_tables_with_other_ids_or_order_or_labels_are_refused():
     a = predictions([1, 0], [0.9, 0.1])
     swapped = predictions([1, 0], [0.9, 0.1], ids=["s1", "s0"])
     with pytest.raises(InputError, match=r"b\.csv: its ids differ from those of a\.csv"):
-        ensemble_predictions({"a.csv": a, "b.csv": swapped})
+        ensemble_predictions({"a.csv": a, "b.csv": swapped}, "majority", 0.5)
     shorter = predictions([1], [0.9])
     with pytest.raises(InputError, match=r"b\.csv: its ids differ"):
-        ensemble_predictions({"a.csv": a, "b.csv": shorter})
+        ensemble_predictions({"a.csv": a, "b.csv": shorter}, "majority", 0.5)
     relabelled = predictions([1, 0], [0.9, 0.1], labels=[0, 0])
     with pytest.raises(InputError, match=r"b\.csv: its labels differ"):
-        ensemble_predictions({"a.csv": a, "b.csv": relabelled})
+        ensemble_predictions({"a.csv": a, "b.csv": relabelled}, "majority", 0.5)
 
 
 @pytest.mark.parametrize(
@@ -187,3 +187,12 @@ def test_overlay_selection_has_failures_successes_and_is_seeded():
     assert select_overlay_slices(frame, 5, seed=3) == chosen
     assert 7 not in select_overlay_slices(frame, 8, seed=0)  # tumor slices only
     assert len(select_overlay_slices(frame, 20, seed=0)) == 8
+
+
+def test_a_single_models_file_gets_its_decisions_from_the_cut_off(tmp_path):
+    path = tmp_path / "test_predictions.csv"
+    path.write_text("id,patient,label,prob_tumor\ns0,p,1,0.35\ns1,p,0,0.6\n")
+    assert read_predictions(path, 0.5)["pred"].tolist() == [0, 1]
+    assert read_predictions(path, 0.3)["pred"].tolist() == [1, 1]
+    with pytest.raises(InputError, match=r"missing column\(s\) \['pred'\]"):
+        read_predictions(path)  # no cut-off: the file must hold decisions (an ensemble's)

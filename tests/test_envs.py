@@ -209,7 +209,7 @@ ENV_FILES = sorted((REPO / "envs").glob("*.yaml"))
 
 def test_every_rule_that_runs_a_script_names_an_existing_env():
     rules = rule_env_and_scripts()
-    assert {"train_classifier", "fetch_lgg", "report"} <= set(rules)
+    assert {"train_classifier", "fetch", "report"} <= set(rules)
     for name, (env, scripts) in rules.items():
         if not scripts:  # target rules such as `all` and `predict`
             continue
@@ -261,8 +261,8 @@ def test_training_env_has_a_cuda_pytorch():
 
 
 def test_import_scan_follows_the_package(tmp_path):
-    # train_classifier.py imports brainmri modules that import torch, timm, pandas ...
-    found = third_party_imports("train_classifier")
+    # train.py imports brainmri modules that import torch, timm, pandas ...
+    found = third_party_imports("train")
     assert {"torch", "timm", "numpy", "pandas"} <= found
     assert not {"os", "json", "brainmri", "__future__"} & found
     # fetch_dataset reaches the kaggle client only through brainmri.

@@ -108,7 +108,8 @@ def test_ensemble_classifiers_script_votes_and_checks_ids(data, tmp_path):
     output = tmp_path / "ensemble" / "test_predictions.csv"
     run_script(
         "ensemble_classifiers.py",
-        *("--method", "majority", "--predictions", *paths, "--output", output),
+        *("--method", "majority", "--threshold", 0.5, "--predictions", *paths),
+        *("--output", output),
         check=True,
     )
     result = pd.read_csv(output)
@@ -124,17 +125,19 @@ def test_ensemble_classifiers_script_votes_and_checks_ids(data, tmp_path):
     bad = tmp_path / "bad"
     fails_cleanly(
         "ensemble_classifiers.py",
-        *("--predictions", paths[0], shuffled, "--output", bad / "test_predictions.csv"),
+        *("--method", "majority", "--threshold", 0.5, "--predictions", paths[0], shuffled),
+        *("--output", bad / "test_predictions.csv"),
         names=(str(shuffled), "ids differ"),
         out_dir=bad,
     )
 
 
-def classifier_args(data, predictions_path, out) -> list:
+def classifier_args(data, predictions_path, out, threshold=0.5) -> list:
     preprocessed = data[0]
     return [
-        *("--model", "ensemble", "--predictions", predictions_path),
-        *("--manifest", preprocessed.manifest, "--data-dir", preprocessed.data_dir),
+        *("--model", "ensemble", "--predictions", predictions_path, "--threshold", threshold),
+        *("--manifest", preprocessed.manifest, "--images", f"lgg={preprocessed.lgg_images}"),
+        *("--masks", f"lgg={preprocessed.lgg_masks}"),
         *("--metrics", out / "test_metrics.json", "--table", out / "classification_report.tsv"),
         *("--confusion", out / "confusion_matrix.png", "--gallery", out / "errors.png"),
     ]
@@ -191,6 +194,22 @@ def test_evaluate_classifier_without_errors_or_negatives(data, tmp_path):
     assert (out / "errors.png").stat().st_size > 0  # 'no false negatives' panels
 
 
+def test_evaluate_classifier_applies_the_cut_off_to_a_single_models_probabilities(data, tmp_path):
+    _, _, test, _ = data
+    probabilities = backbone_predictions(test, []).drop(columns="pred")  # as training writes
+    path = tmp_path / "test_predictions.csv"
+    write_csv(path, probabilities)
+    tumor = int(test["has_tumor"].sum())
+    for threshold, false_negatives in ((0.5, 0), (0.9, tumor)):
+        out = tmp_path / f"out{threshold}"
+        run_script(
+            "evaluate_classifier.py", *classifier_args(data, path, out, threshold), check=True
+        )
+        metrics = json.loads((out / "test_metrics.json").read_text())
+        assert metrics["threshold"] == threshold
+        assert (metrics["false_negatives"], metrics["false_positives"]) == (false_negatives, 0)
+
+
 def test_evaluate_classifier_refuses_unknown_ids(data, tmp_path):
     _, _, test, _ = data
     frame = backbone_predictions(test, [])
@@ -211,11 +230,12 @@ def test_figures_are_deterministic(data, tmp_path):
     frame = backbone_predictions(test, [0, 2])
     fn, fp = classification_errors(frame)
     manifest = table.drop(columns=["cls_split", "seg_split", "fold"])
+    images, masks = {"lgg": preprocessed.lgg_images}, {"lgg": preprocessed.lgg_masks}
 
     def draw(name: str) -> bytes:
         errors = {
-            "false negatives": load_gallery_items(fn, manifest, preprocessed.data_dir),
-            "false positives": load_gallery_items(fp, manifest, preprocessed.data_dir),
+            "false negatives": load_gallery_items(fn, manifest, images, masks),
+            "false positives": load_gallery_items(fp, manifest, images, masks),
         }
         save_figure(error_gallery(errors, "errors", {"false negatives": 1}), tmp_path / name)
         save_figure(confusion_figure([[5, 1], [2, 8]], "cm"), tmp_path / f"cm_{name}")
@@ -249,8 +269,8 @@ def segmenter_args(data, checkpoint, out, fold=0) -> list:
     preprocessed = data[0]
     return [
         *("--checkpoint", checkpoint, "--fold", fold, "--manifest", preprocessed.manifest),
-        *("--splits", preprocessed.splits, "--data-dir", preprocessed.data_dir),
-        *("--threshold", 0.5, "--threads", 1),
+        *("--splits", preprocessed.splits, "--images", preprocessed.lgg_images),
+        *("--masks", preprocessed.lgg_masks, "--threshold", 0.5, "--threads", 1),
         *("--val-metrics", out / "val_metrics.json", "--test-metrics", out / "test_metrics.json"),
         *("--per-slice", out / "per_slice.csv"),
         *("--test-probabilities", out / "test_probabilities.npy"),
@@ -378,27 +398,37 @@ def fold_ensemble(root, arch, folders, data):
     write_npy(folder / "test_probabilities.npy", stored)
 
 
-def summary_args(root, out, seed=3) -> list:
+def summary_args(root, out, data, seed=3) -> list:
+    """The named inputs of the rule, architecture-major (unet, fpn), folds 0 and 1."""
+    preprocessed = data[0]
+    folder = root / "segmentation"
+    archs, folds = ("unet", "fpn"), range(2)
+    per_fold = [folder / a / f"fold{k}" for a in archs for k in folds]
+    ensembles = [folder / a / "ensemble" for a in archs]
     return [
-        *("--results-dir", root, "--architectures", "unet", "fpn", "--folds", 2),
-        *("--seed", seed, "--summary", out / "summary.json"),
+        *("--architectures", *archs, "--folds", 2),
+        *("--val-metrics", *[f / "val_metrics.json" for f in per_fold]),
+        *("--test-metrics", *[f / "test_metrics.json" for f in per_fold]),
+        *("--fold-slices", *[f / "per_slice.csv" for f in per_fold]),
+        *("--ensemble-metrics", *[f / "test_metrics.json" for f in ensembles]),
+        *("--ensemble-slices", *[f / "per_slice.csv" for f in ensembles]),
+        *("--ensemble-probabilities", *[f / "test_probabilities.npy" for f in ensembles]),
+        *("--manifest", preprocessed.manifest, "--splits", preprocessed.splits),
+        *("--images", preprocessed.lgg_images, "--masks", preprocessed.lgg_masks),
+        *("--seed", seed, "--threshold", 0.5, "--summary", out / "summary.json"),
         *("--table1", out / "table1_validation.tsv", "--table2", out / "table2_test.tsv"),
         *("--per-slice", out / "per_slice.csv", "--overlays", out / "overlays.png"),
     ]
 
 
 def test_summarize_segmentation_tables_and_overlays(data, tmp_path):
-    preprocessed = data[0]
     root = tmp_path / "results"
-    root.mkdir()
-    (root / "data").symlink_to(preprocessed.data_dir)
-    (root / "splits").symlink_to(preprocessed.splits.parent)
     shifts = {"unet": (0, 1), "fpn": (2, 3)}
     for arch, arch_shifts in shifts.items():
         folders = [fold_outputs(root, arch, k, data, s) for k, s in enumerate(arch_shifts)]
         fold_ensemble(root, arch, folders, data)
     out = tmp_path / "out"
-    run_script("summarize_segmentation.py", *summary_args(root, out), check=True)
+    run_script("summarize_segmentation.py", *summary_args(root, out, data), check=True)
     summary = json.loads((out / "summary.json").read_text())
     table1 = pd.read_csv(out / "table1_validation.tsv", sep="\t", keep_default_na=False)
     table2 = pd.read_csv(out / "table2_test.tsv", sep="\t", keep_default_na=False)
@@ -447,7 +477,7 @@ def test_summarize_segmentation_tables_and_overlays(data, tmp_path):
     bad = tmp_path / "bad"
     fails_cleanly(
         "summarize_segmentation.py",
-        *summary_args(root, bad),
+        *summary_args(root, bad, data),
         names=("fpn/fold1/test_metrics.json",),
         out_dir=bad,
     )

@@ -31,17 +31,17 @@ SETTINGS = {
 def command(data, out):
     return [
         sys.executable,
-        str(SCRIPTS / "train_classifier.py"),
-        "--backbone",
-        "resnet10t",
+        str(SCRIPTS / "train.py"),
+        "classification",
         "--settings",
         json.dumps(SETTINGS),
         "--manifest",
         str(data.manifest),
         "--splits",
         str(data.splits),
-        "--data-dir",
-        str(data.data_dir),
+        "--images",
+        f"lgg={data.lgg_images}",
+        f"btm={data.btm_images}",
         "--seed",
         "3",
         "--threads",
@@ -52,6 +52,8 @@ def command(data, out):
         str(out / "history.csv"),
         "--predictions",
         str(out / "test.csv"),
+        "--device-json",
+        str(out / "device.json"),
     ]
 
 
@@ -139,14 +141,15 @@ def test_outputs_of_a_classifier_run(preprocessed_data, uninterrupted):
     ]
     assert history["epoch"].tolist() == [1, 2, 3, 4]
     predictions = pd.read_csv(uninterrupted / "test.csv")
-    assert list(predictions.columns) == ["id", "patient", "label", "prob_tumor", "pred"]
+    assert list(predictions.columns) == ["id", "patient", "label", "prob_tumor"]  # no decision
     manifest = pd.read_csv(preprocessed_data.manifest, keep_default_na=False)
     splits = pd.read_csv(preprocessed_data.splits, keep_default_na=False)
     test = manifest.merge(splits, on="id").query("cls_split == 'test'")
     assert predictions["id"].tolist() == test["id"].tolist()
     assert predictions["label"].tolist() == test["has_tumor"].tolist()
     assert predictions["prob_tumor"].between(0, 1).all()
-    assert (predictions["pred"] == (predictions["prob_tumor"] >= 0.5)).all()
+    device = json.loads((uninterrupted / "device.json").read_text())
+    assert device["type"] == "cpu" and device["torch"] == torch.__version__
     checkpoint = torch.load(uninterrupted / "model.pt", weights_only=True)
     assert (
         checkpoint["format"] == "brainmri-checkpoint-v1" and checkpoint["task"] == "classification"

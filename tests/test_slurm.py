@@ -24,7 +24,7 @@ from slurm_cluster import DEBIAN_PACKAGES, ClusterUnavailable, parse_scontrol_li
 
 SLURM_PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
 GPU_RULES = {"train_classifier", "train_segmenter", "evaluate_segmenter", "predict_new_images"}
-LOCAL_RULES = {"fetch_lgg", "fetch_btm", "all"}
+LOCAL_RULES = {"fetch", "all"}
 THREADS = 2
 
 

@@ -184,7 +184,6 @@ def segmenter_settings(**overrides):
         "dice_smooth": 1.0,
         "train_slices": "tumor_plus_empty",
         "empty_fraction": 0.5,
-        "threshold": 0.5,
         "augment": {"rotation_deg": 10, "hflip": True, "vflip": True, "brightness": 0.1},
     }
     return {**settings, **overrides}
@@ -192,9 +191,8 @@ def segmenter_settings(**overrides):
 
 def train_segmenter(data, out, settings, fold=0, splits=None, weights=""):
     return run_script(
-        "train_segmenter.py",
-        "--arch",
-        "unet",
+        "train.py",
+        "segmentation",
         "--fold",
         fold,
         "--settings",
@@ -203,15 +201,21 @@ def train_segmenter(data, out, settings, fold=0, splits=None, weights=""):
         data.manifest,
         "--splits",
         splits or data.splits,
-        "--data-dir",
-        data.data_dir,
+        "--images",
+        f"lgg={data.lgg_images}",
+        "--masks",
+        f"lgg={data.lgg_masks}",
         f"--weights={weights}",
+        "--seed",
+        "42",
         "--threads",
         "1",
         "--checkpoint",
         out / "model.pt",
         "--history",
         out / "history.csv",
+        "--device-json",
+        out / "device.json",
         env={"OMP_NUM_THREADS": "1"},
     )
 
@@ -231,6 +235,10 @@ def test_segmenter_trains_on_the_other_folds_and_validates_on_its_own(preprocess
     model, checkpoint = load_checkpoint(tmp_path / "model.pt")
     assert checkpoint["task"] == "segmentation" and checkpoint["fold"] == 0
     assert checkpoint["val_loss"] == pytest.approx(history["val_loss"].min())
+    # What inference needs: the preprocessing size and the normalisation.
+    assert checkpoint["preprocessing"]["array_size"] == 64
+    assert checkpoint["normalization"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    assert json.loads((tmp_path / "device.json").read_text())["type"] == "cpu"
     assert model(torch.rand(1, 3, 64, 64)).shape == (1, 1, 64, 64)
     assert not (tmp_path / "resume").exists()
 

@@ -4,9 +4,7 @@ the two profiles (profiles/default, the workflow profile, and profiles/slurm).""
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +22,7 @@ GPU_RULES = {
     "predict_new_images",
     "predict_patient_volumes",
 }
-LOCAL_RULES = {"fetch_lgg", "fetch_btm", "download_weights", "predict", "predict_volume"}
+LOCAL_RULES = {"fetch", "download_weights", "predict", "predict_volume"}
 
 
 def job_stats(output: str) -> dict[str, int]:
@@ -63,7 +61,8 @@ def test_dry_run_resolves_the_whole_dag(tmp_path, config, expected):
     stats = job_stats(result.stdout + result.stderr)
     for rule, count in expected.items():
         assert stats.get(rule) == count, (rule, stats)
-    for rule in ("fetch_lgg", "fetch_btm", "preprocess_lgg", "split", "cascade", "all"):
+    assert stats.get("fetch") == 2, stats  # one rule, a {dataset} wildcard
+    for rule in ("preprocess_lgg", "preprocess_btm", "split", "cascade", "all"):
         assert stats.get(rule) == 1, (rule, stats)
     if "download_weights" not in expected:
         assert "download_weights" not in stats
@@ -224,19 +223,7 @@ def test_a_model_lost_by_a_stopped_job_is_retrained_with_everything_downstream(t
     run must train it again (resuming) and redo the results computed from the old model,
     instead of "Nothing to be done" under a stale report."""
     args = ("--configfile", str(TINY_CONFIG), "--config", f"results_dir={tmp_path}/results")
-    summary = snakemake(*args, "--cores", "1", "--summary")
-    assert summary.returncode == 0, summary.stderr[-3000:]
-    # Every output of the workflow, as if a complete run had written them (one mtime for all).
-    for line in summary.stdout.splitlines()[1:]:
-        path = Path(line.split("\t")[0])
-        if path.suffix:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.touch()
-        else:  # directory() outputs: raw/<dataset>, data/<dataset>/png
-            path.mkdir(parents=True, exist_ok=True)
-    stamp = time.time()  # newer than the code files the report rule takes as input
-    for path in (tmp_path / "results").rglob("*"):
-        os.utime(path, (stamp, stamp))
+    complete_run(*args)
     control = snakemake("-n", "--cores", "1", *args)
     assert "Nothing to be done" in control.stdout + control.stderr, control.stderr[-3000:]
 
@@ -289,3 +276,51 @@ def test_the_double_dash_form_runs_and_the_bare_form_fails(tmp_path):
     good = snakemake(*base, "--cores", "1", "--resources", "gpu=1", "--", target)
     assert good.returncode == 0, good.stderr[-2000:]
     assert "split" in job_stats(good.stdout + good.stderr)
+
+
+# --- evaluation settings rerun evaluation only ----------------------------------------------
+
+
+def complete_run(*args: str) -> None:
+    """Make Snakemake hold the results of ``args`` (--configfile, --config results_dir=...) for
+    a complete, up-to-date run without running a job: every planned output as an empty
+    placeholder, then `--touch` (in DAG order, recording each job's params as a real run does)."""
+    summary = snakemake(*args, "--cores", "1", "--summary")
+    assert summary.returncode == 0, summary.stderr[-3000:]
+    for line in summary.stdout.splitlines()[1:]:
+        path = Path(line.split("\t")[0])
+        if path.suffix:  # a file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+        else:  # a directory() output: raw/<dataset>, data/<dataset>/png
+            path.mkdir(parents=True, exist_ok=True)
+    touched = snakemake(*args, "--cores", "1", "--touch")
+    assert touched.returncode == 0, touched.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def completed_demo(tmp_path_factory) -> Path:
+    """A folder whose results/ Snakemake holds for a complete, up-to-date demo run."""
+    tmp_path = tmp_path_factory.mktemp("completed")
+    complete_run("--configfile", str(DEMO), "--config", f"results_dir={tmp_path / 'results'}")
+    again = dry_run(tmp_path, "--configfile", str(DEMO))
+    assert "Nothing to be done" in again.stdout + again.stderr, again.stdout[-3000:]
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        # 2 architectures x 3 folds evaluated again; no training.
+        ("segmentation", {"evaluate_segmenter": 6, "segmentation_fold_ensemble": 2,
+                          "summarize_segmentation": 1, "cascade": 1, "report": 1, "all": 1}),
+        # 3 backbones + the ensemble evaluated again, the vote redone; no training.
+        ("classification", {"ensemble_classifiers": 1, "evaluate_classifier": 4, "cascade": 1,
+                            "report": 1, "all": 1}),
+    ],
+)  # fmt: skip
+def test_changing_a_threshold_reruns_evaluation_only(completed_demo, tmp_path, key, expected):
+    changed = modified_demo(tmp_path, lambda c: c[key].update(threshold=0.4))
+    result = dry_run(completed_demo, "--configfile", str(changed))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert job_stats(result.stdout + result.stderr) == expected

@@ -81,7 +81,7 @@ def test_changing_one_backbone_reruns_only_that_backbone(workflow_run, tmp_path)
     jobs = planned_jobs(workflow_run, "--configfile", str(changed))
     assert jobs.get("train_classifier") == 1
     assert "train_segmenter" not in jobs and "evaluate_segmenter" not in jobs
-    assert "fetch_lgg" not in jobs and "preprocess_lgg" not in jobs and "split" not in jobs
+    assert "fetch" not in jobs and "preprocess_lgg" not in jobs and "split" not in jobs
     assert jobs.get("evaluate_classifier") == 2  # that backbone and the ensemble
     assert jobs.get("report") == 1
 

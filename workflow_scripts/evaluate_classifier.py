@@ -21,7 +21,7 @@ from brainmri.reporting.plotting import (
     load_gallery_items,
     save_figure,
 )
-from brainmri.tables import read_manifest
+from brainmri.tables import array_files, read_manifest
 
 GALLERY_SIZE = 8
 
@@ -30,15 +30,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", required=True)
     parser.add_argument("--predictions", required=True, type=Path)
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        required=True,
+        help="classifier cut-off for a single model's probabilities (an ensemble's vote is kept)",
+    )
     parser.add_argument("--manifest", required=True, type=Path)
-    parser.add_argument("--data-dir", required=True, type=Path)
+    parser.add_argument("--images", nargs="+", required=True, help="SOURCE=images.npy pairs")
+    parser.add_argument("--masks", nargs="+", required=True, help="SOURCE=masks.npy pairs")
     parser.add_argument("--metrics", required=True, type=Path)
     parser.add_argument("--table", required=True, type=Path)
     parser.add_argument("--confusion", required=True, type=Path)
     parser.add_argument("--gallery", required=True, type=Path)
     args = parser.parse_args()
     log = setup_logging()
-    predictions = read_predictions(args.predictions)
+    predictions = read_predictions(args.predictions, args.threshold)
     manifest = read_manifest(args.manifest)
     check_ids_in_manifest(predictions["id"], manifest, args.predictions)
     metrics = classification_metrics(
@@ -46,12 +53,13 @@ def main() -> None:
         predictions["pred"].to_numpy(),
         predictions["prob_tumor"].to_numpy(),
     )
-    metrics["model"] = args.model
+    metrics.update(model=args.model, threshold=args.threshold)
     table = fig3_table(metrics)
     fn, fp = classification_errors(predictions, GALLERY_SIZE)
+    images, masks = array_files(args.images, "--images"), array_files(args.masks, "--masks")
     errors = {
-        "false negatives": load_gallery_items(fn, manifest, args.data_dir),
-        "false positives": load_gallery_items(fp, manifest, args.data_dir),
+        "false negatives": load_gallery_items(fn, manifest, images, masks),
+        "false positives": load_gallery_items(fp, manifest, images, masks),
     }
     totals = {
         "false negatives": metrics["false_negatives"],

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from brainmri.errors import InputError
 from brainmri.evaluation.masks import quantize
 from brainmri.evaluation.segmentation import evaluate_split
 from brainmri.inference.segment import predict_probabilities
 from brainmri.io import run_cli, setup_logging, write_csv, write_json, write_npy
-from brainmri.tables import load_table
+from brainmri.tables import segmentation_rows
 
 
 def main() -> None:
@@ -26,8 +25,9 @@ def main() -> None:
     parser.add_argument("--fold", required=True, type=int)
     parser.add_argument("--manifest", required=True, type=Path)
     parser.add_argument("--splits", required=True, type=Path)
-    parser.add_argument("--data-dir", required=True, type=Path)
-    parser.add_argument("--threshold", type=float, default=0.5)
+    parser.add_argument("--images", required=True, type=Path, help="data/lgg/images.npy")
+    parser.add_argument("--masks", required=True, type=Path, help="data/lgg/masks.npy")
+    parser.add_argument("--threshold", type=float, required=True, help="segmentation threshold")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--val-metrics", required=True, type=Path)
     parser.add_argument("--test-metrics", required=True, type=Path)
@@ -35,21 +35,14 @@ def main() -> None:
     parser.add_argument("--test-probabilities", required=True, type=Path)
     args = parser.parse_args()
     log = setup_logging()
-    if not 0 < args.threshold < 1:
-        raise ValueError(f"--threshold {args.threshold}: must lie strictly between 0 and 1")
-    table = load_table(args.manifest, args.splits)
     parts = {
-        "val": table[(table["seg_split"] == "train") & (table["fold"] == args.fold)],
-        "test": table[table["seg_split"] == "test"],
+        "val": segmentation_rows(args.manifest, args.splits, args.fold),
+        "test": segmentation_rows(args.manifest, args.splits),
     }
-    for split, rows in parts.items():
-        if rows.empty:
-            what = f"seg_split train and fold {args.fold}" if split == "val" else "seg_split test"
-            raise InputError(f"{args.splits}: no LGG slices with {what}")
     start = time.perf_counter()
-    rows = pd.concat(parts.values())
+    rows = pd.concat(parts.values(), ignore_index=True)
     probabilities, masks, checkpoint = predict_probabilities(
-        [args.checkpoint], rows, args.data_dir, args.threads
+        [args.checkpoint], rows, {"lgg": args.images}, {"lgg": args.masks}, args.threads
     )
     stored = quantize(probabilities)
     log.info("Inference on %d slices: %.1f s", len(rows), time.perf_counter() - start)

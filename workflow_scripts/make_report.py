@@ -15,12 +15,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--results-dir", required=True, type=Path)
     parser.add_argument("--config", required=True, help="the run's config as JSON")
+    parser.add_argument("--devices", nargs="*", default=[], type=Path, help="jobs' device.json")
     parser.add_argument("--html", required=True, type=Path)
     parser.add_argument("--metrics", required=True, type=Path)
     args = parser.parse_args()
     log = setup_logging()
     config = json.loads(args.config)
-    page, metrics = build_report(args.results_dir, config, provenance(Path(__file__).parents[1]))
+    page, metrics = build_report(
+        args.results_dir, config, provenance(Path(__file__).parents[1]), args.devices
+    )
     write_json(args.metrics, metrics)
     write_text(args.html, page)
     log.info("Report: %s (%.1f MB)", args.html, len(page) / 1e6)

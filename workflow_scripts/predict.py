@@ -1,7 +1,15 @@
-"""Predict tumor / no tumor and a tumor mask for every image of a folder with a trained results
-directory. Unreadable files are reported by name and skipped; the exit status is then 1.
+"""Predict tumor / no tumor and a tumor mask for every image of a folder with the trained models
+given by name. Unreadable files are reported by name and skipped; the exit status is then 1.
 
-  python workflow_scripts/predict.py --input-dir my_scans --results-dir results
+  python workflow_scripts/predict.py --input-dir my_scans \
+      --classifiers results/classification/{resnet50,inception_v3,inception_resnet_v2}/model.pt \
+      --segmenters results/segmentation/deeplabv3plus/fold*/model.pt \
+      --method majority --classifier-threshold 0.5 --segmentation-threshold 0.5 \
+      --output my_scans_predicted/predictions.csv \
+      --masks-dir my_scans_predicted/masks --overlays-dir my_scans_predicted/overlays
+
+(The `predict` rule passes the models of the configuration: `snakemake predict --config
+predict='{input_dir: my_scans}'`.)
 """
 
 from __future__ import annotations
@@ -19,31 +27,28 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--input-dir", required=True, type=Path)
-    parser.add_argument("--results-dir", default=Path("results"), type=Path)
+    parser.add_argument("--classifiers", nargs="+", required=True, type=Path, help="model.pt")
     parser.add_argument(
-        "--architecture",
-        default="deeplabv3plus",
-        help="segmentation architecture (name in the config) whose folds to use",
+        "--segmenters", nargs="+", required=True, type=Path, help="one architecture's folds"
     )
-    parser.add_argument("--method", choices=["majority", "soft"], default="majority")
-    parser.add_argument("--threshold", type=float, default=0.5)
-    parser.add_argument(
-        "--output", type=Path, help="CSV (default: <results>/predict/predictions.csv)"
-    )
-    parser.add_argument("--masks-dir", type=Path)
-    parser.add_argument("--overlays-dir", type=Path)
+    parser.add_argument("--method", choices=["majority", "soft"], required=True)
+    parser.add_argument("--classifier-threshold", type=float, required=True, help="cut-off")
+    parser.add_argument("--segmentation-threshold", type=float, required=True)
+    parser.add_argument("--output", required=True, type=Path, help="predictions CSV")
+    parser.add_argument("--masks-dir", required=True, type=Path)
+    parser.add_argument("--overlays-dir", required=True, type=Path)
     args = parser.parse_args()
     log = setup_logging()
-    out = args.results_dir / "predict"
     failures = predict_folder(
         args.input_dir,
-        args.results_dir,
-        args.architecture,
+        args.classifiers,
+        args.segmenters,
         args.method,
-        args.threshold,
-        args.output or out / "predictions.csv",
-        args.masks_dir or out / "masks",
-        args.overlays_dir or out / "overlays",
+        args.classifier_threshold,
+        args.segmentation_threshold,
+        args.output,
+        args.masks_dir,
+        args.overlays_dir,
     )
     if failures:
         log.error(
@@ -55,7 +60,7 @@ def main() -> None:
             file=sys.stderr,
         )
         sys.exit(1)
-    log.info("Predictions written to %s", args.output or out / "predictions.csv")
+    log.info("Predictions written to %s", args.output)
 
 
 if __name__ == "__main__":

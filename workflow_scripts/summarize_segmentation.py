@@ -23,7 +23,7 @@ from brainmri.evaluation.summary import (
 )
 from brainmri.io import read_json, run_cli, setup_logging, write_csv, write_json
 from brainmri.reporting.plotting import message_figure, overlay_figure, save_figure
-from brainmri.tables import load_table
+from brainmri.tables import segmentation_rows
 
 OVERLAY_ROWS = 6
 
@@ -38,12 +38,37 @@ def read_fold_report(path: Path, arch: str, fold: int) -> dict:
     return report
 
 
+def per_architecture(paths: list[Path], option: str, architectures: list[str], each: int):
+    """``paths`` (architecture-major, ``each`` per architecture) as ``{arch: [paths]}``."""
+    if len(paths) != len(architectures) * each:
+        raise InputError(
+            f"{option}: {len(paths)} files given, expected {each} for each of "
+            f"{len(architectures)} architectures"
+        )
+    return {arch: paths[i * each : (i + 1) * each] for i, arch in enumerate(architectures)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--results-dir", required=True, type=Path)
     parser.add_argument("--architectures", nargs="+", required=True)
     parser.add_argument("--folds", required=True, type=int)
-    parser.add_argument("--seed", type=int, default=42)
+    files = {
+        "val_metrics": "each fold's val_metrics.json (architecture-major)",
+        "test_metrics": "each fold's test_metrics.json (architecture-major)",
+        "fold_slices": "each fold's per_slice.csv (architecture-major)",
+        "ensemble_metrics": "each architecture's ensemble/test_metrics.json",
+        "ensemble_slices": "each architecture's ensemble/per_slice.csv",
+        "ensemble_probabilities": "each architecture's ensemble/test_probabilities.npy",
+    }
+    for name, text in files.items():
+        option = "--" + name.replace("_", "-")
+        parser.add_argument(option, nargs="+", required=True, type=Path, help=text)
+    parser.add_argument("--manifest", required=True, type=Path)
+    parser.add_argument("--splits", required=True, type=Path)
+    parser.add_argument("--images", required=True, type=Path, help="data/lgg/images.npy")
+    parser.add_argument("--masks", required=True, type=Path, help="data/lgg/masks.npy")
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--threshold", type=float, required=True, help="segmentation threshold")
     parser.add_argument("--summary", required=True, type=Path)
     parser.add_argument("--table1", required=True, type=Path)
     parser.add_argument("--table2", required=True, type=Path)
@@ -51,11 +76,22 @@ def main() -> None:
     parser.add_argument("--overlays", required=True, type=Path)
     args = parser.parse_args()
     log = setup_logging()
-    root = args.results_dir / "segmentation"
+    archs = args.architectures
+    per_fold = ("val_metrics", "test_metrics", "fold_slices")
+    given = {
+        name: per_architecture(
+            getattr(args, name),
+            "--" + name.replace("_", "-"),
+            archs,
+            args.folds if name in per_fold else 1,
+        )
+        for name in files
+    }
     folds = range(args.folds)
     summary: dict = {
         "architectures": {},
         "folds": args.folds,
+        "threshold": args.threshold,
         "empty_mask_rules": EMPTY_MASK_RULES,
         "metric_scope": (
             "Tables: per-slice metrics on tumor-containing slices (as the paper), averaged over "
@@ -63,13 +99,11 @@ def main() -> None:
             "per-patient volume Dice beside. Fold ensemble: one model, means over test slices."
         ),
     }
-    table1, table2, slices, ensembles = [], [], [], {}
-    for arch in args.architectures:
-        folder = root / arch
-        val = [read_fold_report(folder / f"fold{k}" / "val_metrics.json", arch, k) for k in folds]
-        test = [read_fold_report(folder / f"fold{k}" / "test_metrics.json", arch, k) for k in folds]
-        ensemble = read_json(folder / "ensemble" / "test_metrics.json")
-        ensembles[arch] = ensemble
+    table1, table2, slices = [], [], []
+    for arch in archs:
+        val = [read_fold_report(given["val_metrics"][arch][k], arch, k) for k in folds]
+        test = [read_fold_report(given["test_metrics"][arch][k], arch, k) for k in folds]
+        ensemble = read_json(given["ensemble_metrics"][arch][0])
         summary["architectures"][arch] = {
             "validation": fold_summary(val),
             "test": fold_summary(test),
@@ -93,33 +127,29 @@ def main() -> None:
         table2.append(table_row(arch, summary["architectures"][arch]["test"]))
         table2.append(ensemble_row(arch, ensemble))
         for k in folds:
-            frame = pd.read_csv(folder / f"fold{k}" / "per_slice.csv", keep_default_na=False)
+            frame = pd.read_csv(given["fold_slices"][arch][k], keep_default_na=False)
             slices.append(frame.assign(arch=arch, fold=k))
 
     # Overlays: the first architecture's ensemble picks the slices (failures and successes).
-    table = load_table(
-        args.results_dir / "data" / "manifest.csv", args.results_dir / "splits" / "splits.csv"
-    )
-    rows = table[table["seg_split"] == "test"].reset_index(drop=True)
-    first = args.architectures[0]
-    scored = pd.read_csv(root / first / "ensemble" / "per_slice.csv", keep_default_na=False)
+    rows = segmentation_rows(args.manifest, args.splits)
+    first = archs[0]
+    first_slices = given["ensemble_slices"][first][0]
+    scored = pd.read_csv(first_slices, keep_default_na=False)
     if list(scored["id"]) != list(rows["id"]):
-        raise InputError(f"{root / first / 'ensemble' / 'per_slice.csv'}: not the test slices")
+        raise InputError(f"{first_slices}: not the test slices")
     chosen = select_overlay_slices(scored, OVERLAY_ROWS, args.seed)
     summary["overlay_slices"] = [str(rows.loc[i, "id"]) for i in chosen]
     if chosen:
         picked = rows.loc[chosen]
-        masks = load_masks(args.results_dir / "data" / "lgg" / "masks.npy", picked)
-        images = np.load(args.results_dir / "data" / "lgg" / "images.npy", mmap_mode="r")
+        masks = load_masks(args.masks, picked)
+        images = np.load(args.images, mmap_mode="r")
         shape = (len(rows), *masks.shape[1:])
         predictions = {
             arch: binarize(
-                load_probabilities(root / arch / "ensemble" / "test_probabilities.npy", shape)[
-                    chosen
-                ],
-                ensembles[arch].get("threshold", 0.5),
+                load_probabilities(given["ensemble_probabilities"][arch][0], shape)[chosen],
+                args.threshold,
             )
-            for arch in args.architectures
+            for arch in archs
         }
         titles = [
             f"{rows.loc[i, 'id']}\nDice {scored.loc[i, 'dice']:.2f} ({first})" for i in chosen

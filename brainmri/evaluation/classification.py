@@ -16,13 +16,27 @@ CLASS_NAMES = ["no_tumor", "tumor"]
 PREDICTION_COLUMNS = ["id", "patient", "label", "prob_tumor", "pred"]
 
 
-def read_predictions(path: str | Path) -> pd.DataFrame:
-    """Read a ``test_predictions.csv`` and check it: columns, 0/1 labels, probabilities."""
+def decide(probabilities: np.ndarray, threshold: float) -> np.ndarray:
+    """Tumor (1) / no tumor (0): probability >= the classifier cut-off
+    (``classification.threshold``). The one place the cut-off is applied."""
+    if not 0 < threshold < 1:
+        raise ValueError(f"classifier cut-off {threshold}: must lie strictly between 0 and 1")
+    return (np.asarray(probabilities, dtype=float) >= threshold).astype(int)
+
+
+def read_predictions(path: str | Path, threshold: float | None = None) -> pd.DataFrame:
+    """Read a ``test_predictions.csv`` and check it: columns, 0/1 labels, probabilities.
+
+    A single model's file (written by training) holds probabilities only; with ``threshold``
+    (the classifier cut-off) its ``pred`` column is made here. An ensemble's file holds the
+    vote's ``pred``, which is kept.
+    """
     try:
         frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
     except pd.errors.EmptyDataError:
         raise InputError(f"{path}: empty file, expected columns {PREDICTION_COLUMNS}") from None
-    missing = [column for column in PREDICTION_COLUMNS if column not in frame]
+    needed = PREDICTION_COLUMNS if threshold is None else PREDICTION_COLUMNS[:-1]
+    missing = [column for column in needed if column not in frame]
     if missing:
         raise InputError(f"{path}: missing column(s) {missing} (has {list(frame.columns)})")
     if frame.empty:
@@ -30,7 +44,7 @@ def read_predictions(path: str | Path) -> pd.DataFrame:
     duplicated = frame["id"][frame["id"].duplicated()]
     if len(duplicated):
         raise InputError(f"{path}: duplicate id {duplicated.iloc[0]!r}")
-    for column in ("label", "pred"):
+    for column in ("label", "pred") if "pred" in frame else ("label",):
         bad = frame[column][~frame[column].isin([0, 1])]
         if len(bad):
             raise InputError(f"{path}: column {column} must be 0 or 1, found {bad.iloc[0]!r}")
@@ -40,16 +54,19 @@ def read_predictions(path: str | Path) -> pd.DataFrame:
     if len(bad):
         raise InputError(f"{path}: prob_tumor must be a number in [0, 1], found {bad.iloc[0]!r}")
     frame["prob_tumor"] = prob.astype(float)
+    if "pred" not in frame:
+        frame["pred"] = decide(frame["prob_tumor"].to_numpy(), threshold)
     return frame
 
 
 def vote(
-    preds: np.ndarray, probs: np.ndarray, method: str = "majority"
+    preds: np.ndarray, probs: np.ndarray, method: str, threshold: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Ensemble decision of M models over N samples: ``(pred, mean_prob, votes)``.
 
     majority: the paper's majority vote; a tie (possible with an even number of models) is
-    broken by the mean probability (>= 0.5 -> tumor). soft: mean probability >= 0.5.
+    broken by the mean probability (>= ``threshold``, the cut-off -> tumor). soft: mean
+    probability >= ``threshold``.
     """
     preds = np.asarray(preds, dtype=int)
     probs = np.asarray(probs, dtype=float)
@@ -58,7 +75,7 @@ def vote(
     models = preds.shape[0]
     votes = preds.sum(axis=0)
     mean_prob = probs.mean(axis=0)
-    soft = (mean_prob >= 0.5).astype(int)
+    soft = decide(mean_prob, threshold)
     if method == "soft":
         return soft, mean_prob, votes
     if method != "majority":
@@ -68,7 +85,7 @@ def vote(
 
 
 def ensemble_predictions(
-    frames: dict[str, pd.DataFrame], method: str = "majority"
+    frames: dict[str, pd.DataFrame], method: str, threshold: float
 ) -> tuple[pd.DataFrame, int]:
     """Vote of the models' prediction tables (``{file name: frame}``): the table and the ties.
 
@@ -91,7 +108,7 @@ def ensemble_predictions(
             raise InputError(f"{name}: its labels differ from those of {first_name}")
     preds = np.stack([frame["pred"].to_numpy() for frame in frames.values()])
     probs = np.stack([frame["prob_tumor"].to_numpy() for frame in frames.values()])
-    pred, mean_prob, votes = vote(preds, probs, method)
+    pred, mean_prob, votes = vote(preds, probs, method, threshold)
     ties = int((2 * votes == len(frames)).sum()) if method == "majority" else 0
     result = reference[["id", "patient", "label"]].assign(
         prob_tumor=np.round(mean_prob, 6), pred=pred, votes=votes

@@ -6,12 +6,14 @@ them into masks with :func:`binarize`, so a mask is the same wherever it is comp
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from brainmri.errors import InputError
+from brainmri.tables import segmentation_rows
 
 
 def quantize(probabilities: np.ndarray) -> np.ndarray:
@@ -20,7 +22,13 @@ def quantize(probabilities: np.ndarray) -> np.ndarray:
 
 
 def binarize(stored: np.ndarray, threshold: float) -> np.ndarray:
-    """uint8 stored probabilities -> boolean masks (value / 255 >= threshold)."""
+    """uint8 stored probabilities -> boolean masks (value / 255 >= threshold).
+
+    The one place a segmentation threshold (``segmentation.threshold``) is applied: evaluation,
+    the fold ensemble, the cascade, the overlays and ``predict`` all call it.
+    """
+    if not 0 < threshold < 1:
+        raise ValueError(f"segmentation threshold {threshold}: must lie strictly between 0 and 1")
     if stored.dtype != np.uint8:
         raise ValueError(f"stored probabilities must be uint8, not {stored.dtype}")
     table = np.arange(256) / 255.0 >= threshold
@@ -68,3 +76,18 @@ def load_masks(path: str | Path, rows: pd.DataFrame) -> np.ndarray:
             f"{path}: holds {len(masks)} masks, the manifest refers to row {index.max()}"
         )
     return np.asarray(masks[index]).astype(bool)
+
+
+def add_test_set_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of a script that scores stored probabilities on the segmentation test set."""
+    parser.add_argument("--manifest", required=True, type=Path)
+    parser.add_argument("--splits", required=True, type=Path)
+    parser.add_argument("--masks", required=True, type=Path, help="data/lgg/masks.npy")
+    parser.add_argument("--threshold", type=float, required=True, help="segmentation threshold")
+    parser.add_argument("--threads", type=int, default=1)
+
+
+def load_test_set(args: argparse.Namespace) -> tuple[pd.DataFrame, np.ndarray]:
+    """The test rows (:func:`brainmri.tables.segmentation_rows`) and their true masks."""
+    rows = segmentation_rows(args.manifest, args.splits)
+    return rows, load_masks(args.masks, rows)

@@ -1,10 +1,11 @@
-"""Predict on new images with a trained results directory: tumor probability and decision of the
+"""Predict on new images with the checkpoints given by name: tumor probability and decision of the
 classifier ensemble, and a mask from the segmentation fold ensemble where a tumor was called.
 
 Images (PNG, JPG, TIFF; any size; grayscale or 3-channel) get exactly the training
 preprocessing: 3-channel images stay as they are, anything else becomes grayscale copied into
 3 channels; non-square images are zero-padded to a centred square; then a bilinear resize to the
-preprocessed size, and the model's own input size and normalisation inside the model.
+preprocessing size recorded in the checkpoints, and the model's own input size and
+normalisation inside the model.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ from brainmri.data.preprocess import (
 )
 from brainmri.devices import select_device
 from brainmri.errors import InputError
-from brainmri.evaluation.classification import vote
+from brainmri.evaluation.classification import decide, vote
+from brainmri.evaluation.masks import binarize, quantize
 from brainmri.inference.segment import probabilities_of
 from brainmri.io import atomic_path, write_csv
-from brainmri.models import load_checkpoint
+from brainmri.models import load_checkpoint, safe_torch_load
 from brainmri.training.batches import Batches
 from brainmri.training.loop import predict_logits
 
@@ -79,40 +81,51 @@ def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return out.clip(0, 255).astype(np.uint8)
 
 
-def find_models(results_dir: Path, architecture: str) -> tuple[list[Path], list[Path]]:
-    classifiers = sorted(
-        p
-        for p in (results_dir / "classification").glob("*/model.pt")
-        if p.parent.name != "ensemble"
-    )
-    segmenters = sorted((results_dir / "segmentation" / architecture).glob("fold*/model.pt"))
-    if not classifiers:
-        raise InputError(f"{results_dir}: no trained classifiers (classification/*/model.pt)")
-    if not segmenters:
+def array_size(checkpoints: list[Path]) -> int:
+    """The preprocessing size (side of the stored arrays) the models were trained on, from
+    their checkpoints; they must agree."""
+    sizes = {}
+    for path in checkpoints:
+        preprocessing = safe_torch_load(path).get("preprocessing")
+        if not isinstance(preprocessing, dict) or "array_size" not in preprocessing:
+            raise InputError(
+                f"{path}: the checkpoint does not record its preprocessing (made by an older "
+                "version of the workflow): train it again"
+            )
+        sizes[path] = int(preprocessing["array_size"])
+    if len(set(sizes.values())) != 1:
         raise InputError(
-            f"{results_dir}: no trained {architecture} models "
-            f"(segmentation/{architecture}/fold*/model.pt)"
+            "the models were trained on different preprocessing sizes: "
+            + ", ".join(f"{path} {size} px" for path, size in sizes.items())
         )
-    return classifiers, segmenters
+    return next(iter(sizes.values()))
 
 
 def predict_folder(
     input_dir: Path,
-    results_dir: Path,
-    architecture: str,
+    classifiers: list[Path],
+    segmenters: list[Path],
     method: str,
+    cutoff: float,
     threshold: float,
     output: Path,
     masks_dir: Path,
     overlays_dir: Path,
 ) -> list[str]:
-    """Write the CSV, masks and overlays; return the names of the files that failed."""
+    """Write the CSV, masks and overlays; return the names of the files that failed.
+
+    ``classifiers`` vote (``method``; a model says tumor at probability >= ``cutoff``); the
+    ``segmenters`` (one architecture's fold models) are averaged and their mask thresholded at
+    ``threshold`` where the vote says tumor. Exactly these models are used.
+    """
+    if not classifiers or not segmenters:
+        raise InputError("predict needs at least one classifier and one segmenter checkpoint")
     if not input_dir.is_dir():
         raise InputError(f"{input_dir}: input folder not found")
     files = sorted(p for p in input_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
     if not files:
         raise InputError(f"{input_dir}: no files to predict")
-    size = int(np.load(results_dir / "data" / "lgg" / "images.npy", mmap_mode="r").shape[1])
+    size = array_size([*classifiers, *segmenters])
     prepared, failures = [], []
     for path in files:
         try:
@@ -120,7 +133,6 @@ def predict_folder(
         except InputError as error:
             log.error("Skipping %s", error)
             failures.append(f"{path.name} ({error})")
-    classifiers, segmenters = find_models(results_dir, architecture)
     device = select_device(log)
     rows: list[dict] = []
     with atomic_path(masks_dir) as tmp_masks, atomic_path(overlays_dir) as tmp_overlays:
@@ -133,6 +145,7 @@ def predict_folder(
                 segmenters,
                 device,
                 method,
+                cutoff,
                 threshold,
                 tmp_masks,
                 tmp_overlays,
@@ -160,6 +173,7 @@ def _predict(
     segmenters: list[Path],
     device: torch.device,
     method: str,
+    cutoff: float,
     threshold: float,
     masks_dir: Path,
     overlays_dir: Path,
@@ -172,12 +186,13 @@ def _predict(
         batches = Batches(images, np.zeros(len(images)), 32, device, checkpoint["image_size"])
         prob = torch.softmax(predict_logits(model, batches.epoch(), device), 1)[:, 1].numpy()
         probs.append(prob)
-        preds.append((prob >= 0.5).astype(int))
-    decision, mean_prob, votes = vote(np.stack(preds), np.stack(probs), method)
+        preds.append(decide(prob, cutoff))
+    decision, mean_prob, votes = vote(np.stack(preds), np.stack(probs), method, cutoff)
     seg_prob, _ = probabilities_of(segmenters, images, device)
+    seg_masks = binarize(quantize(seg_prob), threshold)
     rows = []
     for i, item in enumerate(prepared):
-        mask = restore_mask((seg_prob[i] >= threshold) & bool(decision[i]), item)
+        mask = restore_mask(seg_masks[i] & bool(decision[i]), item)
         stem = Path(item.file).stem
         Image.fromarray(mask.astype(np.uint8) * 255).save(masks_dir / f"{stem}.png")
         Image.fromarray(overlay(item.original, mask)).save(overlays_dir / f"{stem}.png")

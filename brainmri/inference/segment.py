@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from brainmri.devices import select_device
 from brainmri.models import load_checkpoint
-from brainmri.tables import gather
+from brainmri.tables import ArrayFiles, gather
 from brainmri.training.batches import Batches
 from brainmri.training.loop import configure_torch, predict_logits
 
@@ -38,12 +38,12 @@ def probabilities_of(
 
 
 def predict_probabilities(
-    checkpoints: list[Path], rows: pd.DataFrame, data_dir: Path, threads: int
+    checkpoints: list[Path], rows: pd.DataFrame, images: ArrayFiles, masks: ArrayFiles, threads: int
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Probabilities of ``rows`` (LGG slices), their masks, and the (last) checkpoint dict."""
     device = select_device()
     configure_torch(device, threads)
-    images = gather(data_dir, rows)
-    masks = gather(data_dir, rows, "masks").astype(bool)
-    probabilities, checkpoint = probabilities_of(checkpoints, images, device)
-    return probabilities, masks, checkpoint
+    pictures = gather(images, rows)
+    truth = gather(masks, rows).astype(bool)
+    probabilities, checkpoint = probabilities_of(checkpoints, pictures, device)
+    return probabilities, truth, checkpoint

@@ -20,6 +20,7 @@ from matplotlib.colors import ListedColormap
 from brainmri.errors import InputError
 from brainmri.evaluation.classification import CLASS_NAMES
 from brainmri.io import atomic_path
+from brainmri.tables import ArrayFiles, gather
 
 DPI = 100
 RED = ListedColormap(["red"])
@@ -77,21 +78,26 @@ def read_png(path: Path) -> np.ndarray:
 
 
 def load_gallery_items(
-    errors: pd.DataFrame, manifest: pd.DataFrame, data_dir: Path
+    errors: pd.DataFrame, manifest: pd.DataFrame, images: ArrayFiles, masks: ArrayFiles
 ) -> list[GalleryItem]:
-    """(id, image, mask or None, prob_tumor) of each row of ``errors``, read from ``data_dir``
-    by the manifest's ``image_path`` / ``mask_path``."""
-    by_id = manifest.set_index("id")
+    """(id, image, mask or None, prob_tumor) of each row of ``errors``, read from the
+    preprocessed arrays (``{source: images.npy}``, ``{source: masks.npy}``) given by name."""
+    by_id = manifest.set_index("id", drop=False)
     unknown = [name for name in errors["id"] if name not in by_id.index]
     if unknown:
         raise InputError(f"id {unknown[0]!r} of the predictions is not in the manifest")
-    items = []
-    for error in errors.itertuples():
-        row = by_id.loc[error.id]
-        image = read_png(data_dir / row["image_path"])
-        mask = read_png(data_dir / row["mask_path"]) > 127 if row["mask_path"] else None
-        items.append((str(error.id), image, mask, float(error.prob_tumor)))
-    return items
+    if errors.empty:
+        return []
+    rows = by_id.loc[list(errors["id"])].reset_index(drop=True)
+    pictures = gather(images, rows)
+    with_mask = rows.index[rows["source"].isin(list(masks))]
+    outlines = {}
+    if len(with_mask):
+        outlines = dict(zip(with_mask, gather(masks, rows.loc[with_mask]) > 0, strict=True))
+    return [
+        (str(name), pictures[i], outlines.get(i), float(prob))
+        for i, (name, prob) in enumerate(zip(errors["id"], errors["prob_tumor"], strict=True))
+    ]
 
 
 def _wrap_id(name: str, width: int = 16) -> str:

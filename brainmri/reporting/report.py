@@ -10,7 +10,6 @@ import base64
 import html
 import io
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -184,12 +183,14 @@ def _benchmarks(root: Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["job", "wall time (s)", "max RSS (MB)"])
 
 
-def _training_devices(root: Path) -> list[str]:
+def training_devices(paths: list[Path]) -> list[str]:
+    """The distinct devices the training jobs recorded in their ``device.json`` files."""
     devices = set()
-    for log in sorted((root / "logs").rglob("*.log")):
-        for line in log.read_text(errors="replace").splitlines():
-            if match := re.search(r"Device: (.*)$", line):
-                devices.add(match.group(1).strip())
+    for path in paths:
+        record = read_json(path)
+        if not isinstance(record, dict) or "name" not in record:
+            raise InputError(f"{path}: not a device record (expected a JSON object with 'name')")
+        devices.add(f"{record['name']} ({record.get('type', '?')})")
     return sorted(devices)
 
 
@@ -217,9 +218,10 @@ def _examples(root: Path, count: int = 6) -> str:
 
 
 def build_report(
-    root: Path, config: dict[str, Any], provenance: dict[str, Any]
+    root: Path, config: dict[str, Any], provenance: dict[str, Any], devices: list[Path]
 ) -> tuple[str, dict]:
-    """The HTML text and the metrics.json dict of the run under ``root``."""
+    """The HTML text and the metrics.json dict of the run under ``root``; ``devices``: the
+    training jobs' device.json files."""
     run = RunResults(root, config)
     metrics = run.headline()
     metrics["provenance"] = provenance
@@ -358,11 +360,11 @@ def build_report(
     add('<h2 id="runtime">Run time per job</h2>')
     add(table_html(_benchmarks(root), 1))
     add('<h2 id="provenance">Provenance</h2>')
-    devices = _training_devices(root) or ["unknown"]
+    trained_on = training_devices(devices) or ["unknown"]
     prov = [
         ["date", provenance["date"]],
         ["git commit", provenance["git_commit"]],
-        ["training device(s)", "; ".join(devices)],
+        ["training device(s)", "; ".join(trained_on)],
         ["report device", provenance["device"]],
         ["platform", provenance["platform"]],
     ]

@@ -15,9 +15,9 @@ import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
 
-from brainmri.devices import select_device
+from brainmri.devices import device_record, select_device
 from brainmri.errors import ConfigError, InputError
-from brainmri.io import write_csv
+from brainmri.io import write_csv, write_json
 from brainmri.models import (
     build_classifier,
     build_segmenter,
@@ -25,7 +25,7 @@ from brainmri.models import (
     check_segmenter_config,
     save_checkpoint,
 )
-from brainmri.tables import gather, load_table
+from brainmri.tables import ArrayFiles, gather, load_table
 from brainmri.training.batches import Augment, Batches, segmentation_training_indices
 from brainmri.training.loop import (
     FitSettings,
@@ -47,17 +47,19 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainJob:
-    """Paths and knobs common to both training scripts."""
+    """Paths and knobs common to both training stages; every file is named by the rule."""
 
     settings: dict[str, Any]
     manifest: Path
     splits: Path
-    data_dir: Path
+    images: ArrayFiles  # {source: images.npy}
+    masks: ArrayFiles | None  # {"lgg": masks.npy} (segmentation)
     weights: str | None
     seed: int
     threads: int
     checkpoint: Path
     history: Path
+    device_json: Path | None = None
 
     @property
     def resume_dir(self) -> Path:
@@ -79,6 +81,31 @@ def _check_weights(job: TrainJob, library: str, name: str) -> None:
                 library, name, job.weights or f"<weights_dir>/{library}/{name}.safetensors"
             )
         )
+
+
+def _start(job: TrainJob) -> torch.device:
+    """Pick the device and configure torch for it."""
+    device = select_device(log)
+    configure_torch(device, job.threads)
+    return device
+
+
+def _finish(job: TrainJob, device: torch.device) -> None:
+    """After the outputs: record the device in ``job.device_json``; drop the resume state."""
+    if job.device_json is not None:
+        write_json(job.device_json, device_record(device))
+    finish_resume(job.resume_dir)
+
+
+def _preprocessing(array_size: int) -> dict[str, Any]:
+    """What inference must do to a new image before the model sees it (for the checkpoint)."""
+    return {
+        "array_size": int(array_size),
+        "channels": "RGB as stored; grayscale copied to 3 channels",
+        "pad": "zero-pad to a centred square",
+        "resize": "bilinear to array_size, then to the model's input_size inside the batches",
+        "scale": "uint8 / 255",
+    }
 
 
 @contextmanager
@@ -132,8 +159,7 @@ def train_classifier(job: TrainJob, predictions: Path) -> None:
     check_classifier_config(settings, key=f"classification.backbones.{name}")
     _check_weights(job, "timm", name)
     seed_everything(job.seed)
-    device = select_device(log)
-    configure_torch(device, job.threads)
+    device = _start(job)
     table = load_table(job.manifest, job.splits)
     train = _require(
         table[table["cls_split"] == "train"], "classification training split", job.splits
@@ -153,7 +179,7 @@ def train_classifier(job: TrainJob, predictions: Path) -> None:
     size, batch = settings["image_size"], settings["batch_size"]
     channels_last = device.type == "cuda"
     train_data = Batches(
-        gather(job.data_dir, train),
+        gather(job.images, train),
         train["has_tumor"].to_numpy(),
         batch,
         device,
@@ -162,7 +188,7 @@ def train_classifier(job: TrainJob, predictions: Path) -> None:
         channels_last,
     )
     val_data = Batches(
-        gather(job.data_dir, val),
+        gather(job.images, val),
         val["has_tumor"].to_numpy(),
         batch,
         device,
@@ -190,7 +216,7 @@ def train_classifier(job: TrainJob, predictions: Path) -> None:
     )
     model.load_state_dict(result.best_state)
     test_data = Batches(
-        gather(job.data_dir, test),
+        gather(job.images, test),
         test["has_tumor"].to_numpy(),
         batch,
         device,
@@ -208,7 +234,6 @@ def train_classifier(job: TrainJob, predictions: Path) -> None:
             "patient": test["patient"].to_numpy(),
             "label": test["has_tumor"].to_numpy(),
             "prob_tumor": np.round(prob, 6),
-            "pred": (prob >= 0.5).astype(int),
         }
     )
     write_csv(predictions, frame)
@@ -218,12 +243,12 @@ def train_classifier(job: TrainJob, predictions: Path) -> None:
         model,
         "classification",
         settings,
+        preprocessing=_preprocessing(train_data.images.shape[1]),
         epoch=result.best_epoch + 1,
         val_loss=result.best_val_loss,
     )
-    finish_resume(job.resume_dir)
-    accuracy = float((frame["pred"] == frame["label"]).mean())
-    log.info("Test accuracy of %s: %.4f on %d slices", name, accuracy, len(frame))
+    _finish(job, device)
+    log.info("Test predictions of %s: %d slices (scored by evaluate_classifier)", name, len(frame))
 
 
 def train_segmenter(job: TrainJob, fold: int) -> None:
@@ -233,8 +258,7 @@ def train_segmenter(job: TrainJob, fold: int) -> None:
     check_segmenter_config(settings, key=f"segmentation.architectures.{name}")
     _check_weights(job, "smp", settings["encoder"])
     seed_everything(job.seed + fold)
-    device = select_device(log)
-    configure_torch(device, job.threads)
+    device = _start(job)
     table = load_table(job.manifest, job.splits)
     lgg = table[table["seg_split"] == "train"]
     if fold not in set(lgg["fold"]):
@@ -255,8 +279,8 @@ def train_segmenter(job: TrainJob, fold: int) -> None:
     )
     channels_last = device.type == "cuda"
     train_data = Batches(
-        gather(job.data_dir, train),
-        gather(job.data_dir, train, "masks"),
+        gather(job.images, train),
+        gather(job.masks, train),
         batch,
         device,
         size,
@@ -264,8 +288,8 @@ def train_segmenter(job: TrainJob, fold: int) -> None:
         channels_last,
     )
     val_data = Batches(
-        gather(job.data_dir, val),
-        gather(job.data_dir, val, "masks"),
+        gather(job.images, val),
+        gather(job.masks, val),
         batch,
         device,
         size,
@@ -301,11 +325,12 @@ def train_segmenter(job: TrainJob, fold: int) -> None:
         model,
         "segmentation",
         settings,
+        preprocessing=_preprocessing(train_data.images.shape[1]),
         fold=fold,
         epoch=result.best_epoch + 1,
         val_loss=result.best_val_loss,
     )
-    finish_resume(job.resume_dir)
+    _finish(job, device)
 
 
 __all__ = ["Preempted", "TrainJob", "train_classifier", "train_segmenter"]

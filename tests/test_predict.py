@@ -1,0 +1,90 @@
+"""predict uses exactly the models it is given (the rule passes the configured ones), at the
+preprocessing size its checkpoints record, with the evaluation thresholds of the config."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from helpers import run_script
+from PIL import Image
+
+from brainmri.models import build_classifier, build_segmenter, save_checkpoint
+
+CLASSIFIER = {"backbone": "resnet10t", "name": "resnet10t", "image_size": 64, "pretrained": False}
+SEGMENTER = {"name": "unet", "arch": "Unet", "encoder": "resnet18", "image_size": 64}
+PREPROCESSING = {"array_size": 48}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """A results tree: the configured models, and a leftover backbone of an earlier config
+    whose model.pt is not a checkpoint at all (loading it would fail)."""
+    root = tmp_path_factory.mktemp("results")
+    torch.manual_seed(0)
+    save_checkpoint(
+        root / "classification" / "resnet10t" / "model.pt",
+        build_classifier(CLASSIFIER),
+        "classification",
+        CLASSIFIER,
+        preprocessing=PREPROCESSING,
+    )
+    for fold in range(2):
+        save_checkpoint(
+            root / "segmentation" / "unet" / f"fold{fold}" / "model.pt",
+            build_segmenter({**SEGMENTER, "pretrained": False}),
+            "segmentation",
+            SEGMENTER,
+            preprocessing=PREPROCESSING,
+        )
+    leftover = root / "classification" / "resnet50_from_an_earlier_config" / "model.pt"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"not a checkpoint")
+    images = root.parent / "scans"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png"):
+        Image.fromarray((rng.random((50, 40)) * 255).astype(np.uint8)).save(images / name)
+    return root, images
+
+
+def predict(root, images, out, *classifiers, segmentation_threshold=0.5):
+    return run_script(
+        "predict.py",
+        *("--input-dir", images, "--classifiers", *classifiers),
+        "--segmenters",
+        *(root / "segmentation" / "unet" / f"fold{k}" / "model.pt" for k in range(2)),
+        *("--method", "majority", "--classifier-threshold", 0.5),
+        *("--segmentation-threshold", segmentation_threshold),
+        *("--output", out / "predictions.csv", "--masks-dir", out / "masks"),
+        *("--overlays-dir", out / "overlays"),
+    )
+
+
+def test_a_leftover_model_folder_is_ignored(results, tmp_path):
+    root, images = results
+    out = tmp_path / "out"
+    result = predict(root, images, out, root / "classification" / "resnet10t" / "model.pt")
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = pd.read_csv(out / "predictions.csv", keep_default_na=False)
+    assert table["file"].tolist() == ["a.png", "b.png"]
+    assert table["votes"].max() <= 1  # one classifier voted: the leftover did not
+    # The masks come back at each image's own size.
+    with Image.open(out / "masks" / "a.png") as mask:
+        assert mask.size == (40, 50)
+    # Naming the leftover is the only way to use it: then it is read, and refused.
+    bad = tmp_path / "bad"
+    leftover = root / "classification" / "resnet50_from_an_earlier_config" / "model.pt"
+    result = predict(root, images, bad, leftover)
+    assert result.returncode == 1 and str(leftover) in result.stderr
+    assert not bad.exists()
+
+
+def test_a_checkpoint_without_its_preprocessing_is_refused(results, tmp_path):
+    root, images = results
+    old = tmp_path / "old.pt"
+    save_checkpoint(old, build_classifier(CLASSIFIER), "classification", CLASSIFIER)
+    result = predict(root, images, tmp_path / "out", old)
+    assert result.returncode == 1
+    assert str(old) in result.stderr and "does not record its preprocessing" in result.stderr
