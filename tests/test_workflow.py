@@ -184,9 +184,10 @@ def test_slurm_profile_uses_only_options_the_plugin_has():
         defaults
     )
     # Every GPU rule has its knobs; a GPU is asked for with gpu/gpu_model, never with gres.
+    # Runtime and memory of a rule are set in one place, the rule, not here as well.
     assert set(profile["set-resources"]) == GPU_RULES
     for rule, resources in profile["set-resources"].items():
-        assert {"slurm_partition", "gpu_model", "runtime", "mem_mb"} <= set(resources), rule
+        assert set(resources) == {"slurm_partition", "gpu_model"}, rule
     for resources in [defaults, *profile["set-resources"].values()]:
         assert "gres" not in resources
 
