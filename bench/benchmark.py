@@ -317,7 +317,7 @@ def model_settings(
         entry = {"name": "bench", "arch": options.arch, "encoder": options.encoder}
         config[task]["architectures"] = [entry]
         settings = training_settings(config, task, "bench")
-    settings.update(image_size=size, batch_size=batch, pretrained=False)
+    settings.update(input_size=size, batch_size=batch, pretrained=False)
     if task == "classification":
         check_classifier_config(settings, key="--classifier/--image-size")
     else:
@@ -363,7 +363,7 @@ def limit_throughput(
     """Training and inference images/s on one random batch that stays on the device."""
     model = build(task, settings, seed).to(device)
     loss_fn, _, _ = loss_and_metric(task, settings)
-    batch, size = settings["batch_size"], settings["image_size"]
+    batch, size = settings["batch_size"], settings["input_size"]
     generator = torch.Generator().manual_seed(seed)
     images = torch.rand(batch, 3, size, size, generator=generator).to(device)
     if task == "classification":
@@ -454,7 +454,7 @@ def workflow_throughput(
     """
     table = load_table(data.manifest, data.splits)
     train, val, test = _task_rows(task, table, data.splits)
-    size, batch = settings["image_size"], settings["batch_size"]
+    size, batch = settings["input_size"], settings["batch_size"]
     channels_last = device.type == "cuda"
 
     def targets(rows: pd.DataFrame) -> np.ndarray:
@@ -645,7 +645,7 @@ def naive_throughput(
     """
     table = load_table(data.manifest, data.splits)
     train, _, _ = _task_rows(task, table, data.splits)
-    size, batch = settings["image_size"], settings["batch_size"]
+    size, batch = settings["input_size"], settings["batch_size"]
     resize_to = size if data.image_size != size else None
     dataset = PngDataset(data.data_dir, train, task, naive_transform(task, settings, resize_to))
     generator = torch.Generator().manual_seed(seed)

@@ -16,7 +16,7 @@ from brainmri.errors import ConfigError
 STAGE_KEYS = {
     "classification": (
         "pretrained",
-        "image_size",
+        "input_size",
         "epochs",
         "batch_size",
         "lr",
@@ -26,7 +26,7 @@ STAGE_KEYS = {
         "augment",
     ),
     "segmentation": (
-        "image_size",
+        "input_size",
         "epochs",
         "batch_size",
         "lr",
@@ -39,6 +39,31 @@ STAGE_KEYS = {
         "empty_fraction",
     ),
 }
+
+
+# Keys renamed so that a name says which size it is: {section: (old key, new key)}.
+RENAMED_KEYS = {
+    "data": ("image_size", "array_size"),
+    "classification": ("image_size", "input_size"),
+    "segmentation": ("image_size", "input_size"),
+}
+
+
+def check_renamed_keys(config: dict[str, Any]) -> None:
+    """A config that still uses a renamed key fails naming the new one (before the schema)."""
+    for section, (old, new) in RENAMED_KEYS.items():
+        block = config.get(section)
+        if not isinstance(block, dict):
+            continue
+        models = block.get("backbones", []) + block.get("architectures", [])
+        for where, entry in [(section, block)] + [
+            (f"{section}.{e.get('name', '?')}", e) for e in models if isinstance(e, dict)
+        ]:
+            if old in entry:
+                raise ConfigError(
+                    f"{where}.{old}: renamed to {where}.{new} (data.array_size: side of the "
+                    "stored arrays; <stage>.input_size: side of the model's input)"
+                )
 
 
 def _entries(config: dict[str, Any], stage: str) -> list[dict[str, Any]]:

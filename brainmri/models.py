@@ -21,7 +21,7 @@ from torch import nn
 from brainmri.errors import InputError
 from brainmri.io import atomic_path
 
-CHECKPOINT_FORMAT = "brainmri-checkpoint-v1"
+CHECKPOINT_FORMAT = "brainmri-checkpoint-v2"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -166,7 +166,7 @@ def check_classifier_config(settings: dict[str, Any], key: str) -> None:
     if not timm.is_model(name):
         hint = did_you_mean(name, timm.list_models())
         raise ConfigError(f"{key}: timm has no model named {name!r}{hint}")
-    size = settings["image_size"]
+    size = settings["input_size"]
     problem = _classifier_accepts(name, size)
     if problem:
         raise ConfigError(f"{key}: {name} cannot take {size} px images ({problem})")
@@ -208,10 +208,10 @@ def check_segmenter_config(settings: dict[str, Any], key: str) -> None:
             f"{key}.encoder: segmentation-models-pytorch has no encoder {settings['encoder']!r}"
             f"{did_you_mean(settings['encoder'], encoders)}"
         )
-    size = settings["image_size"]
+    size = settings["input_size"]
     if size % 32:
         raise ConfigError(
-            f"{key}.image_size: {size} must be a multiple of 32 (the encoder's output stride)"
+            f"{key}.input_size: {size} must be a multiple of 32 (the encoder's output stride)"
         )
     problem = _segmenter_accepts(arch, settings["encoder"], size)
     if problem:
@@ -234,7 +234,7 @@ def save_checkpoint(
         "task": task,
         "settings": settings,
         "state_dict": state,
-        "image_size": int(settings["image_size"]),
+        "input_size": int(settings["input_size"]),
         **extra,
     }
     if isinstance(model, Normalized):
@@ -266,7 +266,9 @@ def load_checkpoint(
     """Rebuild the model of a checkpoint (safely loaded) in eval mode on ``device``."""
     checkpoint = safe_torch_load(path)
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise InputError(f"{path}: not a {CHECKPOINT_FORMAT} checkpoint")
+        found = checkpoint.get("format") if isinstance(checkpoint, dict) else None
+        older = " (an older version of the workflow wrote it: train again)" if found else ""
+        raise InputError(f"{path}: not a {CHECKPOINT_FORMAT} checkpoint{older}")
     settings = dict(checkpoint["settings"])
     settings["pretrained"] = False  # the weights come from the checkpoint
     model = build_model(checkpoint["task"], settings)

@@ -15,11 +15,19 @@ min_version("9.0")
 # The workflow's own package (brainmri/) sits beside the Snakefile.
 sys.path.insert(0, workflow.basedir)
 import yaml
-from brainmri.config import check_config, model_names, preflight, training_settings
+from brainmri.config import (
+    check_config,
+    check_renamed_keys,
+    model_names,
+    preflight,
+    training_settings,
+)
 from brainmri.runlock import claim_workdir, held_locks
 
-# Every schema violation at once, one line each with did-you-mean hints; then Snakemake's
-# validate (which then passes) fills in the defaults.
+# A renamed key first (it names the new one); then every schema violation at once, one line
+# each with did-you-mean hints; then Snakemake's validate (which then passes) fills in the
+# defaults.
+check_renamed_keys(config)
 SCHEMA = Path(workflow.basedir) / "config" / "schema.yaml"
 check_config(config, yaml.safe_load(SCHEMA.read_text()))
 validate(config, schema="../config/schema.yaml", set_default=True)

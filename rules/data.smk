@@ -54,13 +54,13 @@ rule preprocess_lgg:
         runtime=30,
     params:
         dataset="lgg",
-        image_size=config["data"]["image_size"],
+        array_size=config["data"]["array_size"],
         masks=lambda wildcards, output: (
             f"--masks {shlex.quote(output.masks)}" if "masks" in output.keys() else ""
         ),
     shell:
         "$PYTHON $SCRIPTS/preprocess.py {params.dataset} --raw-dir {input}"
-        " --image-size {params.image_size} --png-dir {output.png} --images {output.images}"
+        " --array-size {params.array_size} --png-dir {output.png} --images {output.images}"
         " {params.masks} --manifest {output.manifest} --threads {threads} > {log} 2>&1"
 
 
@@ -77,7 +77,7 @@ use rule preprocess_lgg as preprocess_btm with:
         results("benchmarks/data/preprocess_btm.tsv")
     params:
         dataset="btm",
-        image_size=config["data"]["image_size"],
+        array_size=config["data"]["array_size"],
         masks="",
 
 

@@ -36,7 +36,7 @@ class PreprocessedData:
     lgg_images: Path  # data/lgg/images.npy, uint8 (N, 64, 64, 3)
     lgg_masks: Path  # data/lgg/masks.npy, uint8 (N, 64, 64), 0/1
     btm_images: Path  # data/btm/images.npy, uint8 (M, 64, 64, 3)
-    image_size: int
+    array_size: int  # side of the stored arrays
     seed: int
     folds: int
 
@@ -47,7 +47,7 @@ FIXTURE_SETTINGS = {
     "patients": 8,
     "slices_per_patient": 8,
     "images_per_class": 8,
-    "image_size": 64,
+    "array_size": 64,
     "seed": 42,
     "folds": 3,
 }
@@ -62,7 +62,7 @@ def build_preprocessed_data(root: Path, **overrides: int) -> PreprocessedData:
     from brainmri.io import write_csv
 
     settings = {**FIXTURE_SETTINGS, **overrides}
-    size, seed = settings["image_size"], settings["seed"]
+    size, seed = settings["array_size"], settings["seed"]
     raw, data = root / "raw", root / "data"
     lgg_zip, btm_zip = root / "archives" / "lgg.zip", root / "archives" / "btm.zip"
     write_lgg_archive(
@@ -102,7 +102,7 @@ def build_preprocessed_data(root: Path, **overrides: int) -> PreprocessedData:
         lgg_images=data / "lgg" / "images.npy",
         lgg_masks=data / "lgg" / "masks.npy",
         btm_images=data / "btm" / "images.npy",
-        image_size=size,
+        array_size=size,
         seed=seed,
         folds=settings["folds"],
     )
@@ -121,7 +121,7 @@ def preprocessed_data(tmp_path_factory: pytest.TempPathFactory) -> PreprocessedD
     Attributes (all ``pathlib.Path`` unless noted): ``results_dir``, ``data_dir``, ``manifest``
     (data/manifest.csv), ``splits`` (splits/splits.csv), ``summary`` (splits/summary.tsv),
     ``lgg_images`` (data/lgg/images.npy), ``lgg_masks`` (data/lgg/masks.npy), ``btm_images``
-    (data/btm/images.npy), ``image_size`` (int, 64), ``seed`` (int), ``folds`` (int, 3).
+    (data/btm/images.npy), ``array_size`` (int, 64), ``seed`` (int), ``folds`` (int, 3).
     """
     return build_preprocessed_data(tmp_path_factory.mktemp("preprocessed"))
 

@@ -20,12 +20,12 @@ from brainmri.models import (
 )
 from brainmri.training.loop import _load_resume_state
 
-CLASSIFIER = {"backbone": "resnet10t", "name": "resnet10t", "image_size": 64, "pretrained": False}
+CLASSIFIER = {"backbone": "resnet10t", "name": "resnet10t", "input_size": 64, "pretrained": False}
 SEGMENTER = {
     "name": "unet",
     "arch": "Unet",
     "encoder": "resnet18",
-    "image_size": 64,
+    "input_size": 64,
     "pretrained": False,
 }
 
@@ -50,7 +50,7 @@ def booby_trapped(tmp_path):
             "task": "classification",
             "settings": CLASSIFIER,
             "state_dict": {},
-            "image_size": 64,
+            "input_size": 64,
             "payload": Trap(str(marker)),
         },
         path,
@@ -122,7 +122,7 @@ def test_checkpoint_round_trip(tmp_path):
     model = build_classifier(CLASSIFIER)
     save_checkpoint(tmp_path / "c.pt", model, "classification", CLASSIFIER, epoch=3)
     loaded, checkpoint = load_checkpoint(tmp_path / "c.pt")
-    assert checkpoint["epoch"] == 3 and checkpoint["image_size"] == 64
+    assert checkpoint["epoch"] == 3 and checkpoint["input_size"] == 64
     x = torch.rand(2, 3, 64, 64)
     model.eval()
     assert torch.equal(model(x), loaded(x))

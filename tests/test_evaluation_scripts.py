@@ -256,7 +256,7 @@ def checkpoint(tmp_path_factory):
         "name": "unet",
         "arch": "Unet",
         "encoder": "resnet18",
-        "image_size": 96,
+        "input_size": 96,
         "pretrained": False,
     }
     torch.manual_seed(0)
@@ -303,7 +303,7 @@ def test_evaluate_segmenter_script(data, checkpoint, tmp_path):
     for split, rows in (("val", val), ("test", test)):
         report = json.loads((first / f"{split}_metrics.json").read_text())
         assert (report["arch"], report["fold"], report["split"]) == ("unet", 0, split)
-        assert report["n_slices"] == len(rows) and report["image_size"] == 96
+        assert report["n_slices"] == len(rows) and report["input_size"] == 96
         assert report["tumor_slices"]["n_slices"] == int(rows["has_tumor"].sum())
         assert sum(report["all_slices"]["cases"].values()) == len(rows)
         part = per_slice[per_slice["split"] == split]

@@ -20,8 +20,8 @@ from brainmri.models import (
 from brainmri.tables import gather
 from brainmri.training.batches import Batches, targets_to_device, to_device
 
-CLASSIFIER = {"backbone": "resnet10t", "image_size": 64, "pretrained": False}
-SEGMENTER = {"arch": "Unet", "encoder": "resnet18", "image_size": 64, "pretrained": False}
+CLASSIFIER = {"backbone": "resnet10t", "input_size": 64, "pretrained": False}
+SEGMENTER = {"arch": "Unet", "encoder": "resnet18", "input_size": 64, "pretrained": False}
 CLS_KEY = "classification.backbones.x"
 SEG_KEY = "segmentation.architectures.unet"
 
@@ -47,7 +47,7 @@ def test_a_backbone_with_a_conv_head_gets_its_pooled_feature_width():
 
 
 def test_segmenter_returns_one_logit_map_of_the_input_size():
-    model = build_segmenter({**SEGMENTER, "image_size": 32}).eval()
+    model = build_segmenter({**SEGMENTER, "input_size": 32}).eval()
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 1, 32, 32)
     assert torch.allclose(model.mean.flatten(), torch.tensor(IMAGENET_MEAN))
     assert torch.allclose(model.std.flatten(), torch.tensor(IMAGENET_STD))
@@ -55,9 +55,9 @@ def test_segmenter_returns_one_logit_map_of_the_input_size():
 
 def test_valid_configs_pass():
     check_classifier_config(CLASSIFIER, CLS_KEY)
-    check_classifier_config({**CLASSIFIER, "backbone": "inception_v3", "image_size": 96}, CLS_KEY)
+    check_classifier_config({**CLASSIFIER, "backbone": "inception_v3", "input_size": 96}, CLS_KEY)
     check_segmenter_config(SEGMENTER, SEG_KEY)
-    check_segmenter_config({**SEGMENTER, "arch": "DeepLabV3Plus", "image_size": 32}, SEG_KEY)
+    check_segmenter_config({**SEGMENTER, "arch": "DeepLabV3Plus", "input_size": 32}, SEG_KEY)
 
 
 @pytest.mark.parametrize(
@@ -66,7 +66,7 @@ def test_valid_configs_pass():
         (check_classifier_config, {**CLASSIFIER, "backbone": "resnet5O"}, r"x: timm has no model"),
         (
             check_classifier_config,
-            {**CLASSIFIER, "backbone": "inception_v3", "image_size": 64},
+            {**CLASSIFIER, "backbone": "inception_v3", "input_size": 64},
             r"x: inception_v3 cannot take 64 px",
         ),
         (check_segmenter_config, {**SEGMENTER, "arch": "UNetto"}, r"unet\.arch: .*'UNetto'"),
@@ -77,8 +77,8 @@ def test_valid_configs_pass():
         ),
         (
             check_segmenter_config,
-            {**SEGMENTER, "image_size": 100},
-            r"unet\.image_size: 100 must be a multiple of 32",
+            {**SEGMENTER, "input_size": 100},
+            r"unet\.input_size: 100 must be a multiple of 32",
         ),
     ],
     ids=["unknown-backbone", "too-small", "unknown-arch", "unknown-encoder", "stride"],

@@ -12,8 +12,8 @@ from PIL import Image
 
 from brainmri.models import build_classifier, build_segmenter, save_checkpoint
 
-CLASSIFIER = {"backbone": "resnet10t", "name": "resnet10t", "image_size": 64, "pretrained": False}
-SEGMENTER = {"name": "unet", "arch": "Unet", "encoder": "resnet18", "image_size": 64}
+CLASSIFIER = {"backbone": "resnet10t", "name": "resnet10t", "input_size": 64, "pretrained": False}
+SEGMENTER = {"name": "unet", "arch": "Unet", "encoder": "resnet18", "input_size": 64}
 PREPROCESSING = {"array_size": 48}
 
 

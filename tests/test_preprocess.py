@@ -331,7 +331,7 @@ def test_bad_btm_image_fails_through_the_script_with_one_line_and_no_output(tmp_
         str(REPO / "workflow_scripts" / "preprocess.py"),
         "btm",
         f"--raw-dir={tmp_path / 'raw'}",
-        "--image-size=32",
+        "--array-size=32",
         f"--png-dir={out / 'png'}",
         f"--images={out / 'images.npy'}",
         f"--manifest={out / 'manifest.csv'}",

@@ -64,7 +64,7 @@ def results(tmp_path_factory) -> Path:
             "preprocess.py",
             short,
             f"--raw-dir={root / 'raw' / dataset}",
-            "--image-size=64",
+            "--array-size=64",
             f"--png-dir={root / 'data' / short / 'png'}",
             f"--images={root / 'data' / short / 'images.npy'}",
             *masks,

@@ -18,7 +18,7 @@ SETTINGS = {
     "backbone": "resnet10t",
     "name": "resnet10t",
     "pretrained": False,
-    "image_size": 64,
+    "input_size": 64,
     "epochs": 4,
     "batch_size": 16,
     "lr": 1e-3,
@@ -152,7 +152,7 @@ def test_outputs_of_a_classifier_run(preprocessed_data, uninterrupted):
     assert device["type"] == "cpu" and device["torch"] == torch.__version__
     checkpoint = torch.load(uninterrupted / "model.pt", weights_only=True)
     assert (
-        checkpoint["format"] == "brainmri-checkpoint-v1" and checkpoint["task"] == "classification"
+        checkpoint["format"] == "brainmri-checkpoint-v2" and checkpoint["task"] == "classification"
     )
     assert checkpoint["val_loss"] == pytest.approx(history["val_loss"].min())
 

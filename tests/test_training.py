@@ -175,7 +175,7 @@ def segmenter_settings(**overrides):
         "arch": "Unet",
         "encoder": "resnet18",
         "pretrained": False,
-        "image_size": 64,
+        "input_size": 64,
         "epochs": 2,
         "batch_size": 16,
         "lr": 1e-3,
@@ -261,7 +261,7 @@ def test_bad_inputs_fail_before_training(preprocessed_data, tmp_path):
     assert str(missing) in result.stderr and "resnet18" in result.stderr
     assert "--from-file" in result.stderr
     # An image size the encoder cannot take.
-    result = train_segmenter(preprocessed_data, tmp_path, segmenter_settings(image_size=80))
+    result = train_segmenter(preprocessed_data, tmp_path, segmenter_settings(input_size=80))
     assert result.returncode == 1 and "multiple of 32" in result.stderr
     # Nothing half-written, nothing that looks complete.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["splits.csv"]

@@ -92,6 +92,14 @@ INVALID_CONFIGS = {
         "classification.backbones.resnt50: timm has no model named 'resnt50' "
         "(did you mean 'resnet50'",
     ),
+    "renamed size key": (
+        lambda c: c["data"].update(image_size=64),
+        "data.image_size: renamed to data.array_size",
+    ),
+    "renamed size key of one model": (
+        lambda c: c["segmentation"]["architectures"][0].update(image_size=64),
+        "segmentation.unet.image_size: renamed to segmentation.unet.input_size",
+    ),
     "more folds than patients": (
         lambda c: c["split"].update(folds=11),
         "split.folds: 11 folds need at least 11 training patients, "

@@ -53,7 +53,7 @@ def main() -> None:
         frame, report = evaluate_split(
             part, stored[offset:end], masks[offset:end], args.threshold, split, args.threads
         )
-        report.update(arch=arch, fold=args.fold, image_size=checkpoint["image_size"])
+        report.update(arch=arch, fold=args.fold, input_size=checkpoint["input_size"])
         frames.append(frame)
         reports[split] = report
         if split == "test":

@@ -1,7 +1,7 @@
 """Preprocess one dataset to 3-channel PNGs (+ binary mask PNGs), uint8 arrays and a manifest part.
 
-preprocess.py lgg --raw-dir R --image-size 256 --png-dir D --images I.npy --masks M.npy --manifest C
-preprocess.py btm --raw-dir R --image-size 256 --png-dir D --images I.npy --manifest C
+preprocess.py lgg --raw-dir R --array-size 256 --png-dir D --images I.npy --masks M.npy --manifest C
+preprocess.py btm --raw-dir R --array-size 256 --png-dir D --images I.npy --manifest C
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def main() -> None:
     )
     parser.add_argument("dataset", choices=["lgg", "btm"])
     parser.add_argument("--raw-dir", required=True, type=Path)
-    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--array-size", type=int, default=256)
     parser.add_argument("--png-dir", required=True, type=Path)
     parser.add_argument("--images", required=True, type=Path)
     parser.add_argument("--masks", type=Path, help="LGG only")
@@ -37,7 +37,7 @@ def main() -> None:
             parser.error("--masks is required for lgg")
         manifest = preprocess_lgg(
             args.raw_dir,
-            args.image_size,
+            args.array_size,
             args.png_dir,
             args.images,
             args.masks,
@@ -46,7 +46,7 @@ def main() -> None:
         )
     else:
         manifest = preprocess_btm(
-            args.raw_dir, args.image_size, args.png_dir, args.images, args.manifest, args.threads
+            args.raw_dir, args.array_size, args.png_dir, args.images, args.manifest, args.threads
         )
     seconds = time.perf_counter() - start
     log.info(

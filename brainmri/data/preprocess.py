@@ -164,7 +164,7 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 def preprocess_lgg(
     raw_dir: Path,
-    image_size: int,
+    array_size: int,
     png_dir: Path,
     images_path: Path,
     masks_path: Path,
@@ -174,13 +174,13 @@ def preprocess_lgg(
     """LGG archive folder -> PNGs, images.npy (N,S,S,3), masks.npy (N,S,S) and manifest part."""
     with naming_the_source(raw_dir):
         return _preprocess_lgg(
-            raw_dir, image_size, png_dir, images_path, masks_path, manifest_path, threads
+            raw_dir, array_size, png_dir, images_path, masks_path, manifest_path, threads
         )
 
 
 def _preprocess_lgg(
     raw_dir: Path,
-    image_size: int,
+    array_size: int,
     png_dir: Path,
     images_path: Path,
     masks_path: Path,
@@ -189,8 +189,8 @@ def _preprocess_lgg(
 ) -> pd.DataFrame:
     slices = find_lgg_slices(raw_dir)
     log.info("LGG: %d slices of %d patients", len(slices), len({s.patient for s in slices}))
-    images = np.zeros((len(slices), image_size, image_size, 3), dtype=np.uint8)
-    masks = np.zeros((len(slices), image_size, image_size), dtype=np.uint8)
+    images = np.zeros((len(slices), array_size, array_size, 3), dtype=np.uint8)
+    masks = np.zeros((len(slices), array_size, array_size), dtype=np.uint8)
     with _outputs(png_dir, images_path, masks_path, manifest_path) as outputs:
         tmp_png, tmp_images, tmp_masks, tmp_manifest = outputs
         (tmp_png / "images").mkdir(parents=True)
@@ -204,8 +204,8 @@ def _preprocess_lgg(
                 bool(np.array_equal(image[..., 2], image[..., 1])),
                 bool(image.max() == 0),
             )
-            images[position] = resize_image(image, image_size)
-            masks[position] = resize_mask(mask, image_size)
+            images[position] = resize_image(image, array_size)
+            masks[position] = resize_mask(mask, array_size)
             slice_id = f"{item.patient}_{item.index}"
             save_png(images[position], tmp_png / "images" / f"{slice_id}.png")
             save_png(masks[position] * 255, tmp_png / "masks" / f"{slice_id}.png")
@@ -275,7 +275,7 @@ def find_btm_images(raw_dir: Path) -> list[tuple[str, str, Path]]:
 
 def preprocess_btm(
     raw_dir: Path,
-    image_size: int,
+    array_size: int,
     png_dir: Path,
     images_path: Path,
     manifest_path: Path,
@@ -283,12 +283,12 @@ def preprocess_btm(
 ) -> pd.DataFrame:
     """Second dataset: glioma (tumor) and notumor images -> gray in 3 channels, PNGs, array."""
     with naming_the_source(raw_dir):
-        return _preprocess_btm(raw_dir, image_size, png_dir, images_path, manifest_path, threads)
+        return _preprocess_btm(raw_dir, array_size, png_dir, images_path, manifest_path, threads)
 
 
 def _preprocess_btm(
     raw_dir: Path,
-    image_size: int,
+    array_size: int,
     png_dir: Path,
     images_path: Path,
     manifest_path: Path,
@@ -296,7 +296,7 @@ def _preprocess_btm(
 ) -> pd.DataFrame:
     items = find_btm_images(raw_dir)
     log.info("Second dataset: %d glioma/notumor images", len(items))
-    images = np.zeros((len(items), image_size, image_size, 3), dtype=np.uint8)
+    images = np.zeros((len(items), array_size, array_size, 3), dtype=np.uint8)
     ids = [
         "btm_" + path.relative_to(raw_dir).with_suffix("").as_posix().replace("/", "_")
         for _, _, path in items
@@ -307,7 +307,7 @@ def _preprocess_btm(
         def work(position: int) -> str:
             gray = to_uint8_gray(open_image(items[position][2]))
             digest = hashlib.sha1(np.asarray(gray.shape).tobytes() + gray.tobytes()).hexdigest()
-            images[position] = gray_to_rgb(resize_image(square_pad(gray), image_size))
+            images[position] = gray_to_rgb(resize_image(square_pad(gray), array_size))
             save_png(images[position], tmp_png / "images" / f"{ids[position]}.png")
             return digest
 

@@ -183,7 +183,7 @@ def _predict(
     preds, probs = [], []
     for path in classifiers:
         model, checkpoint = load_checkpoint(path, device)
-        batches = Batches(images, np.zeros(len(images)), 32, device, checkpoint["image_size"])
+        batches = Batches(images, np.zeros(len(images)), 32, device, checkpoint["input_size"])
         prob = torch.softmax(predict_logits(model, batches.epoch(), device), 1)[:, 1].numpy()
         probs.append(prob)
         preds.append(decide(prob, cutoff))

@@ -28,7 +28,7 @@ def probabilities_of(
     checkpoint: dict[str, Any] = {}
     for path in checkpoints:
         model, checkpoint = load_checkpoint(path, device)
-        batches = Batches(images, np.zeros(len(images)), BATCH, device, checkpoint["image_size"])
+        batches = Batches(images, np.zeros(len(images)), BATCH, device, checkpoint["input_size"])
         logits = predict_logits(model, batches.epoch(), device)
         if logits.shape[-1] != size:
             logits = F.interpolate(logits, size=(size, size), mode="bilinear")

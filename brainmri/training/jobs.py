@@ -174,9 +174,9 @@ def train_classifier(job: TrainJob, predictions: Path) -> None:
         len(train),
         len(val),
         len(test),
-        settings["image_size"],
+        settings["input_size"],
     )
-    size, batch = settings["image_size"], settings["batch_size"]
+    size, batch = settings["input_size"], settings["batch_size"]
     channels_last = device.type == "cuda"
     train_data = Batches(
         gather(job.images, train),
@@ -265,7 +265,7 @@ def train_segmenter(job: TrainJob, fold: int) -> None:
         raise ConfigError(f"split.folds: fold {fold} does not exist in {job.splits}")
     train = _require(lgg[lgg["fold"] != fold], f"training part of fold {fold}", job.splits)
     val = _require(lgg[lgg["fold"] == fold], f"validation fold {fold}", job.splits)
-    size, batch = settings["image_size"], settings["batch_size"]
+    size, batch = settings["input_size"], settings["batch_size"]
     log.info(
         "Segmenter %s (%s/%s) fold %d: %d train (%d with tumor), %d val slices at %d px",
         name,
