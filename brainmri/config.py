@@ -13,31 +13,19 @@ from brainmri.errors import ConfigError
 # resume digest and its checkpoint). Evaluation settings (classification.threshold,
 # segmentation.threshold, classification.ensemble) are not among them, so changing one reruns
 # the evaluation jobs only.
+_COMMON_KEYS = (
+    "input_size",
+    "epochs",
+    "batch_size",
+    "lr",
+    "lr_schedule",
+    "weight_decay",
+    "patience",
+    "augment",
+)
 STAGE_KEYS = {
-    "classification": (
-        "pretrained",
-        "input_size",
-        "epochs",
-        "batch_size",
-        "lr",
-        "lr_schedule",
-        "weight_decay",
-        "patience",
-        "augment",
-    ),
-    "segmentation": (
-        "input_size",
-        "epochs",
-        "batch_size",
-        "lr",
-        "lr_schedule",
-        "weight_decay",
-        "patience",
-        "augment",
-        "dice_smooth",
-        "train_slices",
-        "empty_fraction",
-    ),
+    "classification": ("pretrained", *_COMMON_KEYS),
+    "segmentation": (*_COMMON_KEYS, "dice_smooth", "train_slices", "empty_fraction"),
 }
 
 

@@ -48,6 +48,17 @@ rule report:
         classification_targets(),
         segmentation_targets(),
         results("cascade/metrics.json"),
+        # Every other file the report shows (figures, tables, example slices).
+        shown=expand(
+            results("classification/{model}/{file}"),
+            model=BACKBONES + ["ensemble"],
+            file=["classification_report.tsv", "confusion_matrix.png", "errors.png"],
+        )
+        + [
+            results(f"segmentation/{file}")
+            for file in ("table1_validation.tsv", "table2_test.tsv", "overlays.png")
+        ]
+        + [results("cascade/comparison.tsv"), results("data/lgg/png")],
         # The report's own code: editing it rebuilds the report and nothing else.
         code=[
             SCRIPTS / "make_report.py",

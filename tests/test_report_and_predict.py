@@ -16,6 +16,7 @@ from brainmri.reporting.report import esc, table_html
 pytestmark = pytest.mark.slow
 
 SCRIPT = "<script>alert(1)</script>"
+BACKBONES = yaml.safe_load(TINY_CONFIG.read_text())["classification"]["backbones"]
 
 
 def test_text_from_files_and_config_is_escaped(workflow_run, tmp_path):
@@ -61,10 +62,12 @@ def test_predict_on_new_images_reports_broken_files(workflow_run, tmp_path):
         "predict.py",
         "--input-dir",
         images,
-        "--results-dir",
-        workflow_run,
-        "--architecture",
-        "unet",
+        "--classifiers",
+        *(workflow_run / "classification" / b / "model.pt" for b in BACKBONES),
+        "--segmenters",
+        *(workflow_run / "segmentation" / "unet" / f"fold{k}" / "model.pt" for k in (0, 1)),
+        *("--method", "majority", "--classifier-threshold", 0.5),
+        *("--segmentation-threshold", 0.5),
         "--output",
         out / "predictions.csv",
         "--masks-dir",

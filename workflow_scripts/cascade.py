@@ -8,14 +8,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import brainmri.evaluation.masks as stored
 from brainmri.evaluation.cascade import comparison_table, gate_from_classifier, run_cascade
 from brainmri.evaluation.classification import read_predictions
-from brainmri.evaluation.masks import (
-    add_test_set_arguments,
-    binarize,
-    load_probabilities,
-    load_test_set,
-)
 from brainmri.io import run_cli, setup_logging, write_csv, write_json
 
 
@@ -24,15 +19,14 @@ def main() -> None:
     parser.add_argument("--classifier", required=True, type=Path, help="ensemble predictions")
     parser.add_argument("--probabilities", required=True, type=Path, help="segmentation ensemble")
     parser.add_argument("--architecture", required=True)
-    add_test_set_arguments(parser)
-    parser.add_argument("--metrics", required=True, type=Path)
-    parser.add_argument("--per-slice", required=True, type=Path)
+    stored.add_test_set_arguments(parser)
     parser.add_argument("--table", required=True, type=Path)
     args = parser.parse_args()
     log = setup_logging()
-    rows, truth = load_test_set(args)
+    rows, truth = stored.load_test_set(args)
     gate = gate_from_classifier(read_predictions(args.classifier), rows, args.classifier)
-    seg_masks = binarize(load_probabilities(args.probabilities, truth.shape), args.threshold)
+    probabilities = stored.load_probabilities(args.probabilities, truth.shape)
+    seg_masks = stored.binarize(probabilities, args.threshold)
     per_slice, results = run_cascade(gate, seg_masks, truth, rows, args.threads)
     results.update(architecture=args.architecture, threshold=args.threshold, n_slices=len(rows))
     comparison = comparison_table(results)

@@ -7,12 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from brainmri.evaluation.masks import (
-    add_test_set_arguments,
-    load_probabilities,
-    load_test_set,
-    mean_probabilities,
-)
+import brainmri.evaluation.masks as stored
 from brainmri.evaluation.segmentation import evaluate_split
 from brainmri.io import run_cli, setup_logging, write_csv, write_json, write_npy
 
@@ -20,18 +15,16 @@ from brainmri.io import run_cli, setup_logging, write_csv, write_json, write_npy
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--probabilities", nargs="+", required=True, type=Path)
-    add_test_set_arguments(parser)
-    parser.add_argument("--metrics", required=True, type=Path)
-    parser.add_argument("--per-slice", required=True, type=Path)
+    stored.add_test_set_arguments(parser)
     parser.add_argument("--output-probabilities", required=True, type=Path)
     args = parser.parse_args()
     log = setup_logging()
-    rows, masks = load_test_set(args)
-    folds = [load_probabilities(path, masks.shape) for path in args.probabilities]
-    stored = mean_probabilities(folds)
-    frame, report = evaluate_split(rows, stored, masks, args.threshold, "test", args.threads)
+    rows, masks = stored.load_test_set(args)
+    folds = [stored.load_probabilities(path, masks.shape) for path in args.probabilities]
+    mean = stored.mean_probabilities(folds)
+    frame, report = evaluate_split(rows, mean, masks, args.threshold, "test", args.threads)
     report.update(models=len(folds))  # no paths: the JSON must not depend on the results dir
-    write_npy(args.output_probabilities, stored)
+    write_npy(args.output_probabilities, mean)
     write_csv(args.per_slice, frame)
     write_json(args.metrics, report)
     tumor = report["tumor_slices"]["dice"]["mean"]

@@ -79,12 +79,15 @@ def load_masks(path: str | Path, rows: pd.DataFrame) -> np.ndarray:
 
 
 def add_test_set_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments of a script that scores stored probabilities on the segmentation test set."""
+    """The arguments of a script that scores stored probabilities on the segmentation test set
+    and writes a metrics JSON and per-slice rows."""
     parser.add_argument("--manifest", required=True, type=Path)
     parser.add_argument("--splits", required=True, type=Path)
     parser.add_argument("--masks", required=True, type=Path, help="data/lgg/masks.npy")
     parser.add_argument("--threshold", type=float, required=True, help="segmentation threshold")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--metrics", required=True, type=Path)
+    parser.add_argument("--per-slice", required=True, type=Path)
 
 
 def load_test_set(args: argparse.Namespace) -> tuple[pd.DataFrame, np.ndarray]:
