@@ -326,6 +326,7 @@ def train_segmenter(job: TrainJob, fold: int) -> None:
         "segmentation",
         settings,
         preprocessing=_preprocessing(train_data.images.shape[1]),
+        validation_threshold=0.5,  # the val_dice of the history (dice_per_sample: logits > 0)
         fold=fold,
         epoch=result.best_epoch + 1,
         val_loss=result.best_val_loss,
