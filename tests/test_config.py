@@ -54,10 +54,14 @@ def test_schema_keys_cover_nested_sections_and_model_entries():
     ("changes", "line"),
     [
         ({"split__fold": 3}, "split.fold: unknown key (did you mean 'folds'?)"),
-        ({"trheshold": 0.5}, "trheshold: unknown key (did you mean 'segmentation.threshold'?)"),
         (
-            {"classification__threshold": 0.5},
-            "classification.threshold: unknown key (did you mean 'segmentation.threshold'?)",
+            {"trheshold": 0.5},
+            "trheshold: unknown key (did you mean 'classification.threshold' or "
+            "'segmentation.threshold'?)",
+        ),
+        (
+            {"classification__dice_smooth": 1.0},
+            "classification.dice_smooth: unknown key (did you mean 'segmentation.dice_smooth'?)",
         ),
         ({"classification__epochs": "ten"}, "classification.epochs: expected integer, got 'ten'"),
         (
