@@ -46,7 +46,7 @@ def booby_trapped(tmp_path):
     path = tmp_path / "model.pt"
     torch.save(
         {
-            "format": "brainmri-checkpoint-v1",
+            "format": "brainmri-checkpoint-v2",
             "task": "classification",
             "settings": CLASSIFIER,
             "state_dict": {},
