@@ -125,7 +125,7 @@ def test_invalid_config_fails_the_dry_run_naming_the_key(tmp_path, name):
 def test_every_config_error_is_reported_at_once(tmp_path):
     def change(config):
         config["split"].update(fold=3, level="patients")
-        config["classification"].update(epochs="ten", threshold=0.4)
+        config["classification"].update(epochs="ten", dice_smooth=1.0)
 
     result = dry_run(tmp_path, "--configfile", str(modified_demo(tmp_path, change)))
     output = result.stdout + result.stderr
@@ -135,7 +135,7 @@ def test_every_config_error_is_reported_at_once(tmp_path):
         "  split.fold: unknown key (did you mean 'folds'?)",
         "  split.level: 'patients' is not one of patient, slice (did you mean 'patient'?)",
         "  classification.epochs: expected integer, got 'ten'",
-        "  classification.threshold: unknown key (did you mean 'segmentation.threshold'?)",
+        "  classification.dice_smooth: unknown key (did you mean 'segmentation.dice_smooth'?)",
     ):
         assert line in output.splitlines(), output
 
