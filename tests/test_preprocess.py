@@ -435,7 +435,7 @@ def test_errors_name_the_users_archive_and_member_not_the_extracted_copy(tmp_pat
         "preprocess.py",
         "lgg",
         f"--raw-dir={raw}",
-        "--image-size=32",
+        "--array-size=32",
         f"--png-dir={out / 'png'}",
         f"--images={out / 'images.npy'}",
         f"--masks={out / 'masks.npy'}",
