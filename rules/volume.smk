@@ -33,15 +33,15 @@ rule predict_patient_volumes:
         mem_mb=8000,
         runtime=60,
     params:
-        image_size=config["data"]["image_size"],
         method=config["classification"]["ensemble"],
-        threshold=config["segmentation"]["threshold"],
+        classifier_threshold=config["classification"]["threshold"],
+        segmentation_threshold=config["segmentation"]["threshold"],
         axis=config["predict"]["volume_axis"],
     shell:
         "$PYTHON $SCRIPTS/predict_volume.py --inputs {input.volumes:q}"
         " --classifiers {input.classifiers} --segmenters {input.segmenters}"
-        " --image-size {params.image_size} --method {params.method}"
-        " --threshold {params.threshold} --axis {params.axis}"
+        " --method {params.method} --classifier-threshold {params.classifier_threshold}"
+        " --segmentation-threshold {params.segmentation_threshold} --axis {params.axis}"
         " --csv {output.csv} --patients-dir {output.patients} > {log} 2>&1"
 
 

@@ -210,8 +210,8 @@ def checkpoints(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
-    cls = {"backbone": "resnet10t", "image_size": 32, "pretrained": False}
-    seg = {"name": "unet", "arch": "Unet", "encoder": "resnet18", "image_size": 32}
+    cls = {"backbone": "resnet10t", "input_size": 32, "pretrained": False}
+    seg = {"name": "unet", "arch": "Unet", "encoder": "resnet18", "input_size": 32}
     classifier, segmenter = build_classifier(cls), build_segmenter(seg)
     with torch.no_grad():
         last = classifier.net[1][-1]
@@ -220,8 +220,9 @@ def checkpoints(tmp_path_factory):
         head = segmenter.net.segmentation_head[0]
         head.weight.zero_()
         head.bias.fill_(5.0)
-    save_checkpoint(root / "c.pt", classifier, "classification", cls, epoch=0)
-    save_checkpoint(root / "s.pt", segmenter, "segmentation", seg, epoch=0)
+    preprocessing = {"array_size": SIZE}
+    save_checkpoint(root / "c.pt", classifier, "classification", cls, preprocessing=preprocessing)
+    save_checkpoint(root / "s.pt", segmenter, "segmentation", seg, preprocessing=preprocessing)
     return root / "c.pt", root / "s.pt"
 
 
@@ -229,7 +230,8 @@ def cli(checkpoints, out, *inputs):
     return run_script(
         "predict_volume.py",
         *("--inputs", *inputs, "--classifiers", checkpoints[0]),
-        *("--segmenters", checkpoints[1], "--image-size", SIZE),
+        *("--segmenters", checkpoints[1], "--method", "majority"),
+        *("--classifier-threshold", 0.5, "--segmentation-threshold", 0.5),
         *("--csv", out / "volumes.csv", "--patients-dir", out / "patients"),
     )
 

@@ -8,8 +8,11 @@ and skipped; the exit status is then 1.
 
   python workflow_scripts/predict_volume.py --inputs patient1/ patient2.nii.gz \\
       --classifiers results/classification/*/model.pt \\
-      --segmenters results/segmentation/unet/fold*/model.pt --image-size 256 \\
+      --segmenters results/segmentation/unet/fold*/model.pt --method majority \\
+      --classifier-threshold 0.5 --segmentation-threshold 0.5 \\
       --csv out/volumes.csv --patients-dir out/patients
+
+Slices are resized to the preprocessing size the checkpoints record (data.array_size).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import sys
 from pathlib import Path
 
 from brainmri.devices import select_device
+from brainmri.inference.predict import array_size
 from brainmri.inference.volume import EnsembleModels, predict_volumes
 from brainmri.inference.volume_io import AXES, read_input, read_nifti_files
 from brainmri.io import run_cli, setup_logging
@@ -36,20 +40,13 @@ def main() -> None:
     parser.add_argument("--name", help="patient name for --flair (default: its folder's name)")
     parser.add_argument("--classifiers", nargs="+", type=Path, required=True)
     parser.add_argument("--segmenters", nargs="+", type=Path, required=True)
-    parser.add_argument(
-        "--image-size",
-        type=int,
-        required=True,
-        help="side of the preprocessed slices the models were trained on (data.image_size)",
-    )
-    parser.add_argument("--method", choices=["majority", "soft"], default="majority")
-    parser.add_argument("--threshold", type=float, default=0.5)
+    parser.add_argument("--method", choices=["majority", "soft"], required=True)
+    parser.add_argument("--classifier-threshold", type=float, required=True, help="cut-off")
+    parser.add_argument("--segmentation-threshold", type=float, required=True)
     parser.add_argument("--axis", choices=sorted(AXES), default="axial")
     parser.add_argument("--csv", type=Path, required=True, help="one row per patient")
     parser.add_argument("--patients-dir", type=Path, required=True, help="one folder per patient")
     args = parser.parse_args()
-    if not 0 < args.threshold < 1:
-        parser.error("--threshold must lie strictly between 0 and 1")
     if (args.pre or args.post or args.name) and not args.flair:
         parser.error("--pre, --post and --name go with --flair")
     readers = [(str(p), functools.partial(read_input, p, args.axis)) for p in args.inputs]
@@ -62,9 +59,13 @@ def main() -> None:
     if not readers:
         parser.error("give --inputs and/or --flair")
     log = setup_logging()
-    models = EnsembleModels(args.classifiers, args.segmenters, args.method, select_device(log))
+    size = array_size([*args.classifiers, *args.segmenters])
+    device = select_device(log)
+    models = EnsembleModels(
+        args.classifiers, args.segmenters, args.method, args.classifier_threshold, device
+    )
     failures = predict_volumes(
-        readers, models, args.image_size, args.threshold, args.patients_dir, args.csv
+        readers, models, size, args.segmentation_threshold, args.patients_dir, args.csv
     )
     if failures:
         print(

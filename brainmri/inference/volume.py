@@ -24,7 +24,8 @@ from PIL import Image, ImageDraw
 
 from brainmri.data.preprocess import resize_image, square_pad
 from brainmri.errors import InputError
-from brainmri.evaluation.classification import vote
+from brainmri.evaluation.classification import decide, vote
+from brainmri.evaluation.masks import binarize, quantize
 from brainmri.inference.predict import Prepared, restore_mask
 from brainmri.inference.segment import probabilities_of
 from brainmri.inference.volume_io import Volume, mask_to_input
@@ -70,11 +71,16 @@ class EnsembleModels:
     """The trained classifier ensemble and segmentation fold ensemble, loaded once."""
 
     def __init__(
-        self, classifiers: list[Path], segmenters: list[Path], method: str, device: torch.device
+        self,
+        classifiers: list[Path],
+        segmenters: list[Path],
+        method: str,
+        cutoff: float,
+        device: torch.device,
     ) -> None:
         if not classifiers or not segmenters:
             raise InputError("volume prediction needs at least one classifier and one segmenter")
-        self.segmenters, self.method, self.device = segmenters, method, device
+        self.segmenters, self.method, self.cutoff, self.device = segmenters, method, cutoff, device
         self.classifiers = [load_checkpoint(path, device) for path in classifiers]
 
     def classify(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -82,13 +88,13 @@ class EnsembleModels:
         preds, probs = [], []
         for model, checkpoint in self.classifiers:
             batches = Batches(
-                images, np.zeros(len(images)), 32, self.device, checkpoint["image_size"]
+                images, np.zeros(len(images)), 32, self.device, checkpoint["input_size"]
             )
             logits = predict_logits(model, batches.epoch(), self.device)
             prob = torch.softmax(logits, 1)[:, 1].numpy()
             probs.append(prob)
-            preds.append((prob >= 0.5).astype(int))
-        return vote(np.stack(preds), np.stack(probs), self.method)
+            preds.append(decide(prob, self.cutoff))
+        return vote(np.stack(preds), np.stack(probs), self.method, self.cutoff)
 
     def segment(self, images: np.ndarray) -> np.ndarray:
         """Mean tumor probability (N, S, S) of the fold ensemble."""
@@ -121,10 +127,12 @@ def predict_volume(volume: Volume, models, size: int, threshold: float) -> Volum
     decision, probability, votes = models.classify(images)
     seg_probability = models.segment(images)
     seg_max = seg_probability.reshape(len(images), -1).max(axis=1)
+    seg_masks = binarize(quantize(seg_probability), threshold)
+    seg_called = binarize(quantize(seg_max), threshold)
     mask = np.stack(
         [
             restore_mask(
-                (seg_probability[i] >= threshold) & bool(decision[i]),
+                seg_masks[i] & bool(decision[i]),
                 Prepared(str(n), images[i], volume.slices[i], pad),
             )
             for i, n in enumerate(volume.slice_numbers)
@@ -138,7 +146,7 @@ def predict_volume(volume: Volume, models, size: int, threshold: float) -> Volum
             "decision": np.where(decision.astype(bool), "tumor", "no_tumor"),
             "votes": votes.astype(int),
             "segmentation_max_probability": np.round(seg_max.astype(float), 6),
-            "segmentation_decision": np.where(seg_max >= threshold, "tumor", "no_tumor"),
+            "segmentation_decision": np.where(seg_called, "tumor", "no_tumor"),
             "tumor_voxels": voxels.astype(int),
         },
         columns=SLICE_COLUMNS,
