@@ -64,12 +64,24 @@ rule report:
             SCRIPTS / "make_report.py",
             PACKAGE / "reporting" / "report.py",
             PACKAGE / "reporting" / "volumes.py",
+            PACKAGE / "reporting" / "checks.py",
         ],
         # The per-test-patient tumor volume table.
         volumes=expand(
             results("segmentation/{arch}/ensemble/per_slice.csv"), arch=ARCHITECTURES
         )
         + [results("cascade/per_slice.csv")],
+        # Read by the degenerate-model checks (brainmri/reporting/checks.py).
+        predictions=expand(
+            results("classification/{backbone}/test_predictions.csv"), backbone=BACKBONES
+        ),
+        fold_results=expand(
+            results("segmentation/{arch}/fold{fold}/{name}"),
+            arch=ARCHITECTURES,
+            fold=FOLDS,
+            name=["val_metrics.json", "test_probabilities.npy"],
+        ),
+        masks=results("data/lgg/masks.npy"),
         histories=expand(
             results("classification/{backbone}/history.csv"), backbone=BACKBONES
         )
@@ -119,6 +131,7 @@ rule predict_new_images:
         csv=results("predict/predictions.csv"),
         masks=directory(results("predict/masks")),
         overlays=directory(results("predict/overlays")),
+        failures=results("predict/failures.csv"),
     log:
         results("logs/predict.log"),
     benchmark:
@@ -134,16 +147,17 @@ rule predict_new_images:
         method=config["classification"]["ensemble"],
         classifier_threshold=config["classification"]["threshold"],
         segmentation_threshold=config["segmentation"]["threshold"],
+        data_source=config["data"]["source"],
     shell:
         "$PYTHON $SCRIPTS/predict.py --input-dir {input.images:q}"
         " --classifiers {input.classifiers} --segmenters {input.segmenters}"
         " --method {params.method} --classifier-threshold {params.classifier_threshold}"
         " --segmentation-threshold {params.segmentation_threshold}"
         " --output {output.csv} --masks-dir {output.masks} --overlays-dir {output.overlays}"
-        " > {log} 2>&1"
+        " --failures {output.failures} --data-source {params.data_source} > {log} 2>&1"
 
 
 rule predict:
-    """Target: `snakemake predict --config predict='{input_dir: my_scans}'`."""
+    """Target: `snakemake predict --configfile config/demo.yaml --config predict='{input_dir: my_scans}'`."""
     input:
         results("predict/predictions.csv"),

@@ -8,7 +8,10 @@ weights_only=True) with --from-file.
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 
@@ -16,9 +19,34 @@ from brainmri.errors import InputError
 from brainmri.io import atomic_path, run_cli, setup_logging
 from brainmri.models import safe_torch_load, weights_hint
 
+# Seconds to wait for the hub to answer a connection before calling the network unreachable.
+PROBE_TIMEOUT_S = 5.0
 
-def fetch(library: str, name: str) -> dict[str, torch.Tensor]:
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub (timm's and smp's weights) cannot be reached, or None.
+
+    One DNS lookup and one TCP connection with a short timeout, so that an offline machine fails
+    in seconds rather than after the hub client's retries. Skipped in the hub's offline mode
+    (HF_HUB_OFFLINE=1), where the client reads only its local cache.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}:
+        return None
+    endpoint = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S):
+            return None
+    except OSError as error:
+        return f"{host}:{port} unreachable ({type(error).__name__}: {error})"
+
+
+def fetch(library: str, name: str, output: Path) -> dict[str, torch.Tensor]:
     """The pretrained state dict from timm's / smp's hub (needs the network)."""
+    problem = hub_unreachable()
+    if problem:
+        raise InputError(f"no network: {problem}; " + weights_hint(library, name, output))
     try:
         if library == "timm":
             import timm
@@ -31,7 +59,7 @@ def fetch(library: str, name: str) -> dict[str, torch.Tensor]:
     except Exception as error:  # hub, network and model-name errors alike
         raise InputError(
             f"could not download the weights ({type(error).__name__}: {str(error)[:200]}); "
-            + weights_hint(library, name, "<output>")
+            + weights_hint(library, name, output)
         ) from None
     return model.state_dict()
 
@@ -59,7 +87,10 @@ def main() -> None:
     parser.add_argument("--from-file", type=Path, help="convert this local weights file instead")
     args = parser.parse_args()
     log = setup_logging()
-    state = from_file(args.from_file) if args.from_file else fetch(args.library, args.name)
+    if args.from_file:
+        state = from_file(args.from_file)
+    else:
+        state = fetch(args.library, args.name, args.output)
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}

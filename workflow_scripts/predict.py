@@ -1,5 +1,6 @@
 """Predict tumor / no tumor and a tumor mask for every image of a folder with the trained models
-given by name. Unreadable files are reported by name and skipped; the exit status is then 1.
+given by name. Unreadable files are logged, listed in the CSV and in --failures, and skipped;
+the readable ones are still predicted and the exit status is 0, unless --strict is given.
 
   python workflow_scripts/predict.py --input-dir my_scans \
       --classifiers results/classification/{resnet50,inception_v3,inception_resnet_v2}/model.pt \
@@ -8,8 +9,8 @@ given by name. Unreadable files are reported by name and skipped; the exit statu
       --output my_scans_predicted/predictions.csv \
       --masks-dir my_scans_predicted/masks --overlays-dir my_scans_predicted/overlays
 
-(The `predict` rule passes the models of the configuration: `snakemake predict --config
-predict='{input_dir: my_scans}'`.)
+(The `predict` rule passes the models of the configuration: `snakemake predict --configfile
+config/demo.yaml --config predict='{input_dir: my_scans}'`.)
 """
 
 from __future__ import annotations
@@ -37,6 +38,17 @@ def main() -> None:
     parser.add_argument("--output", required=True, type=Path, help="predictions CSV")
     parser.add_argument("--masks-dir", required=True, type=Path)
     parser.add_argument("--overlays-dir", required=True, type=Path)
+    parser.add_argument(
+        "--failures", type=Path, help="CSV of the unreadable files (default: beside --output)"
+    )
+    parser.add_argument(
+        "--data-source",
+        choices=["kaggle", "local", "synthetic"],
+        help="data.source of the models (default: from their results' report/metrics.json)",
+    )
+    parser.add_argument(
+        "--strict", action="store_true", help="exit with status 1 if any file could not be read"
+    )
     args = parser.parse_args()
     log = setup_logging()
     failures = predict_folder(
@@ -49,18 +61,23 @@ def main() -> None:
         args.output,
         args.masks_dir,
         args.overlays_dir,
+        args.failures or args.output.parent / "failures.csv",
+        args.data_source,
     )
+    log.info("Predictions written to %s", args.output)
     if failures:
         log.error(
-            "%d file(s) could not be read and were skipped: %s", len(failures), "; ".join(failures)
+            "%d file(s) could not be read and were skipped: %s",
+            len(failures),
+            "; ".join(f"{name} ({reason})" for name, reason in failures),
         )
         print(
-            f"{len(failures)} file(s) could not be read: "
-            + ", ".join(f.split(" (")[0] for f in failures),
+            f"{len(failures)} file(s) could not be read and were skipped: "
+            + ", ".join(name for name, _ in failures),
             file=sys.stderr,
         )
-        sys.exit(1)
-    log.info("Predictions written to %s", args.output)
+        if args.strict:
+            sys.exit(1)
 
 
 if __name__ == "__main__":

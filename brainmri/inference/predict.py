@@ -10,6 +10,7 @@ normalisation inside the model.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from brainmri.data.preprocess import (
     gray_to_rgb,
@@ -38,7 +39,21 @@ from brainmri.training.loop import predict_logits
 
 log = logging.getLogger(__name__)
 
-CSV_COLUMNS = ["file", "tumor_probability", "decision", "votes", "tumor_area_px", "error"]
+CSV_COLUMNS = [
+    "file",
+    "tumor_probability",
+    "decision",
+    "votes",
+    "tumor_area_px",
+    "error",
+    "training_data",
+]
+FAILURE_COLUMNS = ["file", "error"]
+SYNTHETIC_NOTE = "models trained on SYNTHETIC data (demo): not a diagnosis"
+TRAIN_HINT = (
+    "train it first with the config whose results_dir holds it: "
+    "`snakemake --cores all --configfile <config>` (for results/demo: `make demo`)"
+)
 
 
 @dataclass
@@ -81,11 +96,47 @@ def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return out.clip(0, 255).astype(np.uint8)
 
 
+def training_data_source(checkpoint: Path) -> str:
+    """Where the models' training data came from (data.source), as far as the results directory
+    of ``checkpoint`` (<results>/<stage>/<name>/model.pt) records it in the report's
+    metrics.json; 'unknown' otherwise."""
+    metrics = checkpoint.parents[2] / "report" / "metrics.json"
+    try:
+        return str(json.loads(metrics.read_text())["data_source"])
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return "unknown"
+
+
+def source_label(source: str) -> str:
+    """The CSV's training_data value: the data source, with the note when it is synthetic."""
+    return f"synthetic ({SYNTHETIC_NOTE})" if source == "synthetic" else source
+
+
+def annotate(image: np.ndarray, lines: list[str], warning: bool) -> np.ndarray:
+    """The overlay with a text banner above it (decision, probability, votes; the note on
+    synthetic training data in red), wide enough for the text at a readable size."""
+    height, width = image.shape[:2]
+    size = max(12, width // 32)
+    font = ImageFont.load_default(size=size)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_width = max(int(measure.textlength(line, font=font)) for line in lines) + 2 * 6
+    line_height = size + 6
+    canvas = Image.new("RGB", (max(width, text_width), height + line_height * len(lines) + 6))
+    draw = ImageDraw.Draw(canvas)
+    for k, line in enumerate(lines):
+        colour = (255, 90, 90) if warning and k == len(lines) - 1 else (255, 255, 255)
+        draw.text((6, 3 + k * line_height), line, fill=colour, font=font)
+    canvas.paste(Image.fromarray(image), (0, line_height * len(lines) + 6))
+    return np.asarray(canvas)
+
+
 def array_size(checkpoints: list[Path]) -> int:
     """The preprocessing size (side of the stored arrays) the models were trained on, from
     their checkpoints; they must agree."""
     sizes = {}
     for path in checkpoints:
+        if not path.is_file():
+            raise InputError(f"{path}: trained model not found; {TRAIN_HINT}")
         preprocessing = safe_torch_load(path).get("preprocessing")
         if not isinstance(preprocessing, dict) or "array_size" not in preprocessing:
             raise InputError(
@@ -111,8 +162,11 @@ def predict_folder(
     output: Path,
     masks_dir: Path,
     overlays_dir: Path,
-) -> list[str]:
-    """Write the CSV, masks and overlays; return the names of the files that failed.
+    failures_csv: Path | None = None,
+    data_source: str | None = None,
+) -> list[tuple[str, str]]:
+    """Write the CSV, masks and overlays of every readable image (and, if asked, a CSV of the
+    files that could not be read); return those failures as (file name, reason).
 
     ``classifiers`` vote (``method``; a model says tumor at probability >= ``cutoff``); the
     ``segmenters`` (one architecture's fold models) are averaged and their mask thresholded at
@@ -126,44 +180,41 @@ def predict_folder(
     if not files:
         raise InputError(f"{input_dir}: no files to predict")
     size = array_size([*classifiers, *segmenters])
+    source = data_source or training_data_source(classifiers[0])
+    if source == "synthetic":
+        log.warning("These models were trained on synthetic data: %s", SYNTHETIC_NOTE)
     prepared, failures = [], []
     for path in files:
         try:
             prepared.append(prepare(path, size))
         except InputError as error:
             log.error("Skipping %s", error)
-            failures.append(f"{path.name} ({error})")
+            failures.append((path.name, str(error)))
+    if not prepared:
+        raise InputError(f"{input_dir}: none of the {len(files)} file(s) is a readable image")
     device = select_device(log)
-    rows: list[dict] = []
     with atomic_path(masks_dir) as tmp_masks, atomic_path(overlays_dir) as tmp_overlays:
         tmp_masks.mkdir()
         tmp_overlays.mkdir()
-        if prepared:
-            rows = _predict(
-                prepared,
-                classifiers,
-                segmenters,
-                device,
-                method,
-                cutoff,
-                threshold,
-                tmp_masks,
-                tmp_overlays,
-            )
-    for failure in failures:
-        name, reason = failure.split(" (", 1)
-        rows.append(
-            {
-                "file": name,
-                "tumor_probability": None,
-                "decision": "",
-                "votes": None,
-                "tumor_area_px": None,
-                "error": reason[:-1],
-            }
+        rows = _predict(
+            prepared,
+            classifiers,
+            segmenters,
+            device,
+            (method, cutoff, threshold, source),
+            tmp_masks,
+            tmp_overlays,
         )
+    label = source_label(source)
+    empty = {"tumor_probability": None, "decision": "", "votes": None, "tumor_area_px": None}
+    rows += [
+        {"file": name, **empty, "error": reason, "training_data": label}
+        for name, reason in failures
+    ]
     frame = pd.DataFrame(rows, columns=CSV_COLUMNS)
     write_csv(output, frame.astype({"votes": "Int64", "tumor_area_px": "Int64"}))
+    if failures_csv is not None:
+        write_csv(failures_csv, pd.DataFrame(failures, columns=FAILURE_COLUMNS))
     return failures
 
 
@@ -172,13 +223,14 @@ def _predict(
     classifiers: list[Path],
     segmenters: list[Path],
     device: torch.device,
-    method: str,
-    cutoff: float,
-    threshold: float,
+    how: tuple[str, float, float, str],
     masks_dir: Path,
     overlays_dir: Path,
 ) -> list[dict]:
-    """Classify and segment the prepared images; write masks and overlays; return CSV rows."""
+    """Classify and segment the prepared images; write masks and overlays; return CSV rows.
+    ``how``: the ensemble method, the classifier cut-off, the mask threshold and the training
+    data source."""
+    method, cutoff, threshold, source = how
     images = np.stack([p.image for p in prepared])
     preds, probs = [], []
     for path in classifiers:
@@ -194,8 +246,16 @@ def _predict(
     for i, item in enumerate(prepared):
         mask = restore_mask(seg_masks[i] & bool(decision[i]), item)
         stem = Path(item.file).stem
+        label = "tumor" if decision[i] else "no tumor"
+        lines = [
+            f"{label}  p(tumor)={mean_prob[i]:.2f}  votes {int(votes[i])}/{len(classifiers)}",
+            f"tumor area {int(mask.sum())} px",
+        ]
+        if source == "synthetic":
+            lines.append(SYNTHETIC_NOTE)
         Image.fromarray(mask.astype(np.uint8) * 255).save(masks_dir / f"{stem}.png")
-        Image.fromarray(overlay(item.original, mask)).save(overlays_dir / f"{stem}.png")
+        picture = annotate(overlay(item.original, mask), lines, source == "synthetic")
+        Image.fromarray(picture).save(overlays_dir / f"{stem}.png")
         rows.append(
             {
                 "file": item.file,
@@ -204,6 +264,7 @@ def _predict(
                 "votes": int(votes[i]),
                 "tumor_area_px": int(mask.sum()),
                 "error": "",
+                "training_data": source_label(source),
             }
         )
     return rows

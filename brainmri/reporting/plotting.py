@@ -26,7 +26,8 @@ DPI = 100
 RED = ListedColormap(["red"])
 # No software version or date in the PNG: identical bytes for identical figures.
 PNG_METADATA = {"Software": None}
-GalleryItem = tuple[str, np.ndarray, np.ndarray | None, float]
+# (id, image, mask or None, p(tumor) or None: None for ground-truth examples, not predictions)
+GalleryItem = tuple[str, np.ndarray, np.ndarray | None, float | None]
 
 
 def save_figure(figure: plt.Figure, path: str | os.PathLike[str]) -> None:
@@ -112,7 +113,7 @@ def _show(axis: plt.Axes, image: np.ndarray, mask: np.ndarray | None, title: str
     axis.imshow(image, cmap="gray" if image.ndim == 2 else None)
     if mask is not None and mask.any():
         axis.contour(mask, levels=[0.5], colors="lime", linewidths=0.8)
-    axis.set_title(title, fontsize=6)
+    axis.set_title(title, fontsize=9)
     axis.axis("off")
 
 
@@ -124,14 +125,19 @@ def error_gallery(
     '(k of n shown)' to a row's label."""
     columns = max(1, max((len(v) for v in errors.values()), default=1))
     figure, axes = plt.subplots(
-        len(errors), columns, figsize=(1.7 * columns + 0.6, 2.0 * len(errors)), squeeze=False
+        len(errors),
+        columns,
+        figsize=(1.9 * columns + 0.6, 2.2 * len(errors)),
+        squeeze=False,
+        layout="constrained",
     )
     for row, (label, items) in enumerate(errors.items()):
         for column in range(columns):
             axis = axes[row, column]
             if column < len(items):
                 name, image, mask, prob = items[column]
-                _show(axis, image, mask, f"{_wrap_id(name)}  p(tumor)={prob:.2f}")
+                label = _wrap_id(name) if prob is None else f"{_wrap_id(name)}\np(tumor)={prob:.2f}"
+                _show(axis, image, mask, label)
             else:
                 axis.axis("off")
         if not items:
@@ -146,9 +152,9 @@ def error_gallery(
             rotation=90,
             ha="right",
             va="center",
-            fontsize=8,
+            fontsize=9,
         )
-    figure.suptitle(title, fontsize=10)
+    figure.suptitle(title, fontsize=11)
     return figure
 
 
@@ -162,14 +168,18 @@ def overlay_figure(
     each model's mask as a colour overlay with the ground truth as a green contour."""
     columns = 2 + len(predictions)
     figure, axes = plt.subplots(
-        len(images), columns, figsize=(1.8 * columns, 1.9 * len(images)), squeeze=False
+        len(images),
+        columns,
+        figsize=(1.8 * columns, 1.9 * len(images)),
+        squeeze=False,
+        layout="constrained",
     )
     for row, image in enumerate(images):
         gray = image[..., 1] if image.ndim == 3 else image  # LGG channels: pre, FLAIR, post
         truth = truths[row].astype(bool)
         axes[row, 0].imshow(gray, cmap="gray", vmin=0, vmax=255)
         heading = f"input (FLAIR)\n{titles[row]}" if row == 0 else titles[row]
-        axes[row, 0].set_title(heading, fontsize=6)
+        axes[row, 0].set_title(heading, fontsize=8)
         panels = [("ground truth", truth)] + [(k, v[row]) for k, v in predictions.items()]
         for column, (name, mask) in enumerate(panels, start=1):
             axis = axes[row, column]
@@ -179,16 +189,16 @@ def overlay_figure(
             if column > 1 and truth.any():
                 axis.contour(truth, levels=[0.5], colors="lime", linewidths=0.6)
             if row == 0:
-                axis.set_title(name, fontsize=8)
+                axis.set_title(name, fontsize=9)
         for axis in axes[row]:
             axis.axis("off")
-    figure.suptitle("red: the mask (true or predicted); green contour: ground truth", fontsize=8)
+    figure.suptitle("red: the mask (true or predicted); green contour: ground truth", fontsize=9)
     return figure
 
 
 def curves_figure(histories: dict[str, pd.DataFrame], metric: str, title: str) -> plt.Figure:
     """Training / validation loss and ``metric`` per epoch, one line pair per job."""
-    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4), layout="constrained")
     for name, history in histories.items():
         line = left.plot(history["epoch"], history["train_loss"], label=f"{name} train")[0]
         left.plot(

@@ -18,6 +18,7 @@ import pandas as pd
 
 from brainmri.errors import InputError
 from brainmri.io import read_json
+from brainmri.reporting.checks import checks_html, paper_note_html, run_checks
 from brainmri.reporting.volumes import patient_volumes, volume_rows
 
 PAPER = {
@@ -209,11 +210,13 @@ def _examples(root: Path, count: int = 6) -> str:
             row.id,
             read_png(root / "data" / row.image_path),
             read_png(root / "data" / row.mask_path) > 127,
-            1.0,
+            None,  # ground truth, not a prediction: no p(tumor)
         )
         for row in picks.itertuples()
     ]
-    figure = error_gallery({"LGG slices with tumor (green: mask)": items}, "Example slices")
+    figure = error_gallery(
+        {"LGG slices with tumor": items}, "Example slices (green contour: ground-truth mask)"
+    )
     return figure_html(figure, "example slices")
 
 
@@ -224,6 +227,7 @@ def build_report(
     training jobs' device.json files."""
     run = RunResults(root, config)
     metrics = run.headline()
+    metrics["checks"] = run_checks(root, config, run.backbones)
     metrics["provenance"] = provenance
     parts: list[str] = []
     add = parts.append
@@ -237,11 +241,15 @@ def build_report(
         f" · seed {esc(config['seed'])} · {esc(provenance['date'])}</p>"
     )
     add(
-        '<p class=toc><a href="#data">Data</a><a href="#classification">Classification</a>'
+        '<p class=toc><a href="#checks">Checks</a><a href="#data">Data</a>'
+        '<a href="#classification">Classification</a>'
         '<a href="#segmentation">Segmentation</a><a href="#cascade">Cascade</a>'
         '<a href="#paper">Paper vs this run</a><a href="#runtime">Run time</a>'
         '<a href="#provenance">Provenance</a></p>'
     )
+
+    add('<h2 id="checks">Checks</h2>')
+    add(checks_html(metrics["checks"]))
 
     # Paper comparison first: the headline.
     rows = [
@@ -269,7 +277,9 @@ def build_report(
             ]
         )
     add('<h2 id="paper">Paper vs this run</h2>')
-    add(table_html(pd.DataFrame(rows, columns=["metric", "paper", "this run"])))
+    add(paper_note_html(metrics["checks"]["paper"]))
+    # object dtype: counts stay integers (786, not 786.000) beside the fractions.
+    add(table_html(pd.DataFrame(rows, columns=["metric", "paper", "this run"], dtype=object)))
     add(
         f"<p class=note>The paper split slices at random (slice level); this run splits at the "
         f"<b>{esc(config['split']['level'])}</b> level, so slices of one patient "
