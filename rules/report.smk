@@ -73,7 +73,8 @@ rule report:
         + [results("cascade/per_slice.csv")],
         # Read by the degenerate-model checks (brainmri/reporting/checks.py).
         predictions=expand(
-            results("classification/{backbone}/test_predictions.csv"), backbone=BACKBONES
+            results("classification/{backbone}/test_predictions.csv"),
+            backbone=BACKBONES,
         ),
         fold_results=expand(
             results("segmentation/{arch}/fold{fold}/{name}"),
