@@ -4,8 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CORES ?= 2
+SHELL := /bin/bash
+DEMO := results/demo
 
-.PHONY: venv demo test lint format bench clean-demo
+.PHONY: venv demo test lint format bench figures clean-demo
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,10 +17,14 @@ $(STAMP): requirements.txt pyproject.toml
 
 venv: $(STAMP)
 
+# One progress line per job (tools/progress.py); Snakemake's whole output goes to the log.
 demo: $(STAMP)
-	$(BIN)/snakemake --configfile config/demo.yaml --cores $(CORES) --resources gpu=1
+	@echo "make demo: synthetic data -> 3 classifiers -> 2 architectures x 2 folds -> report"
+	@set -o pipefail; $(BIN)/snakemake --configfile config/demo.yaml --cores $(CORES) \
+		--resources gpu=1 2>&1 | $(BIN)/python tools/progress.py \
+		--log $(DEMO)/logs/snakemake.log --summary $(DEMO)/logs/run_time.json
 	@echo
-	@echo "Report: $(CURDIR)/results/demo/report/report.html"
+	@echo "Report: $(CURDIR)/$(DEMO)/report/report.html"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -37,6 +43,11 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_benchmark.py --output results/bench/benchmark.md --scaling 10 20 40
+
+# The README's result tables, from the runs' report/metrics.json and benchmark files.
+figures: $(STAMP)
+	$(BIN)/python tools/readme_figures.py --run demo=results/demo --run cpu=results/cpu \
+		--bench real=results/bench/real.json
 
 clean-demo:
 	rm -rf results/demo

@@ -49,8 +49,8 @@ def test_lint_is_clean(config):
         # 2 architectures x 5 folds.
         (PAPER, {"download_weights": 4, "train_classifier": 3, "train_segmenter": 10,
                  "evaluate_segmenter": 10, "evaluate_classifier": 4, "report": 1}),
-        # Nothing pretrained; 2 architectures x 3 folds.
-        (DEMO, {"train_classifier": 3, "train_segmenter": 6, "evaluate_segmenter": 6,
+        # Nothing pretrained; 2 architectures x 2 folds.
+        (DEMO, {"train_classifier": 3, "train_segmenter": 4, "evaluate_segmenter": 4,
                 "evaluate_classifier": 4, "segmentation_fold_ensemble": 2, "report": 1}),
     ],
     ids=["paper", "demo"],
