@@ -1,0 +1,160 @@
+"""`make figures`: the README's result tables and their generator agree in form; the generator
+turns a run's files into rows and keeps the rows of runs it does not see."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from helpers import REPO
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def figures():
+    return _load("readme_figures")
+
+
+def fake_run(root: Path, checks: dict | None = None) -> Path:
+    """A results directory holding what the generator reads."""
+    metrics = {
+        "data_source": "synthetic",
+        "split_level": "patient",
+        "classification": {
+            "ensemble": {"test_slices": 35, "accuracy": 0.9, "tumor_f1": 0.8571, "roc_auc": 0.95}
+        },
+        "segmentation": {
+            "unet": {"test_fold_ensemble": {"dice": 0.6751}},
+            "deeplabv3plus": {"test_fold_ensemble": {"dice": None}},
+        },
+    }
+    if checks is not None:
+        metrics["checks"] = checks
+    (root / "report").mkdir(parents=True)
+    (root / "report" / "metrics.json").write_text(json.dumps(metrics))
+    for name, seconds in (("a", 30.0), ("b", 60.0)):
+        path = root / "benchmarks" / "x" / f"{name}.tsv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"s\th:m:s\n{seconds}\t0:00:30\n")
+    (root / "logs").mkdir()
+    (root / "logs" / "run_time.json").write_text('{"wall_s": 150.0, "jobs": 2}')
+    return root
+
+
+def test_readme_tables_have_the_generators_form(figures):
+    text = (REPO / "README.md").read_text()
+    assert figures.problems(text) == []
+    # Regenerating with no run at hand changes nothing: the README is in the generator's form.
+    assert figures.render(text, {}) == text
+    _, rows = figures.read_table(text, "runs")
+    assert "demo" in [r[0] for r in rows]
+
+
+def test_a_run_becomes_a_row(figures, tmp_path):
+    checks = {
+        "classification": {"degenerate": [{"model": "resnet10t"}]},
+        "segmentation": {"degenerate": [{"architecture": "unet", "fold": 0}]},
+    }
+    row = figures.run_row("demo", fake_run(tmp_path / "r", checks))
+    assert row == [
+        "demo",
+        "synthetic / patient",
+        "35",
+        "0.900",
+        "0.857",
+        "0.950",
+        "unet 0.675, deeplabv3plus n/a",
+        "resnet10t, unet fold 0",
+        "2.5 min wall; 1.5 min in 2 benchmarked jobs",
+    ]
+    assert len(row) == len(figures.RUN_COLUMNS)
+
+
+def test_cli_replaces_its_rows_and_keeps_the_others(figures, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        "intro\n<!-- figures:runs:begin -->\n"
+        + "\n".join(figures.header(figures.RUN_COLUMNS))
+        + "\n| demo | old | 1 | 0 | 0 | 0 | - | none | 9 min |\n"
+        + "| cpu | kept | 2 | 0 | 0 | 0 | - | none | 9 min |\n"
+        + "<!-- figures:runs:end -->\n<!-- figures:throughput:begin -->\n"
+        + "\n".join(figures.header(figures.THROUGHPUT_COLUMNS))
+        + "\n| real | classification | m | 1 | 1 | 1.00 | 1 | 1 | 1 | 1 % |\n"
+        + "<!-- figures:throughput:end -->\nend\n"
+    )
+    run = fake_run(tmp_path / "demo")
+    bench = tmp_path / "bench.json"
+    entry = {
+        "model": "U-Net",
+        "limit": {"train_ips": 10.0, "infer_ips": 30.0},
+        "workflow": {"train_ips": 9.0, "infer_ips": 33.0, "breakdown": {"data_share": 0.012}},
+        "naive": {"train_ips": 8.0},
+        "train_ratio": 0.9,
+        "train_ratio_range": [0.85, 0.95],
+    }
+    bench.write_text(json.dumps({"tasks": {"segmentation": entry}}))
+    import subprocess
+    import sys
+
+    command = [sys.executable, str(REPO / "tools" / "readme_figures.py"), "--readme", str(readme)]
+    runs = ["--run", f"demo={run}", "--run", f"cpu={tmp_path / 'absent'}"]
+    subprocess.run(
+        [*command, *runs, "--bench", f"real={bench}"],
+        check=True,
+        capture_output=True,
+    )
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("end\n")
+    _, runs = figures.read_table(text, "runs")
+    assert [r[0] for r in runs] == ["demo", "cpu"]
+    assert runs[0][3] == "0.900" and runs[1][1] == "kept"
+    _, rows = figures.read_table(text, "throughput")
+    assert rows[0][:2] == ["real", "classification"]  # not in the JSON: kept
+    assert rows[1] == [
+        "real",
+        "segmentation",
+        "U-Net",
+        "10.0",
+        "9.0",
+        "0.90 (0.85-0.95)",
+        "8.0",
+        "30.0",
+        "33.0",
+        "1.2 %",
+    ]
+    assert subprocess.run([*command, "--check"], capture_output=True).returncode == 0
+    readme.write_text(text.replace("| ensemble accuracy |", "| accuracy |"))
+    check = subprocess.run([*command, "--check"], capture_output=True, text=True)
+    assert check.returncode == 1 and "header" in check.stderr
+
+
+def test_progress_lines_per_job_and_errors(tmp_path):
+    progress = _load("progress")
+    import io
+
+    out = io.StringIO()
+    watcher = progress.Progress(out)
+    for line in [
+        "localrule fetch_lgg:\n",
+        "    jobid: 1\n",
+        "1 of 9 steps (11%) done\n",
+        "rule train_segmenter:\n",
+        "    wildcards: arch=unet, fold=1\n",
+        "Error in rule train_segmenter:\n",
+        "    log: x.log\n",
+    ]:
+        watcher.feed(line)
+    watcher.finish()
+    lines = out.getvalue().splitlines()
+    assert lines[0].endswith("0/? done · data: fetch_lgg")
+    assert "1/9 done · segmentation: train_segmenter arch=unet fold=1" in lines[1]
+    assert lines[2:] == ["Error in rule train_segmenter:", "    log: x.log"]
+    assert watcher.jobs == 2

@@ -1,0 +1,114 @@
+"""The report's checks: one-class classifiers and folds with validation Dice near 0 are
+flagged, the ensembles are recomputed without them, and synthetic data / another split level
+are named as reasons why the paper's numbers are not comparable."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from brainmri.reporting.checks import (
+    checks_html,
+    classifier_checks,
+    paper_comparability,
+    segmentation_checks,
+)
+from brainmri.tables import load_table
+
+
+def write_predictions(root: Path, name: str, labels, preds, probs) -> None:
+    folder = root / "classification" / name
+    folder.mkdir(parents=True)
+    pd.DataFrame(
+        {
+            "id": [f"s{i}" for i in range(len(labels))],
+            "patient": ["p"] * len(labels),
+            "label": labels,
+            "prob_tumor": probs,
+            "pred": preds,
+        }
+    ).to_csv(folder / "test_predictions.csv", index=False)
+
+
+def test_one_class_classifier_is_flagged_with_the_ensemble_without_it(tmp_path):
+    labels = [1, 1, 0, 0, 0]
+    write_predictions(tmp_path, "a", labels, [1, 1, 0, 0, 1], [0.9, 0.8, 0.2, 0.1, 0.6])
+    write_predictions(tmp_path, "b", labels, [1, 0, 0, 0, 0], [0.9, 0.3, 0.1, 0.2, 0.3])
+    write_predictions(tmp_path, "c", labels, [1, 1, 1, 1, 1], [0.9, 0.9, 0.8, 0.7, 0.9])
+    result = classifier_checks(tmp_path, ["a", "b", "c"], "majority")
+    assert [d["model"] for d in result["degenerate"]] == ["c"]
+    assert "predicts tumor for all 5 test slices" in result["degenerate"][0]["reason"]
+    without = result["ensemble_without_degenerate"]
+    # With c: votes 3,2,1,1,2 -> 1,1,0,0,1 (accuracy 0.8). Without c, a and b tie on slices 2
+    # and 5 (mean probability 0.55 -> tumor, 0.45 -> no tumor): 1,1,0,0,0 (accuracy 1.0).
+    assert without["models"] == ["a", "b"] and without["changed_slices"] == 1
+    assert without["with"]["accuracy"] == pytest.approx(0.8)
+    assert without["without"] == {"accuracy": 1.0, "tumor_f1": 1.0}
+    html = checks_html(
+        {
+            "classification": result,
+            "segmentation": {"degenerate": [], "ensemble_without_degenerate": {}},
+        }
+    )
+    assert "<b>c</b>" in html and "would change 1 test decision(s)" in html
+
+
+def test_healthy_classifiers_are_not_flagged(tmp_path):
+    write_predictions(tmp_path, "a", [1, 0], [1, 0], [0.9, 0.1])
+    result = classifier_checks(tmp_path, ["a"], "majority")
+    assert result == {"degenerate": [], "ensemble_without_degenerate": None}
+
+
+def test_fold_with_dice_near_zero_is_flagged_and_the_ensemble_recomputed(
+    preprocessed_data, tmp_path
+):
+    root = tmp_path / "results"
+    (root / "data" / "lgg").mkdir(parents=True)
+    (root / "splits").mkdir()
+    for source, target in (
+        (preprocessed_data.manifest, root / "data" / "manifest.csv"),
+        (preprocessed_data.splits, root / "splits" / "splits.csv"),
+        (preprocessed_data.lgg_masks, root / "data" / "lgg" / "masks.npy"),
+    ):
+        target.symlink_to(source)
+    table = load_table(root / "data" / "manifest.csv", root / "splits" / "splits.csv")
+    rows = table[table["seg_split"] == "test"]
+    truth = np.load(preprocessed_data.lgg_masks)[rows["array_index"].to_numpy()].astype(bool)
+    assert truth.any()
+    # fold 0 perfect, fold 1 calls everything tumor, fold 2 nothing (validation Dice 0.01).
+    stored = [truth.astype(np.uint8) * 255, np.full(truth.shape, 255, np.uint8)]
+    stored.append(np.zeros(truth.shape, np.uint8))
+    for fold, (probabilities, dice) in enumerate(zip(stored, [0.8, 0.3, 0.01], strict=True)):
+        folder = root / "segmentation" / "unet" / f"fold{fold}"
+        folder.mkdir(parents=True)
+        np.save(folder / "test_probabilities.npy", probabilities)
+        (folder / "val_metrics.json").write_text(
+            json.dumps({"tumor_slices": {"dice": {"mean": dice}}})
+        )
+    result = segmentation_checks(root, ["unet"], 3, 0.5)
+    assert [(d["architecture"], d["fold"]) for d in result["degenerate"]] == [("unet", 2)]
+    ensemble = result["ensemble_without_degenerate"]["unet"]
+    # With fold 2 the mean outside the tumor is 85/255 (< 0.5): perfect. Without it, 128/255
+    # (>= 0.5): everything is called tumor and the Dice drops.
+    assert ensemble["folds"] == [0, 1] and ensemble["test_dice_with"] == pytest.approx(1.0)
+    assert ensemble["test_dice_without"] < 0.9
+    html = checks_html(
+        {
+            "classification": {"degenerate": [], "ensemble_without_degenerate": None},
+            "segmentation": result,
+        }
+    )
+    assert "unet fold 2" in html and "would change" in html
+
+
+def test_paper_comparability_names_the_reasons():
+    config = {"data": {"source": "synthetic"}, "split": {"level": "patient"}}
+    result = paper_comparability(config)
+    assert not result["comparable"] and len(result["reasons"]) == 2
+    assert "synthetic" in result["reasons"][0] and "patient" in result["reasons"][1]
+    same = paper_comparability({"data": {"source": "kaggle"}, "split": {"level": "slice"}})
+    assert same == {"comparable": True, "reasons": []}
