@@ -112,3 +112,17 @@ def test_paper_comparability_names_the_reasons():
     assert "synthetic" in result["reasons"][0] and "patient" in result["reasons"][1]
     same = paper_comparability({"data": {"source": "kaggle"}, "split": {"level": "slice"}})
     assert same == {"comparable": True, "reasons": []}
+
+
+def test_gallery_labels_ground_truth_without_a_probability():
+    from brainmri.reporting.plotting import error_gallery
+
+    image, mask = np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), bool)
+    figure = error_gallery(
+        {"examples": [("TCGA_CS_1_2", image, mask, None)], "errors": [("b", image, None, 0.25)]},
+        "title",
+    )
+    first, second = figure.axes[0], figure.axes[1]
+    assert "p(tumor)" not in first.get_title() and "examples" in [t.get_text() for t in first.texts]
+    assert second.get_title().endswith("p(tumor)=0.25") and second.title.get_fontsize() >= 9
+    assert "errors" in [t.get_text() for t in second.texts]

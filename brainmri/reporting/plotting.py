@@ -136,8 +136,10 @@ def error_gallery(
             axis = axes[row, column]
             if column < len(items):
                 name, image, mask, prob = items[column]
-                label = _wrap_id(name) if prob is None else f"{_wrap_id(name)}\np(tumor)={prob:.2f}"
-                _show(axis, image, mask, label)
+                caption = (
+                    _wrap_id(name) if prob is None else f"{_wrap_id(name)}\np(tumor)={prob:.2f}"
+                )
+                _show(axis, image, mask, caption)
             else:
                 axis.axis("off")
         if not items:

@@ -1,0 +1,147 @@
+"""Predict as a newcomer runs it: the rule target keeps the good predictions when some files
+are unreadable, the README's predict commands work as written after a (tiny) demo, and a
+missing model is one line naming the command that trains it."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from helpers import REPO, TINY_CONFIG, run_script, snakemake
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+
+def scans(folder: Path, source: Path, bad: bool = True) -> Path:
+    """Three good images from the run's own data, and (bad) a broken and an empty file."""
+    folder.mkdir(parents=True)
+    lgg = np.load(source / "data" / "lgg" / "images.npy")
+    for i in range(3):
+        Image.fromarray(lgg[i]).resize((96, 80)).save(folder / f"good{i}.png")
+    if bad:
+        (folder / "broken.png").write_bytes(np.random.default_rng(0).bytes(500))
+        (folder / "empty.png").write_bytes(b"")
+    return folder
+
+
+def test_rule_target_keeps_good_predictions_and_reports_the_bad(workflow_run, tmp_path):
+    images = scans(tmp_path / "scans", workflow_run)
+    result = snakemake(
+        "predict",
+        "--configfile",
+        str(TINY_CONFIG),
+        "--config",
+        f"results_dir={workflow_run}",
+        f"predict={{input_dir: {images}}}",
+        "--cores",
+        "2",
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    out = workflow_run / "predict"
+    table = pd.read_csv(out / "predictions.csv", keep_default_na=False).set_index("file")
+    good = table.loc[["good0.png", "good1.png", "good2.png"]]
+    assert good["decision"].isin(["tumor", "no_tumor"]).all() and (good["error"] == "").all()
+    assert table.loc["broken.png", "error"] and table.loc["empty.png", "error"]
+    failures = pd.read_csv(out / "failures.csv")
+    assert sorted(failures["file"]) == ["broken.png", "empty.png"]
+    for name in ("good0", "good1", "good2"):
+        assert (out / "masks" / f"{name}.png").is_file()
+        overlay = Image.open(out / "overlays" / f"{name}.png")
+        assert overlay.height > 80  # the image plus the text banner above it
+    log = (workflow_run / "logs" / "predict.log").read_text()
+    assert "broken.png" in log and "empty.png" in log
+    # Models trained on synthetic data say so in the CSV.
+    assert table["training_data"].str.startswith("synthetic (").all()
+
+
+def readme_predict_commands() -> list[str]:
+    """The commands of the README's 'Predicting on new images' code block."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Predicting on new images", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, re.S)[1]
+    return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_readme_predict_commands_work_after_a_demo(workflow_run, tmp_path):
+    """The README's commands as written, with the tiny config and its results standing in for
+    config/demo.yaml and results/demo, and this environment's interpreter for .venv/bin/."""
+    commands = readme_predict_commands()
+    assert len(commands) == 2 and "config/demo.yaml" in commands[0]
+    assert "--results-dir results/demo" in commands[1]
+    demo = json.loads((workflow_run / "report" / "metrics.json").read_text())["config"]
+    assert demo["cascade"]["architecture"] == "unet"  # the architecture the README names
+    images = scans(tmp_path / "scans", workflow_run, bad=False)
+    for k, command in enumerate(commands):
+        output = workflow_run / "predict" / "predictions.csv"
+        output.unlink(missing_ok=True)
+        command = (
+            command.replace(".venv/bin/", f"{Path(sys.executable).parent}/")
+            .replace("config/demo.yaml", str(TINY_CONFIG))
+            .replace("results/demo", str(workflow_run))
+            .replace("path/to/scans", str(images))
+        )
+        if k == 0:  # the rule target: the tiny run's results_dir stands in for results/demo
+            command += f" results_dir={shlex.quote(str(workflow_run))} --cores 2"
+        result = subprocess.run(
+            command, shell=True, cwd=REPO, capture_output=True, text=True, timeout=900
+        )
+        assert result.returncode == 0, (command, result.stderr[-3000:])
+        table = pd.read_csv(output)
+        assert sorted(table["file"]) == ["good0.png", "good1.png", "good2.png"], command
+
+
+def test_missing_models_name_the_command_that_trains_them(tmp_path):
+    images = tmp_path / "scans"
+    images.mkdir()
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(images / "a.png")
+    result = run_script(
+        "predict.py", "--input-dir", images, "--results-dir", tmp_path / "results" / "demo"
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no trained classifiers" in lines[0]
+    assert "make demo" in lines[0] and "snakemake --cores all --configfile" in lines[0]
+
+
+def test_strict_flag_exits_1_and_keeps_the_outputs(workflow_run, tmp_path):
+    images = scans(tmp_path / "scans", workflow_run)
+    out = tmp_path / "out"
+    result = run_script(
+        "predict.py",
+        "--input-dir",
+        images,
+        "--results-dir",
+        workflow_run,
+        "--architecture",
+        "unet",
+        "--output",
+        out / "p.csv",
+        "--masks-dir",
+        out / "m",
+        "--overlays-dir",
+        out / "o",
+        "--failures",
+        out / "f.csv",
+        "--strict",
+    )
+    assert result.returncode == 1
+    assert "2 file(s) could not be read and were skipped: broken.png, empty.png" in result.stderr
+    assert len(pd.read_csv(out / "p.csv")) == 5 and len(pd.read_csv(out / "f.csv")) == 2
+
+
+def test_report_flags_and_paper_note(workflow_run):
+    metrics = json.loads((workflow_run / "report" / "metrics.json").read_text())
+    checks = metrics["checks"]
+    assert set(checks) == {"classification", "segmentation", "paper"}
+    assert not checks["paper"]["comparable"] and "synthetic" in checks["paper"]["reasons"][0]
+    html = (workflow_run / "report" / "report.html").read_text()
+    assert '<h2 id="checks">Checks</h2>' in html and "Not comparable with the paper" in html
+    assert "786</td>" in html and "786.000" not in html
