@@ -20,8 +20,8 @@ venv: $(STAMP)
 # One progress line per job (tools/progress.py); Snakemake's whole output goes to the log.
 demo: $(STAMP)
 	@echo "make demo: synthetic data -> 3 classifiers -> 2 architectures x 2 folds -> report"
-	@set -o pipefail; $(BIN)/snakemake --configfile config/demo.yaml --cores $(CORES) \
-		--resources gpu=1 2>&1 | $(BIN)/python tools/progress.py \
+	@set -o pipefail; $(BIN)/snakemake --resources gpu=1 --configfile config/demo.yaml \
+		--cores $(CORES) 2>&1 | $(BIN)/python tools/progress.py \
 		--log $(DEMO)/logs/snakemake.log --summary $(DEMO)/logs/run_time.json
 	@echo
 	@echo "Report: $(CURDIR)/$(DEMO)/report/report.html"
