@@ -63,11 +63,23 @@ def test_rule_target_keeps_good_predictions_and_reports_the_bad(workflow_run, tm
 
 
 def readme_predict_commands() -> list[str]:
-    """The commands of the README's 'Predicting on new images' code block."""
+    """The commands of the README's 'Predicting on new images' code block (continued lines
+    joined)."""
     text = (REPO / "README.md").read_text()
     section = text.split("## Predicting on new images", 1)[1]
-    block = re.search(r"```bash\n(.*?)```", section, re.S)[1]
+    block = re.search(r"```bash\n(.*?)```", section, re.S)[1].replace("\\\n", " ")
     return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def model_arguments(results: Path) -> list[str]:
+    """--classifiers and --segmenters of the tiny run (backbones and unet folds, by name)."""
+    classifiers = sorted(results.glob("classification/*/model.pt"))
+    segmenters = sorted(results.glob("segmentation/unet/fold*/model.pt"))
+    return ["--classifiers", *classifiers, "--segmenters", *segmenters]
+
+
+THRESHOLDS = ["--method", "majority", "--classifier-threshold", "0.5"]
+THRESHOLDS += ["--segmentation-threshold", "0.5"]
 
 
 def test_readme_predict_commands_work_after_a_demo(workflow_run, tmp_path):
@@ -75,23 +87,30 @@ def test_readme_predict_commands_work_after_a_demo(workflow_run, tmp_path):
     config/demo.yaml and results/demo, and this environment's interpreter for .venv/bin/."""
     commands = readme_predict_commands()
     assert len(commands) == 2 and "config/demo.yaml" in commands[0]
-    assert "--results-dir results/demo" in commands[1]
+    assert "results/demo/segmentation/unet/fold*/model.pt" in commands[1]
     demo = json.loads((workflow_run / "report" / "metrics.json").read_text())["config"]
     assert demo["cascade"]["architecture"] == "unet"  # the architecture the README names
     images = scans(tmp_path / "scans", workflow_run, bad=False)
-    for k, command in enumerate(commands):
-        output = workflow_run / "predict" / "predictions.csv"
+    outputs = [workflow_run / "predict" / "predictions.csv", tmp_path / "out" / "predictions.csv"]
+    for k, (command, output) in enumerate(zip(commands, outputs, strict=True)):
         output.unlink(missing_ok=True)
         command = (
             command.replace(".venv/bin/", f"{Path(sys.executable).parent}/")
             .replace("config/demo.yaml", str(TINY_CONFIG))
             .replace("results/demo", str(workflow_run))
             .replace("path/to/scans", str(images))
+            .replace("scans_out", str(tmp_path / "out"))
         )
         if k == 0:  # the rule target: the tiny run's results_dir stands in for results/demo
             command += f" results_dir={shlex.quote(str(workflow_run))} --cores 2"
         result = subprocess.run(
-            command, shell=True, cwd=REPO, capture_output=True, text=True, timeout=900
+            command,
+            shell=True,
+            executable="/bin/bash",
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=900,
         )
         assert result.returncode == 0, (command, result.stderr[-3000:])
         table = pd.read_csv(output)
@@ -102,12 +121,22 @@ def test_missing_models_name_the_command_that_trains_them(tmp_path):
     images = tmp_path / "scans"
     images.mkdir()
     Image.fromarray(np.zeros((40, 40), np.uint8)).save(images / "a.png")
+    results = tmp_path / "results" / "demo"
+    out = tmp_path / "out"
     result = run_script(
-        "predict.py", "--input-dir", images, "--results-dir", tmp_path / "results" / "demo"
+        "predict.py",
+        "--input-dir",
+        images,
+        "--classifiers",
+        results / "classification" / "resnet10t" / "model.pt",
+        "--segmenters",
+        results / "segmentation" / "unet" / "fold0" / "model.pt",
+        *THRESHOLDS,
+        *("--output", out / "p.csv", "--masks-dir", out / "m", "--overlays-dir", out / "o"),
     )
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "no trained classifiers" in lines[0]
+    assert len(lines) == 1 and "trained model not found" in lines[0] and "resnet10t" in lines[0]
     assert "make demo" in lines[0] and "snakemake --cores all --configfile" in lines[0]
 
 
@@ -118,10 +147,8 @@ def test_strict_flag_exits_1_and_keeps_the_outputs(workflow_run, tmp_path):
         "predict.py",
         "--input-dir",
         images,
-        "--results-dir",
-        workflow_run,
-        "--architecture",
-        "unet",
+        *model_arguments(workflow_run),
+        *THRESHOLDS,
         "--output",
         out / "p.csv",
         "--masks-dir",

@@ -77,7 +77,7 @@ def test_predict_on_new_images_reports_broken_files(workflow_run, tmp_path):
     )
     assert result.returncode == 0, result.stderr  # the good images are predicted
     assert "broken.png" in result.stderr and "1 file(s) could not be read" in result.stderr
-    failures = pd.read_csv(workflow_run / "predict" / "failures.csv")  # the default place
+    failures = pd.read_csv(out / "failures.csv")  # the default place: beside the CSV
     assert list(failures["file"]) == ["broken.png"] and failures["error"].str.len().gt(0).all()
     table = pd.read_csv(out / "predictions.csv", keep_default_na=False).set_index("file")
     assert set(table.index) == {
