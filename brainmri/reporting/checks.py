@@ -35,10 +35,14 @@ def _accuracy_f1(labels: np.ndarray, preds: np.ndarray) -> dict[str, float]:
     return {"accuracy": float((preds == labels).mean()), "tumor_f1": f1}
 
 
-def classifier_checks(root: Path, backbones: list[str], method: str) -> dict[str, Any]:
-    """One-class classifiers, and the ensemble's metrics with and without them."""
+def classifier_checks(
+    root: Path, backbones: list[str], method: str, cutoff: float = 0.5
+) -> dict[str, Any]:
+    """One-class classifiers (at the classifier cut-off), and the ensemble's metrics with and
+    without them."""
     frames = {
-        b: read_predictions(root / "classification" / b / "test_predictions.csv") for b in backbones
+        b: read_predictions(root / "classification" / b / "test_predictions.csv", cutoff)
+        for b in backbones
     }
     flagged = []
     for name, frame in frames.items():
@@ -55,8 +59,8 @@ def classifier_checks(root: Path, backbones: list[str], method: str) -> dict[str
     result: dict[str, Any] = {"degenerate": flagged, "ensemble_without_degenerate": None}
     kept = {name: f for name, f in frames.items() if name not in {d["model"] for d in flagged}}
     if flagged and kept:
-        full, _ = ensemble_predictions(frames, method)
-        without, _ = ensemble_predictions(kept, method)
+        full, _ = ensemble_predictions(frames, method, cutoff)
+        without, _ = ensemble_predictions(kept, method, cutoff)
         labels = full["label"].to_numpy()
         changed = int((full["pred"].to_numpy() != without["pred"].to_numpy()).sum())
         result["ensemble_without_degenerate"] = {
@@ -137,7 +141,12 @@ def run_checks(root: Path, config: dict[str, Any], backbones: list[str]) -> dict
     seg = config["segmentation"]
     architectures = [a["name"] for a in seg["architectures"]]
     return {
-        "classification": classifier_checks(root, backbones, config["classification"]["ensemble"]),
+        "classification": classifier_checks(
+            root,
+            backbones,
+            config["classification"]["ensemble"],
+            float(config["classification"].get("threshold", 0.5)),
+        ),
         "segmentation": segmentation_checks(
             root, architectures, config["split"]["folds"], float(seg.get("threshold", 0.5))
         ),
