@@ -6,7 +6,8 @@ For one classifier and one segmenter at one image size it measures, in images/s:
   tensors already on the device, after warm-up;
 * the *workflow*: :func:`brainmri.training.loop.fit` fed by the workflow's data path
   (:class:`brainmri.training.batches.Batches` over the preprocessed uint8 arrays, batched
-  augmentation), set up as :mod:`brainmri.training.jobs` does, for a fixed number of batches;
+  augmentation), set up by :func:`brainmri.training.setup.build_training_setup`, the builder
+  the training jobs use, for a fixed number of batches;
   the time of the timed
   epoch is split into data loading, augmentation, step, evaluation and the rest (checkpointing);
 * a *naive baseline*: the same model trained by a plain PyTorch loop that reads the PNGs with
@@ -29,14 +30,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 import yaml
 from PIL import Image
 
@@ -44,30 +44,23 @@ from brainmri.config import training_settings
 from brainmri.errors import InputError
 from brainmri.evaluation.segmentation import distance_metrics, overlap_metrics, per_slice_metrics
 from brainmri.io import write_csv
-from brainmri.models import (
-    build_classifier,
-    build_segmenter,
-    check_classifier_config,
-    check_segmenter_config,
-)
-from brainmri.tables import gather, load_table
-from brainmri.training.batches import Augment, Batches, segmentation_training_indices
-from brainmri.training.loop import (
-    FitSettings,
-    accuracy_per_sample,
-    autocast,
-    configure_torch,
-    dice_per_sample,
-    epoch_generator,
-    fit,
-    predict_logits,
-    seed_everything,
+from brainmri.models import check_classifier_config, check_segmenter_config
+from brainmri.tables import load_table
+from brainmri.training.batches import Augment
+from brainmri.training.evaluate import autocast, predict_logits
+from brainmri.training.loop import FitSettings, compiled, configure_torch, fit, seed_everything
+from brainmri.training.setup import (
+    TASKS,
+    build_task_model,
+    build_training_setup,
+    folder_loader,
+    loss_and_metric,
 )
 
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
-TASKS = ("classification", "segmentation")
+LARGE_GPU_BATCH = 128
 
 
 def available_cores() -> int:
@@ -87,6 +80,9 @@ class BenchOptions:
     encoder: str = "resnet18"
     image_size: int | None = None  # None: the data's size, else 128 (CPU) / 256 (CUDA)
     batch_size: int | None = None  # None: 16 (CPU) / 30 (CUDA)
+    more_batch_sizes: tuple[int, ...] = ()  # further batch sizes (e.g. a large one on a GPU)
+    resident: bool | None = None  # None: as a job chooses; True/False: force the data path
+    compile: bool = False  # torch.compile the limit's and the workflow's forward pass
     warmup: int = 3
     batches: int = 8
     repeats: int = 3  # rounds of limit / workflow / naive, medians reported
@@ -317,7 +313,14 @@ def model_settings(
         entry = {"name": "bench", "arch": options.arch, "encoder": options.encoder}
         config[task]["architectures"] = [entry]
         settings = training_settings(config, task, "bench")
-    settings.update(input_size=size, batch_size=batch, pretrained=False)
+    # Inference at the training batch so that its ratio compares like with like.
+    settings.update(
+        input_size=size,
+        batch_size=batch,
+        eval_batch_size=batch,
+        pretrained=False,
+        compile=options.compile,
+    )
     if task == "classification":
         check_classifier_config(settings, key="--classifier/--image-size")
     else:
@@ -332,21 +335,9 @@ def model_label(task: str, settings: dict[str, Any]) -> str:
 
 
 def build(task: str, settings: dict[str, Any], seed: int) -> torch.nn.Module:
-    """The workflow's model, freshly initialised from ``seed``."""
+    """The workflow's model (brainmri.training.setup), freshly initialised from ``seed``."""
     seed_everything(seed)
-    if task == "classification":
-        return build_classifier(settings)
-    return build_segmenter(settings)
-
-
-def loss_and_metric(task: str, settings: dict[str, Any]) -> tuple[Callable, Callable, str]:
-    """The loss, per-sample metric and metric name that brainmri.training.jobs trains with."""
-    if task == "classification":
-        return F.cross_entropy, accuracy_per_sample, "accuracy"
-    import segmentation_models_pytorch as smp
-
-    loss = smp.losses.DiceLoss("binary", from_logits=True, smooth=settings["dice_smooth"])
-    return loss, dice_per_sample, "dice"
+    return build_task_model(task, settings)
 
 
 # --- 1. the limit ---------------------------------------------------------------------------
@@ -374,18 +365,19 @@ def limit_throughput(
         model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings["lr"])
+    forward = compiled(model, settings.get("compile", False))
 
     def train_step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with autocast(device):
-            loss = loss_fn(model(images).float(), targets)
+            loss = loss_fn(forward(images).float(), targets)
         loss.backward()
         optimizer.step()
 
     @torch.no_grad()
     def infer_step() -> None:
         with autocast(device):
-            model(images)
+            forward(images)
 
     model.train()
     train_s = _time_loop(train_step, device, warmup, batches)
@@ -444,45 +436,26 @@ def workflow_throughput(
     warmup: int,
     batches: int,
     seed: int,
+    resident: bool | None = None,
 ) -> dict[str, Any]:
     """Run the workflow's ``fit`` for a warm-up epoch and a timed epoch of ``batches`` batches.
 
-    The batches come from :class:`Batches` built exactly as :mod:`brainmri.training.jobs` builds
-    them;
-    the validation pass of the timed epoch holds as many images, relative to the training
+    Model, loss and batches come from :func:`brainmri.training.setup.build_training_setup`, the
+    builder the training jobs use (``resident``: None lets it choose, as a job does); the
+    validation pass of the timed epoch holds as many images, relative to the training
     batches, as the split's validation set holds relative to one training epoch.
     """
     table = load_table(data.manifest, data.splits)
     train, val, test = _task_rows(task, table, data.splits)
-    size, batch = settings["input_size"], settings["batch_size"]
-    channels_last = device.type == "cuda"
-
-    def targets(rows: pd.DataFrame) -> np.ndarray:
-        if task == "classification":
-            return rows["has_tumor"].to_numpy()
-        return gather(data.data_dir, rows, "masks")
-
-    augment = TimedAugment(Augment.from_settings(settings), device)
-    train_data = Batches(
-        gather(data.data_dir, train), targets(train), batch, device, size, augment, channels_last
+    batch = settings["batch_size"]
+    seed_everything(seed)
+    setup = build_training_setup(
+        task, settings, folder_loader(data.data_dir), train, val, device, seed, resident=resident
     )
-    val_data = Batches(
-        gather(data.data_dir, val), targets(val), batch, device, size, None, channels_last
-    )
-    test_data = Batches(
-        gather(data.data_dir, test), targets(test), batch, device, size, None, channels_last
-    )
-    has_tumor = train["has_tumor"].to_numpy().astype(bool)
-
-    def epoch_indices(epoch: int) -> tuple[np.ndarray, torch.Generator]:
-        generator = epoch_generator(seed, epoch)
-        if task == "classification":
-            order = torch.randperm(len(train_data), generator=generator).numpy()
-        else:
-            order = segmentation_training_indices(
-                has_tumor, settings["train_slices"], settings["empty_fraction"], generator
-            )
-        return order, generator
+    augment = TimedAugment(setup.train_data.augment, device)
+    train_data, val_data = setup.train_data, setup.val_data
+    train_data.augment = augment
+    test_data = setup.batches(test)
 
     n_batches = {0: warmup, 1: batches}
     train_phases: dict[int, Phase] = {}
@@ -490,7 +463,7 @@ def workflow_throughput(
     val_count: list[int] = []
 
     def train_batches(epoch: int) -> Iterator:
-        order, generator = epoch_indices(epoch)
+        order, generator = setup.epoch_indices(epoch)
         count = n_batches[epoch] * batch
         # Validation images of this epoch: in the proportion val / train-epoch of the split.
         val_count.append(max(batch, round(count * len(val_data) / len(order))))
@@ -503,21 +476,14 @@ def workflow_throughput(
         indices = _cycle(np.arange(len(val_data)), val_count[-1])
         return timed(val_data.epoch(indices), phase, device)
 
-    model = build(task, settings, seed)
-    loss_fn, metric_fn, metric_name = loss_and_metric(task, settings)
-    fit_settings = FitSettings(
-        epochs=2,
-        lr=settings["lr"],
-        weight_decay=settings.get("weight_decay", 0.0),
-        patience=None,
-        seed=seed,
-        metric_name=metric_name,
-    )
+    model = setup.model
+    fit_settings = FitSettings.from_settings(settings, seed, setup.metric_name)
+    fit_settings.epochs, fit_settings.patience, fit_settings.val_every = 2, None, 1
     with tempfile.TemporaryDirectory(prefix="brainmri-bench-resume-") as resume:
         result = fit(
             model,
-            loss_fn,
-            metric_fn,
+            setup.loss_fn,
+            setup.metric_fn,
             train_batches,
             val_batches,
             fit_settings,
@@ -557,6 +523,8 @@ def workflow_throughput(
     _sync(device)
     infer_s = time.perf_counter() - start
     return {
+        "resident": train_data.resident,
+        "eval_batch": setup.eval_batch,
         "train_images": trained.images,
         "val_images": evaluated.images,
         "train_ips": _per_second(trained.images, trained.seconds),
@@ -789,6 +757,7 @@ def measure_task(
     data: DataPaths,
     device: torch.device,
     options: BenchOptions,
+    naive: bool = True,
 ) -> dict[str, Any]:
     """``options.repeats`` rounds of limit, workflow (and naive) loops, back to back.
 
@@ -802,14 +771,14 @@ def measure_task(
         log.info("%s %s: round %d/%d", task, label, index + 1, options.repeats)
         args = (task, settings, device, options.warmup, options.batches, options.seed)
         limit = limit_throughput(*args)
-        flow = workflow_throughput(task, settings, data, *args[2:])
+        flow = workflow_throughput(task, settings, data, *args[2:], options.resident)
         one: dict[str, Any] = {
             "limit": limit,
             "workflow": flow,
             "train_ratio": flow["train_ips"] / limit["train_ips"],
             "infer_ratio": flow["infer_ips"] / limit["infer_ips"],
         }
-        if options.naive:
+        if options.naive and naive:
             naive = naive_throughput(task, settings, data, *args[2:], options.threads)
             one["naive"] = naive
             one["speedup_vs_naive"] = flow["train_ips"] / naive["train_ips"]
@@ -829,10 +798,15 @@ def run_benchmark(options: BenchOptions, workdir: Path | None = None) -> dict[st
     for name in ("warmup", "batches", "repeats", "threads", "metric_slices"):
         if getattr(options, name) < (0 if name == "warmup" else 1):
             raise ValueError(f"--{name.replace('_', '-')}: must be positive")
+    if any(size < 1 for size in options.more_batch_sizes):
+        raise ValueError("--batch-size: must be positive")
     device = resolve_device(options.device)
     cuda = device.type == "cuda"
     configure_torch(device, options.threads)
     batch = options.batch_size or (30 if cuda else 16)
+    if cuda and options.batch_size is None and not options.more_batch_sizes:
+        # On a GPU the paper's batch leaves most of the card idle: also a large batch.
+        options = replace(options, more_batch_sizes=(LARGE_GPU_BATCH,))
     report: dict[str, Any] = {
         "machine": machine_info(device, options.threads),
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()},
@@ -865,6 +839,13 @@ def run_benchmark(options: BenchOptions, workdir: Path | None = None) -> dict[st
         for task in options.tasks:
             settings = model_settings(options.config, task, options, size, batch)
             report["tasks"][task] = measure_task(task, settings, data, device, options)
+        for more in options.more_batch_sizes:
+            entries = report.setdefault("more_batches", {}).setdefault(str(more), {})
+            for task in options.tasks:
+                settings = model_settings(options.config, task, options, size, more)
+                entries[task] = measure_task(task, settings, data, device, options, naive=False)
+                if cuda:
+                    torch.cuda.empty_cache()
         report["preprocessing"] = _preprocessing_entry(data, size, options.threads)
         masks = np.load(data.data_dir / "lgg" / "masks.npy", mmap_mode="r")
         log.info("Segmentation metrics on %d slices", options.metric_slices)
@@ -1005,6 +986,14 @@ def machine_line(machine: dict[str, Any]) -> str:
     )
 
 
+def _runs(report: dict[str, Any]) -> list[tuple[int, str, dict[str, Any]]]:
+    """(batch size, task, entry) of the main batch size, then of the further ones."""
+    runs = [(report["data"]["batch_size"], t, e) for t, e in report["tasks"].items()]
+    for batch, tasks in report.get("more_batches", {}).items():
+        runs += [(int(batch), task, entry) for task, entry in tasks.items()]
+    return runs
+
+
 def format_markdown(report: dict[str, Any]) -> str:
     """The report as a small Markdown document."""
     lines = ["# Benchmark", ""]
@@ -1020,14 +1009,15 @@ def format_markdown(report: dict[str, Any]) -> str:
             "",
             "## Throughput (images/s)",
             "",
-            "| task | model | limit train | workflow train | ratio | naive train | "
+            "| task | model | batch | data | limit train | workflow train | ratio | naive train | "
             "workflow / naive | limit infer | workflow infer | ratio |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
-        for task, entry in report["tasks"].items():
+        for batch, task, entry in _runs(report):
             limit, flow, naive = entry["limit"], entry["workflow"], entry.get("naive") or {}
+            where = "device" if flow.get("resident") else "host"
             lines.append(
-                f"| {task} | {entry['model']} | {_f(limit['train_ips'])} | "
+                f"| {task} | {entry['model']} | {batch} | {where} | {_f(limit['train_ips'])} | "
                 f"{_f(flow['train_ips'])} | {_ratio(entry, 'train_ratio')} | "
                 f"{_f(naive.get('train_ips'))} | {_ratio(entry, 'speedup_vs_naive')} | "
                 f"{_f(limit['infer_ips'])} | {_f(flow['infer_ips'])} | "
@@ -1037,15 +1027,15 @@ def format_markdown(report: dict[str, Any]) -> str:
             "",
             "## Where the time of the workflow's timed epoch goes (seconds)",
             "",
-            "| task | train images | data load | augmentation | step | data path share | "
+            "| task | batch | train images | data load | augmentation | step | data path share | "
             "val images | evaluation | other (checkpoint) | epoch | epoch images/s |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
-        for task, entry in report["tasks"].items():
+        for batch, task, entry in _runs(report):
             flow = entry["workflow"]
             part = flow["breakdown"]
             lines.append(
-                f"| {task} | {flow['train_images']} | {_f(part['data_load_s'], 3)} | "
+                f"| {task} | {batch} | {flow['train_images']} | {_f(part['data_load_s'], 3)} | "
                 f"{_f(part['augment_s'], 3)} | {_f(part['step_s'], 3)} | "
                 f"{_f(100 * part['data_share'])} % | {flow['val_images']} | "
                 f"{_f(part['eval_s'], 3)} | {_f(part['other_s'], 3)} | "

@@ -45,7 +45,21 @@ def main() -> None:
     parser.add_argument(
         "--image-size", type=int, help="default: the data's size, else 128 (CPU) / 256 (CUDA)"
     )
-    parser.add_argument("--batch-size", type=int, help="default: 16 (CPU) / 30 (CUDA)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        nargs="+",
+        help="default: 16 (CPU) / 30 (CUDA); more than one: also measured at the others "
+        "(e.g. 30 128: the paper's batch and a large one)",
+    )
+    parser.add_argument(
+        "--data-path",
+        choices=["auto", "device", "host"],
+        default="auto",
+        help="auto: as a training job chooses (CUDA: arrays on the GPU if they fit); "
+        "device/host: force the device-resident or the host (pinned batches) path",
+    )
+    parser.add_argument("--compile", action="store_true", help="torch.compile the models")
     parser.add_argument("--warmup", type=int, default=defaults.warmup, help="warm-up batches")
     parser.add_argument("--batches", type=int, default=defaults.batches, help="timed batches")
     parser.add_argument(
@@ -93,7 +107,10 @@ def main() -> None:
             arch=args.arch,
             encoder=args.encoder,
             image_size=args.image_size,
-            batch_size=args.batch_size,
+            batch_size=args.batch_size[0] if args.batch_size else None,
+            more_batch_sizes=tuple(args.batch_size[1:]) if args.batch_size else (),
+            resident={"auto": None, "device": True, "host": False}[args.data_path],
+            compile=args.compile,
             warmup=args.warmup,
             batches=args.batches,
             repeats=args.repeats,

@@ -22,6 +22,11 @@ _COMMON_KEYS = (
     "weight_decay",
     "patience",
     "augment",
+    # GPU throughput (docs/performance.md)
+    "eval_batch_size",
+    "val_every",
+    "compile",
+    "resident_share",
 )
 STAGE_KEYS = {
     "classification": ("pretrained", *_COMMON_KEYS),

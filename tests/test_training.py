@@ -14,13 +14,8 @@ from helpers import run_script
 
 from brainmri.models import build_classifier, load_checkpoint
 from brainmri.training.batches import Augment, Batches, segmentation_training_indices
-from brainmri.training.loop import (
-    FitSettings,
-    accuracy_per_sample,
-    configure_torch,
-    epoch_generator,
-    fit,
-)
+from brainmri.training.evaluate import accuracy_per_sample
+from brainmri.training.loop import FitSettings, configure_torch, epoch_generator, fit
 
 
 def test_augmentation_moves_image_and_mask_together_and_masks_stay_binary():

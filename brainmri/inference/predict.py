@@ -31,11 +31,15 @@ from brainmri.devices import select_device
 from brainmri.errors import InputError
 from brainmri.evaluation.classification import decide, vote
 from brainmri.evaluation.masks import binarize, quantize
-from brainmri.inference.segment import probabilities_of
+from brainmri.inference.segment import (
+    inference_batches,
+    load_for_inference,
+    place,
+    probabilities_of,
+)
 from brainmri.io import atomic_path, write_csv
-from brainmri.models import load_checkpoint, safe_torch_load
-from brainmri.training.batches import Batches
-from brainmri.training.loop import predict_logits
+from brainmri.models import safe_torch_load
+from brainmri.training.evaluate import predict_logits
 
 log = logging.getLogger(__name__)
 
@@ -232,10 +236,11 @@ def _predict(
     data source."""
     method, cutoff, threshold, source = how
     images = np.stack([p.image for p in prepared])
+    placed = place(images, device)
     preds, probs = [], []
     for path in classifiers:
-        model, checkpoint = load_checkpoint(path, device)
-        batches = Batches(images, np.zeros(len(images)), 32, device, checkpoint["input_size"])
+        model, checkpoint = load_for_inference(path, device)
+        batches = inference_batches(placed, checkpoint, device)
         prob = torch.softmax(predict_logits(model, batches.epoch(), device), 1)[:, 1].numpy()
         probs.append(prob)
         preds.append(decide(prob, cutoff))

@@ -1,4 +1,9 @@
-"""Batched segmentation inference shared by evaluation, the fold ensemble and predict."""
+"""Batched inference shared by evaluation, the fold ensemble and predict.
+
+Large batches (the checkpoint's ``eval_batch_size``, else sized for the device), bf16 autocast
+and channels_last on CUDA as in training, the images resident on the GPU when they fit, and the
+sigmoid/resize done on the device per batch: no per-slice Python work.
+"""
 
 from __future__ import annotations
 
@@ -13,26 +18,58 @@ import torch.nn.functional as F
 from brainmri.devices import select_device
 from brainmri.models import load_checkpoint
 from brainmri.tables import ArrayFiles, gather
-from brainmri.training.batches import Batches
-from brainmri.training.loop import configure_torch, predict_logits
+from brainmri.training.batches import Batches, make_resident
+from brainmri.training.evaluate import autocast
+from brainmri.training.loop import configure_torch
+from brainmri.training.setup import CPU_INFERENCE_BATCH, eval_batch_size
 
-BATCH = 32
+RESIDENT_SHARE = 0.5  # of the free GPU memory, for inference inputs
 
 
+def load_for_inference(path: Path, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A checkpoint's model in eval mode on ``device`` (channels_last on CUDA)."""
+    model, checkpoint = load_checkpoint(path, device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    return model, checkpoint
+
+
+def place(images: np.ndarray, device: torch.device) -> tuple[Any, Any]:
+    """Images (and dummy targets) for :func:`inference_batches`: on the GPU when they fit."""
+    if device.type != "cuda":
+        return images, np.zeros(len(images))
+    placed = make_resident([images], device, RESIDENT_SHARE, "inference images")[0]
+    dummy = torch.zeros(len(images), device=device) if isinstance(placed, torch.Tensor) else None
+    return placed, dummy if dummy is not None else np.zeros(len(images))
+
+
+def inference_batches(placed: tuple[Any, Any], checkpoint: dict, device: torch.device) -> Batches:
+    batch = eval_batch_size(checkpoint["settings"], device, CPU_INFERENCE_BATCH)
+    images, targets = placed
+    size = checkpoint["input_size"]
+    return Batches(images, targets, batch, device, size, None, device.type == "cuda")
+
+
+@torch.no_grad()
 def probabilities_of(
     checkpoints: list[Path], images: np.ndarray, device: torch.device
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Mean sigmoid probability (N, S, S) of the models on uint8 images (N, S, S, 3)."""
     size = images.shape[1]
+    placed = place(images, device)
     total = None
     checkpoint: dict[str, Any] = {}
     for path in checkpoints:
-        model, checkpoint = load_checkpoint(path, device)
-        batches = Batches(images, np.zeros(len(images)), BATCH, device, checkpoint["input_size"])
-        logits = predict_logits(model, batches.epoch(), device)
-        if logits.shape[-1] != size:
-            logits = F.interpolate(logits, size=(size, size), mode="bilinear")
-        probabilities = torch.sigmoid(logits[:, 0]).numpy()
+        model, checkpoint = load_for_inference(path, device)
+        parts = []
+        for batch, _ in inference_batches(placed, checkpoint, device).epoch():
+            with autocast(device):
+                logits = model(batch)
+            logits = logits.float()
+            if logits.shape[-1] != size:
+                logits = F.interpolate(logits, size=(size, size), mode="bilinear")
+            parts.append(torch.sigmoid(logits[:, 0]).cpu())
+        probabilities = torch.cat(parts).numpy()
         total = probabilities if total is None else total + probabilities
     return total / len(checkpoints), checkpoint
 

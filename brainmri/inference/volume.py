@@ -27,12 +27,15 @@ from brainmri.errors import InputError
 from brainmri.evaluation.classification import decide, vote
 from brainmri.evaluation.masks import binarize, quantize
 from brainmri.inference.predict import Prepared, restore_mask
-from brainmri.inference.segment import probabilities_of
+from brainmri.inference.segment import (
+    inference_batches,
+    load_for_inference,
+    place,
+    probabilities_of,
+)
 from brainmri.inference.volume_io import Volume, mask_to_input
 from brainmri.io import atomic_path, write_csv
-from brainmri.models import load_checkpoint
-from brainmri.training.batches import Batches
-from brainmri.training.loop import predict_logits
+from brainmri.training.evaluate import predict_logits
 
 log = logging.getLogger(__name__)
 
@@ -81,15 +84,14 @@ class EnsembleModels:
         if not classifiers or not segmenters:
             raise InputError("volume prediction needs at least one classifier and one segmenter")
         self.segmenters, self.method, self.cutoff, self.device = segmenters, method, cutoff, device
-        self.classifiers = [load_checkpoint(path, device) for path in classifiers]
+        self.classifiers = [load_for_inference(path, device) for path in classifiers]
 
     def classify(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per image: ensemble decision (0/1), mean tumor probability, votes."""
         preds, probs = [], []
+        placed = place(images, self.device)
         for model, checkpoint in self.classifiers:
-            batches = Batches(
-                images, np.zeros(len(images)), 32, self.device, checkpoint["input_size"]
-            )
+            batches = inference_batches(placed, checkpoint, self.device)
             logits = predict_logits(model, batches.epoch(), self.device)
             prob = torch.softmax(logits, 1)[:, 1].numpy()
             probs.append(prob)

@@ -203,12 +203,14 @@ def curves_figure(histories: dict[str, pd.DataFrame], metric: str, title: str) -
     figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4), layout="constrained")
     for name, history in histories.items():
         line = left.plot(history["epoch"], history["train_loss"], label=f"{name} train")[0]
+        validated = history.dropna(subset=["val_loss"])  # val_every > 1: some epochs unvalidated
         left.plot(
-            history["epoch"], history["val_loss"], "--", color=line.get_color(), label=f"{name} val"
-        )
+            validated["epoch"], validated["val_loss"], "--", color=line.get_color(),
+            label=f"{name} val",
+        )  # fmt: skip
         if f"val_{metric}" in history:
             right.plot(
-                history["epoch"], history[f"val_{metric}"], color=line.get_color(), label=name
+                validated["epoch"], validated[f"val_{metric}"], color=line.get_color(), label=name
             )
     left.set(xlabel="epoch", ylabel="loss", title="loss (solid: train, dashed: val)")
     right.set(xlabel="epoch", ylabel=f"validation {metric}", title=f"validation {metric}")

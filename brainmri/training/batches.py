@@ -2,13 +2,16 @@
 
 Images stay uint8 (N, S, S, 3) in memory (memory-mapped ``.npy`` files written by
 preprocessing) until a batch is gathered, pinned (CUDA), moved with ``non_blocking`` and turned
-into float [0, 1] on the device. Augmentation is one ``affine_grid`` + ``grid_sample`` per batch,
+into float [0, 1] on the device. On CUDA the whole uint8 arrays of a job are put on the GPU
+once when they fit a share of its free memory (:func:`make_resident`); batches are then
+gathered there too. Augmentation is one ``affine_grid`` + ``grid_sample`` per batch,
 drawn from a seeded generator, so it costs little next to a training step and is identical
 whether a job ran straight through or was resumed.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import queue
 import threading
@@ -18,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -70,12 +75,16 @@ class Augment:
 
 
 def to_device(
-    images: np.ndarray, device: torch.device, size: int, channels_last: bool = False
+    images: np.ndarray | torch.Tensor,
+    device: torch.device,
+    size: int,
+    channels_last: bool = False,
 ) -> torch.Tensor:
-    """uint8 (B, S, S, 3) -> float (B, 3, size, size) in [0, 1] on ``device``."""
-    tensor = torch.from_numpy(images)
-    if device.type == "cuda":
-        tensor = tensor.pin_memory().to(device, non_blocking=True)
+    """uint8 (B, S, S, 3) -> float (B, 3, size, size) in [0, 1] on ``device``.
+
+    A NumPy batch is pinned and copied (CUDA); a tensor already on the device is used as is.
+    """
+    tensor = _on_device(images, device)
     tensor = tensor.permute(0, 3, 1, 2).float().div_(255)
     if tensor.shape[-1] != size:
         tensor = F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True)
@@ -84,11 +93,11 @@ def to_device(
     return tensor
 
 
-def targets_to_device(targets: np.ndarray, device: torch.device, size: int) -> torch.Tensor:
+def targets_to_device(
+    targets: np.ndarray | torch.Tensor, device: torch.device, size: int
+) -> torch.Tensor:
     """Labels (B,) -> long; masks (B, S, S) uint8 0/1 -> float (B, 1, size, size)."""
-    tensor = torch.from_numpy(np.ascontiguousarray(targets))
-    if device.type == "cuda":
-        tensor = tensor.pin_memory().to(device, non_blocking=True)
+    tensor = _on_device(targets, device)
     if tensor.ndim == 1:
         return tensor.long()
     tensor = tensor.unsqueeze(1).float()
@@ -97,16 +106,62 @@ def targets_to_device(targets: np.ndarray, device: torch.device, size: int) -> t
     return tensor
 
 
+def _on_device(array: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    if isinstance(array, torch.Tensor):
+        return array.to(device, non_blocking=True)
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type == "cuda":
+        tensor = tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
+
+
+def resident_fits(nbytes: int, device: torch.device, share: float) -> tuple[bool, int]:
+    """Whether ``nbytes`` fit ``share`` of the device's free memory; and the free bytes."""
+    if device.type != "cuda":
+        return True, 0
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes <= share * free, int(free)
+
+
+def make_resident(
+    arrays: list[np.ndarray], device: torch.device, share: float, what: str = "data"
+) -> list[np.ndarray | torch.Tensor]:
+    """The job's uint8 arrays as tensors on ``device`` when they fit ``share`` of its free
+    memory (gathered, augmented and normalised there, no host work per batch); else as they
+    are, for the host path (background gather, pinned batches), with a log line saying why."""
+    nbytes = sum(int(np.asarray(a).nbytes) for a in arrays)
+    fits, free = resident_fits(nbytes, device, share)
+    if not fits:
+        log.info(
+            "%s: %.2f GB do not fit %.0f %% of the %.2f GB free on %s: pinned host batches",
+            what,
+            nbytes / 1e9,
+            100 * share,
+            free / 1e9,
+            device,
+        )
+        return list(arrays)
+    # np.require copies only read-only or strided arrays (torch wants writable memory).
+    tensors = [torch.from_numpy(np.require(a, requirements="CW")).to(device) for a in arrays]
+    if device.type == "cuda":
+        log.info(
+            "%s: %.2f GB resident on %s (%.2f GB were free)", what, nbytes / 1e9, device, free / 1e9
+        )
+    return tensors
+
+
 class Batches:
     """Batches of (images, targets) on the device for one pass, optionally shuffled/augmented.
 
-    A background thread gathers the next uint8 batch while the model works on the current one.
+    ``images``/``targets`` are NumPy arrays (host path: a background thread gathers the next
+    uint8 batch while the model works on the current one) or tensors already on the device
+    (resident path, :func:`make_resident`: gathered with ``index_select`` on the device).
     """
 
     def __init__(
         self,
-        images: np.ndarray,
-        targets: np.ndarray,
+        images: np.ndarray | torch.Tensor,
+        targets: np.ndarray | torch.Tensor,
         batch_size: int,
         device: torch.device,
         size: int,
@@ -122,24 +177,34 @@ class Batches:
     def __len__(self) -> int:
         return len(self.images)
 
+    @property
+    def resident(self) -> bool:
+        return isinstance(self.images, torch.Tensor)
+
     def epoch(
-        self, indices: np.ndarray | None = None, generator: torch.Generator | None = None
+        self,
+        indices: np.ndarray | None = None,
+        generator: torch.Generator | None = None,
+        batch_size: int | None = None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Iterate over ``indices`` (default: all, in order) in batches.
+        """Iterate over ``indices`` (default: all, in order) in batches (default: the batch size
+        given at construction).
 
         With a ``generator`` (training) the batches are augmented, and a last batch of one
         image joins the batch before it.
         """
         if indices is None:
             indices = np.arange(len(self.images))
-        chunks = [
-            np.sort(indices[i : i + self.batch_size])
-            for i in range(0, len(indices), self.batch_size)
-        ]
+        step = batch_size or self.batch_size
+        chunks = [np.sort(indices[i : i + step]) for i in range(0, len(indices), step)]
         if generator is not None and len(chunks) > 1 and len(chunks[-1]) == 1:
             # A training batch of one breaks batch norm (e.g. DeepLabV3+'s ASPP pooling).
             chunks[-2:] = [np.sort(np.concatenate(chunks[-2:]))]
-        for raw_images, raw_targets in _prefetch(self.images, self.targets, chunks):
+        if self.resident:
+            raw = (_gather_resident(self.images, self.targets, chunk) for chunk in chunks)
+        else:
+            raw = _prefetch(self.images, self.targets, chunks)
+        for raw_images, raw_targets in raw:
             images = to_device(raw_images, self.device, self.size)
             targets = targets_to_device(raw_targets, self.device, self.size)
             if self.augment is not None and generator is not None:
@@ -150,6 +215,13 @@ class Batches:
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             yield images, targets
+
+
+def _gather_resident(
+    images: torch.Tensor, targets: torch.Tensor, chunk: np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor]:
+    index = torch.from_numpy(chunk).to(images.device, non_blocking=True)
+    return images.index_select(0, index), targets.index_select(0, index)
 
 
 def _prefetch(

@@ -11,36 +11,24 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import segmentation_models_pytorch as smp
 import torch
-import torch.nn.functional as F
 
 from brainmri.devices import device_record, select_device
 from brainmri.errors import ConfigError, InputError
 from brainmri.io import write_csv, write_json
-from brainmri.models import (
-    build_classifier,
-    build_segmenter,
-    check_classifier_config,
-    check_segmenter_config,
-    save_checkpoint,
-)
-from brainmri.tables import ArrayFiles, gather, load_table
-from brainmri.training.batches import Augment, Batches, segmentation_training_indices
+from brainmri.models import check_classifier_config, check_segmenter_config, save_checkpoint
+from brainmri.tables import ArrayFiles, load_table
+from brainmri.training.evaluate import Preempted, predict_logits
 from brainmri.training.loop import (
     FitSettings,
-    Preempted,
-    accuracy_per_sample,
     configure_torch,
-    dice_per_sample,
-    epoch_generator,
     finish_resume,
     fit,
     out_of_memory_message,
-    predict_logits,
     seed_everything,
     settings_digest,
 )
+from brainmri.training.setup import TrainingSetup, array_loader, build_training_setup
 
 log = logging.getLogger(__name__)
 
@@ -117,34 +105,16 @@ def _oom_hint(stage: str, batch_size: int) -> Iterator[None]:
         raise InputError(out_of_memory_message(stage, batch_size)) from None
 
 
-def _run_fit(
-    job: TrainJob,
-    stage: str,
-    model,
-    loss_fn,
-    metric_fn,
-    train_batches,
-    val_batches,
-    metric_name: str,
-    device: torch.device,
-):
-    fit_settings = FitSettings(
-        epochs=job.settings["epochs"],
-        lr=job.settings["lr"],
-        weight_decay=job.settings.get("weight_decay", 0.0),
-        patience=job.settings.get("patience"),
-        seed=job.seed,
-        metric_name=metric_name,
-        lr_schedule=job.settings.get("lr_schedule", "constant"),
-    )
+def _run_fit(job: TrainJob, stage: str, setup: TrainingSetup, device: torch.device):
+    fit_settings = FitSettings.from_settings(job.settings, job.seed, setup.metric_name)
     digest = settings_digest({"settings": job.settings, "seed": job.seed, "stage": stage})
     with _oom_hint(stage, job.settings["batch_size"]):
         return fit(
-            model,
-            loss_fn,
-            metric_fn,
-            train_batches,
-            val_batches,
+            setup.model,
+            setup.loss_fn,
+            setup.metric_fn,
+            setup.train_batches,
+            setup.val_batches,
             fit_settings,
             device,
             job.resume_dir,
@@ -176,56 +146,15 @@ def train_classifier(job: TrainJob, predictions: Path) -> None:
         len(test),
         settings["input_size"],
     )
-    size, batch = settings["input_size"], settings["batch_size"]
-    channels_last = device.type == "cuda"
-    train_data = Batches(
-        gather(job.images, train),
-        train["has_tumor"].to_numpy(),
-        batch,
-        device,
-        size,
-        Augment.from_settings(settings),
-        channels_last,
+    load = array_loader(job.images, job.masks)
+    setup = build_training_setup(
+        "classification", settings, load, train, val, device, job.seed, job.weights
     )
-    val_data = Batches(
-        gather(job.images, val),
-        val["has_tumor"].to_numpy(),
-        batch,
-        device,
-        size,
-        None,
-        channels_last,
-    )
-    model = build_classifier(settings, job.weights)
-
-    def train_batches(epoch: int):
-        generator = epoch_generator(job.seed, epoch)
-        order = torch.randperm(len(train_data), generator=generator).numpy()
-        return train_data.epoch(order, generator)
-
-    result = _run_fit(
-        job,
-        "classification",
-        model,
-        F.cross_entropy,
-        accuracy_per_sample,
-        train_batches,
-        val_data.epoch,
-        "accuracy",
-        device,
-    )
+    result = _run_fit(job, "classification", setup, device)
+    model = setup.model
     model.load_state_dict(result.best_state)
-    test_data = Batches(
-        gather(job.images, test),
-        test["has_tumor"].to_numpy(),
-        batch,
-        device,
-        size,
-        None,
-        channels_last,
-    )
-    with _oom_hint("classification", batch):
-        logits = predict_logits(model, test_data.epoch(), device)
+    with _oom_hint("classification", setup.eval_batch):
+        logits = predict_logits(model, setup.batches(test).epoch(), device)
     probabilities = torch.softmax(logits, dim=1)[:, 1]
     prob = probabilities.numpy().astype(np.float64)
     frame = pd.DataFrame(
@@ -243,7 +172,7 @@ def train_classifier(job: TrainJob, predictions: Path) -> None:
         model,
         "classification",
         settings,
-        preprocessing=_preprocessing(train_data.images.shape[1]),
+        preprocessing=_preprocessing(setup.train_data.images.shape[1]),
         epoch=result.best_epoch + 1,
         val_loss=result.best_val_loss,
     )
@@ -265,7 +194,7 @@ def train_segmenter(job: TrainJob, fold: int) -> None:
         raise ConfigError(f"split.folds: fold {fold} does not exist in {job.splits}")
     train = _require(lgg[lgg["fold"] != fold], f"training part of fold {fold}", job.splits)
     val = _require(lgg[lgg["fold"] == fold], f"validation fold {fold}", job.splits)
-    size, batch = settings["input_size"], settings["batch_size"]
+    size = settings["input_size"]
     log.info(
         "Segmenter %s (%s/%s) fold %d: %d train (%d with tumor), %d val slices at %d px",
         name,
@@ -277,47 +206,13 @@ def train_segmenter(job: TrainJob, fold: int) -> None:
         len(val),
         size,
     )
-    channels_last = device.type == "cuda"
-    train_data = Batches(
-        gather(job.images, train),
-        gather(job.masks, train),
-        batch,
-        device,
-        size,
-        Augment.from_settings(settings),
-        channels_last,
+    load = array_loader(job.images, job.masks)
+    seed = job.seed + 1000 * fold
+    setup = build_training_setup(
+        "segmentation", settings, load, train, val, device, seed, job.weights
     )
-    val_data = Batches(
-        gather(job.images, val),
-        gather(job.masks, val),
-        batch,
-        device,
-        size,
-        None,
-        channels_last,
-    )
-    has_tumor = train["has_tumor"].to_numpy().astype(bool)
-    model = build_segmenter(settings, job.weights)
-    loss_fn = smp.losses.DiceLoss("binary", from_logits=True, smooth=settings["dice_smooth"])
-
-    def train_batches(epoch: int):
-        generator = epoch_generator(job.seed + 1000 * fold, epoch)
-        indices = segmentation_training_indices(
-            has_tumor, settings["train_slices"], settings["empty_fraction"], generator
-        )
-        return train_data.epoch(indices, generator)
-
-    result = _run_fit(
-        job,
-        "segmentation",
-        model,
-        loss_fn,
-        dice_per_sample,
-        train_batches,
-        val_data.epoch,
-        "dice",
-        device,
-    )
+    result = _run_fit(job, "segmentation", setup, device)
+    model = setup.model
     model.load_state_dict(result.best_state)
     write_csv(job.history, pd.DataFrame(result.history))
     save_checkpoint(
@@ -325,7 +220,7 @@ def train_segmenter(job: TrainJob, fold: int) -> None:
         model,
         "segmentation",
         settings,
-        preprocessing=_preprocessing(train_data.images.shape[1]),
+        preprocessing=_preprocessing(setup.train_data.images.shape[1]),
         validation_threshold=0.5,  # the val_dice of the history (dice_per_sample: logits > 0)
         fold=fold,
         epoch=result.best_epoch + 1,

@@ -24,7 +24,6 @@ import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,15 +35,29 @@ from torch import nn
 from brainmri.errors import InputError
 from brainmri.io import atomic_path
 from brainmri.models import safe_torch_load
+from brainmri.training.evaluate import (  # some re-exported (__all__) for older importers
+    MetricFn,
+    Preempted,
+    accuracy_per_sample,
+    autocast,
+    dice_per_sample,
+    evaluate,
+    predict_logits,
+)
 
 log = logging.getLogger(__name__)
 
 BatchIterator = Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]
-MetricFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-class Preempted(RuntimeError):
-    """SIGTERM arrived; the job stops (exit 143) and resumes from its last epoch next time."""
+__all__ = [
+    "FitSettings",
+    "Preempted",
+    "accuracy_per_sample",
+    "autocast",
+    "dice_per_sample",
+    "evaluate",
+    "fit",
+    "predict_logits",
+]
 
 
 @dataclass
@@ -56,6 +69,23 @@ class FitSettings:
     seed: int = 42
     metric_name: str = "accuracy"
     lr_schedule: str = "constant"  # constant | cosine (annealed to 0 over ``epochs``)
+    val_every: int = 1  # validate every N epochs (and after the last)
+    compile: bool = False  # torch.compile the forward pass
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any], seed: int, metric_name: str) -> FitSettings:
+        """The fit settings of a job's training settings (the config's stage section)."""
+        return cls(
+            epochs=settings["epochs"],
+            lr=settings["lr"],
+            weight_decay=settings.get("weight_decay", 0.0),
+            patience=settings.get("patience"),
+            seed=seed,
+            metric_name=metric_name,
+            lr_schedule=settings.get("lr_schedule", "constant"),
+            val_every=settings.get("val_every", 1),
+            compile=settings.get("compile", False),
+        )
 
 
 @dataclass
@@ -128,14 +158,6 @@ def set_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA where supported (else fp16), nothing on the CPU."""
-    if device.type != "cuda":
-        return nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
 
 
 def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
@@ -237,6 +259,7 @@ def fit(
         log.info("Resuming after epoch %d (best val loss %.4f)", start, best_loss)
 
     name = settings.metric_name
+    forward = compiled(model, settings.compile)
     with _TermFlag() as term:
         for epoch in range(start, settings.epochs):
             if settings.patience is not None and stale >= settings.patience:
@@ -244,25 +267,29 @@ def fit(
             began = time.perf_counter()
             torch.manual_seed(settings.seed * 7919 + epoch)  # dropout etc. of this epoch
             model.train()
-            total_loss = total_metric = count = 0.0
+            total_loss = torch.zeros((), dtype=torch.float64, device=device)
+            total_metric = torch.zeros((), dtype=torch.float64, device=device)
+            count = 0
             for images, targets in train_batches(epoch):
                 if term.raised:
                     raise Preempted(f"stopped by SIGTERM during epoch {epoch + 1}")
                 optimizer.zero_grad(set_to_none=True)
                 with autocast(device):
-                    logits = model(images)
+                    logits = forward(images)
                     loss = loss_fn(logits.float(), targets)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
                 n = images.shape[0]
-                total_loss += float(loss.detach()) * n
-                total_metric += float(metric_fn(logits.detach().float(), targets).sum())
+                total_loss += loss.detach().double() * n
+                total_metric += metric_fn(logits.detach().float(), targets).sum().double()
                 count += n
-            val_loss, val_metric = evaluate(
-                model, loss_fn, metric_fn, val_batches(), device, lambda: term.raised
-            )
-            improved = val_loss < best_loss
+            val_loss = val_metric = float("nan")
+            if (epoch + 1) % settings.val_every == 0 or epoch + 1 == settings.epochs:
+                val_loss, val_metric = evaluate(
+                    forward, loss_fn, metric_fn, val_batches(), device, lambda: term.raised
+                )
+            improved = val_loss < best_loss  # never on an epoch without validation (NaN)
             if improved:
                 best_loss, best_epoch, stale = val_loss, epoch, 0
                 best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -270,8 +297,8 @@ def fit(
                 stale += 1
             row = {
                 "epoch": epoch + 1,
-                "train_loss": total_loss / max(count, 1),
-                f"train_{name}": total_metric / max(count, 1),
+                "train_loss": float(total_loss) / max(count, 1),
+                f"train_{name}": float(total_metric) / max(count, 1),
                 "val_loss": val_loss,
                 f"val_{name}": val_metric,
                 "lr": optimizer.param_groups[0]["lr"],
@@ -320,6 +347,15 @@ def fit(
     return FitResult(best_state, best_epoch, best_loss, history)
 
 
+def compiled(model: nn.Module, enabled: bool) -> nn.Module:
+    """``torch.compile(model)`` when ``enabled`` (the module itself keeps the weights, so
+    checkpoints and resume states are those of the plain model), else ``model``."""
+    if not enabled:
+        return model
+    log.info("torch.compile: the first batches of each shape compile (seconds to minutes)")
+    return torch.compile(model)
+
+
 def make_scheduler(
     optimizer: torch.optim.Optimizer, settings: FitSettings
 ) -> torch.optim.lr_scheduler.LRScheduler | None:
@@ -329,62 +365,6 @@ def make_scheduler(
     if settings.lr_schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
     raise ValueError(f"lr_schedule: unknown schedule {settings.lr_schedule!r}")
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    metric_fn: MetricFn,
-    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
-    device: torch.device,
-    stop: Callable[[], bool] | None = None,
-) -> tuple[float, float]:
-    """Mean loss (weighted by batch size) and mean per-sample metric over ``batches``.
-
-    ``stop`` (checked before each batch) returning true raises :class:`Preempted`.
-    """
-    model.eval()
-    total_loss = total_metric = count = 0.0
-    for images, targets in batches:
-        if stop is not None and stop():
-            raise Preempted("stopped by SIGTERM during validation")
-        with autocast(device):
-            logits = model(images)
-        logits = logits.float()
-        n = images.shape[0]
-        total_loss += float(loss_fn(logits, targets)) * n
-        total_metric += float(metric_fn(logits, targets).sum())
-        count += n
-    if not count:
-        raise InputError("the validation split is empty")
-    return total_loss / count, total_metric / count
-
-
-@torch.no_grad()
-def predict_logits(
-    model: nn.Module, batches: Iterator[tuple[torch.Tensor, Any]], device: torch.device
-) -> torch.Tensor:
-    """Concatenated float logits (on the CPU) of ``model`` over ``batches``."""
-    model.eval()
-    outputs = []
-    for images, _ in batches:
-        with autocast(device):
-            outputs.append(model(images).float().cpu())
-    return torch.cat(outputs)
-
-
-def accuracy_per_sample(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return (logits.argmax(dim=1) == labels).float()
-
-
-def dice_per_sample(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Per-slice Dice at threshold 0.5; 1 where prediction and truth are both empty."""
-    pred = (logits > 0).float().flatten(1)
-    truth = masks.flatten(1)
-    intersection = (pred * truth).sum(1)
-    total = pred.sum(1) + truth.sum(1)
-    return torch.where(total > 0, 2 * intersection / total.clamp(min=1), torch.ones_like(total))
 
 
 def finish_resume(resume_dir: Path) -> None:
