@@ -19,6 +19,7 @@ _COMMON_KEYS = (
     "batch_size",
     "lr",
     "lr_schedule",
+    "warmup_epochs",
     "weight_decay",
     "patience",
     "augment",
@@ -30,7 +31,16 @@ _COMMON_KEYS = (
 )
 STAGE_KEYS = {
     "classification": ("pretrained", *_COMMON_KEYS),
-    "segmentation": (*_COMMON_KEYS, "dice_smooth", "train_slices", "empty_fraction"),
+    "segmentation": (
+        *_COMMON_KEYS,
+        "dice_smooth",
+        "loss",
+        "select_on",
+        "modality_dropout",
+        "slice_context",
+        "train_slices",
+        "empty_fraction",
+    ),
 }
 
 
@@ -95,6 +105,16 @@ def training_settings(config: dict[str, Any], stage: str, name: str) -> dict[str
     return settings
 
 
+def check_schedule(settings: dict[str, Any], key: str) -> None:
+    """warmup_epochs must leave epochs for the cosine part of lr_schedule warmup_cosine."""
+    warmup = settings.get("warmup_epochs", 0)
+    if settings.get("lr_schedule") == "warmup_cosine" and warmup >= settings["epochs"]:
+        raise ConfigError(
+            f"{key}.warmup_epochs: {warmup} warm-up epochs leave none of the "
+            f"{settings['epochs']} epochs for the cosine schedule"
+        )
+
+
 def preflight(config: dict[str, Any]) -> None:
     """Cross-key checks that the schema cannot express; one ConfigError listing every problem."""
     problems = preflight_errors(config)
@@ -123,17 +143,16 @@ def preflight_errors(config: dict[str, Any]) -> list[str]:
             + did_you_mean(cascade_arch, architectures)
         )
     for name in model_names(config, "classification"):
-        collect(
-            check_classifier_config,
-            training_settings(config, "classification", name),
-            key=f"classification.backbones.{name}",
-        )
+        settings = training_settings(config, "classification", name)
+        collect(check_classifier_config, settings, key=f"classification.backbones.{name}")
+        collect(check_schedule, settings, key=f"classification.backbones.{name}")
     for name in architectures:
-        collect(
-            check_segmenter_config,
-            training_settings(config, "segmentation", name),
-            key=f"segmentation.architectures.{name}",
-        )
+        settings = training_settings(config, "segmentation", name)
+        collect(check_segmenter_config, settings, key=f"segmentation.architectures.{name}")
+        collect(check_schedule, settings, key=f"segmentation.architectures.{name}")
+    window = config["classification"]["smooth_window"]
+    if window % 2 == 0:
+        problems.append(f"classification.smooth_window: {window} must be odd (1 = off)")
     data = config["data"]
     if data["source"] == "local" and not data["local_dir"]:
         problems.append("data.local_dir: required when data.source is 'local'")

@@ -32,8 +32,9 @@ class Normalized(nn.Module):
     def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         super().__init__()
         self.net = net
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        view = (1, len(mean), 1, 1)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(view))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(view))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net((x - self.mean) / self.std)
@@ -110,11 +111,14 @@ def build_segmenter(settings: dict[str, Any], weights: str | None = None) -> Nor
     """An smp model (1 output channel, logits), encoder from the weight cache if pretrained."""
     import segmentation_models_pytorch as smp
 
+    from brainmri.training.context import input_channels
+
+    channels = input_channels(settings)  # 3, or 3 per slice of a 2.5D window
     net = smp.create_model(
         settings["arch"],
         encoder_name=settings["encoder"],
         encoder_weights=None,
-        in_channels=3,
+        in_channels=channels,
         classes=1,
     )
     if settings.get("pretrained"):
@@ -125,7 +129,8 @@ def build_segmenter(settings: dict[str, Any], weights: str | None = None) -> Nor
                 f"{weights}: does not match encoder {settings['encoder']!r} "
                 f"(missing {result.missing_keys[:3]}...)"
             )
-    return Normalized(net, IMAGENET_MEAN, IMAGENET_STD)
+    repeat = channels // 3
+    return Normalized(net, IMAGENET_MEAN * repeat, IMAGENET_STD * repeat)
 
 
 def build_model(task: str, settings: dict[str, Any], weights: str | None = None) -> Normalized:
@@ -212,6 +217,11 @@ def check_segmenter_config(settings: dict[str, Any], key: str) -> None:
     if size % 32:
         raise ConfigError(
             f"{key}.input_size: {size} must be a multiple of 32 (the encoder's output stride)"
+        )
+    if settings.get("slice_context", 0) and settings.get("pretrained"):
+        raise ConfigError(
+            f"{key}: slice_context (2.5D input) needs pretrained: false (the ImageNet encoder "
+            "weights take 3 input channels)"
         )
     problem = _segmenter_accepts(arch, settings["encoder"], size)
     if problem:

@@ -59,12 +59,14 @@ rule train_classifier:
 
 
 rule ensemble_classifiers:
-    """Majority vote (or soft vote) of the backbones' test predictions."""
+    """Majority vote (or soft vote) of the backbones' (and the segmentation voter's) test predictions."""
     input:
-        expand(
+        predictions=expand(
             results("classification/{backbone}/test_predictions.csv"),
             backbone=BACKBONES,
-        ),
+        )
+        + voter_predictions(),
+        manifest=results("data/manifest.csv"),
     output:
         results("classification/ensemble/test_predictions.csv"),
     log:
@@ -76,9 +78,46 @@ rule ensemble_classifiers:
     params:
         method=config["classification"]["ensemble"],
         threshold=config["classification"]["threshold"],
+        smooth_window=config["classification"]["smooth_window"],
     shell:
         "$PYTHON $SCRIPTS/ensemble_classifiers.py --method {params.method}"
-        " --threshold {params.threshold} --predictions {input} --output {output} > {log} 2>&1"
+        " --threshold {params.threshold} --predictions {input.predictions}"
+        " --manifest {input.manifest}"
+        " --smooth-window {params.smooth_window} --output {output} > {log} 2>&1"
+
+
+rule segmentation_voter:
+    """The segmentation fold ensemble as a classifier: tumor where its cleaned mask has >= k pixels."""
+    input:
+        probabilities=results(
+            f"segmentation/{VOTER_ARCH}/ensemble/test_probabilities.npy"
+        ),
+        fold_slices=expand(
+            results(f"segmentation/{VOTER_ARCH}/fold{{fold}}/per_slice.csv"),
+            fold=FOLDS,
+        ),
+        manifest=results("data/manifest.csv"),
+        splits=results("splits/splits.csv"),
+    output:
+        predictions=results("classification/segvoter/test_predictions.csv"),
+        choice=results("classification/segvoter/min_pixels.json"),
+    log:
+        results("logs/classification/segvoter.log"),
+    benchmark:
+        results("benchmarks/classification/segvoter.tsv")
+    conda:
+        "../envs/evaluation.yaml"
+    params:
+        threshold=config["segmentation"]["threshold"],
+        postprocess=as_json(config["segmentation"]["postprocess"]),
+        min_pixels=config["classification"]["segmentation_voter"]["min_pixels"]
+        or "auto",
+    shell:
+        "$PYTHON $SCRIPTS/segmentation_voter.py --probabilities {input.probabilities}"
+        " --fold-slices {input.fold_slices} --manifest {input.manifest} --splits {input.splits}"
+        " --threshold {params.threshold} --postprocess {params.postprocess:q}"
+        " --min-pixels {params.min_pixels} --output {output.predictions}"
+        " --choice {output.choice} > {log} 2>&1"
 
 
 rule evaluate_classifier:

@@ -96,6 +96,16 @@ wildcard_constraints:
     model="|".join(map(re.escape, BACKBONES + ["ensemble"])),
 
 
+VOTER_ARCH = config["cascade"]["architecture"]
+
+
+def voter_predictions() -> list[str]:
+    """The segmentation voter's table, when classification.segmentation_voter.enabled."""
+    if not config["classification"]["segmentation_voter"]["enabled"]:
+        return []
+    return [results("classification/segvoter/test_predictions.csv")]
+
+
 def results(path: str) -> str:
     """A path under the configured results directory."""
     return str(RESULTS / path)

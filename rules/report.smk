@@ -33,11 +33,13 @@ rule cascade:
     params:
         threshold=config["segmentation"]["threshold"],
         architecture=config["cascade"]["architecture"],
+        postprocess=as_json(config["segmentation"]["postprocess"]),
     shell:
         "$PYTHON $SCRIPTS/cascade.py --classifier {input.classifier}"
         " --probabilities {input.probabilities} --architecture {params.architecture}"
         " --manifest {input.manifest} --splits {input.splits} --masks {input.masks}"
-        " --threshold {params.threshold} --threads {threads} --metrics {output.metrics}"
+        " --threshold {params.threshold} --postprocess {params.postprocess:q}"
+        " --threads {threads} --metrics {output.metrics}"
         " --per-slice {output.per_slice} --table {output.table} > {log} 2>&1"
 
 
@@ -149,11 +151,12 @@ rule predict_new_images:
         classifier_threshold=config["classification"]["threshold"],
         segmentation_threshold=config["segmentation"]["threshold"],
         data_source=config["data"]["source"],
+        tta="--tta" if config["segmentation"]["tta"] else "",
     shell:
         "$PYTHON $SCRIPTS/predict.py --input-dir {input.images:q}"
         " --classifiers {input.classifiers} --segmenters {input.segmenters}"
         " --method {params.method} --classifier-threshold {params.classifier_threshold}"
-        " --segmentation-threshold {params.segmentation_threshold}"
+        " --segmentation-threshold {params.segmentation_threshold} {params.tta}"
         " --output {output.csv} --masks-dir {output.masks} --overlays-dir {output.overlays}"
         " --failures {output.failures} --data-source {params.data_source} > {log} 2>&1"
 

@@ -61,11 +61,12 @@ rule evaluate_segmenter:
         runtime=60,
     params:
         threshold=config["segmentation"]["threshold"],
+        tta="--tta" if config["segmentation"]["tta"] else "",
     shell:
         "$PYTHON $SCRIPTS/evaluate_segmenter.py --checkpoint {input.checkpoint}"
         " --fold {wildcards.fold} --manifest {input.manifest} --splits {input.splits}"
         " --images {input.images} --masks {input.masks}"
-        " --threshold {params.threshold} --threads {threads}"
+        " --threshold {params.threshold} --threads {threads} {params.tta}"
         " --val-metrics {output.val} --test-metrics {output.test}"
         " --per-slice {output.per_slice} --test-probabilities {output.test_probs}"
         " > {log} 2>&1"
@@ -94,10 +95,12 @@ rule segmentation_fold_ensemble:
     threads: 2
     params:
         threshold=config["segmentation"]["threshold"],
+        postprocess=as_json(config["segmentation"]["postprocess"]),
     shell:
         "$PYTHON $SCRIPTS/segmentation_ensemble.py --probabilities {input.probabilities}"
         " --manifest {input.manifest} --splits {input.splits} --masks {input.masks}"
-        " --threshold {params.threshold} --threads {threads} --metrics {output.metrics}"
+        " --threshold {params.threshold} --postprocess {params.postprocess:q}"
+        " --threads {threads} --metrics {output.metrics}"
         " --per-slice {output.per_slice} --output-probabilities {output.probabilities}"
         " > {log} 2>&1"
 

@@ -224,9 +224,10 @@ def test_segmenter_trains_on_the_other_folds_and_validates_on_its_own(preprocess
     assert f"{len(train) - n_val} train" in result.stderr and f"{n_val} val slices" in result.stderr
     assert "Device: CPU" in result.stderr and "Threads: 1" in result.stderr
     history = pd.read_csv(tmp_path / "history.csv")
-    expected = ["epoch", "train_loss", "train_dice", "val_loss", "val_dice", "lr", "seconds"]
+    expected = ["epoch", "train_loss", "train_dice_all_slices", "train_dice_tumor_slices"]
+    expected += ["val_loss", "val_dice_all_slices", "val_dice_tumor_slices", "lr", "seconds"]
     assert list(history.columns) == [*expected, "best"]
-    assert len(history) == 2 and history["val_dice"].between(0, 1).all()
+    assert len(history) == 2 and history["val_dice_all_slices"].between(0, 1).all()
     model, checkpoint = load_checkpoint(tmp_path / "model.pt")
     assert checkpoint["task"] == "segmentation" and checkpoint["fold"] == 0
     assert checkpoint["val_loss"] == pytest.approx(history["val_loss"].min())

@@ -6,11 +6,13 @@ Dice, slice-level detection, and the tumor area the gate lost."""
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import brainmri.evaluation.masks as stored
 from brainmri.evaluation.cascade import comparison_table, gate_from_classifier, run_cascade
 from brainmri.evaluation.classification import read_predictions
+from brainmri.evaluation.postprocess import PostProcess, clean_patients
 from brainmri.io import run_cli, setup_logging, write_csv, write_json
 
 
@@ -20,6 +22,9 @@ def main() -> None:
     parser.add_argument("--probabilities", required=True, type=Path, help="segmentation ensemble")
     parser.add_argument("--architecture", required=True)
     stored.add_test_set_arguments(parser)
+    parser.add_argument(
+        "--postprocess", default="{}", help="JSON of segmentation.postprocess (per patient, 3D)"
+    )
     parser.add_argument("--table", required=True, type=Path)
     args = parser.parse_args()
     log = setup_logging()
@@ -27,8 +32,15 @@ def main() -> None:
     gate = gate_from_classifier(read_predictions(args.classifier), rows, args.classifier)
     probabilities = stored.load_probabilities(args.probabilities, truth.shape)
     seg_masks = stored.binarize(probabilities, args.threshold)
+    post = PostProcess.from_settings(json.loads(args.postprocess))
+    seg_masks = clean_patients(seg_masks, rows, post)
     per_slice, results = run_cascade(gate, seg_masks, truth, rows, args.threads)
-    results.update(architecture=args.architecture, threshold=args.threshold, n_slices=len(rows))
+    results.update(
+        architecture=args.architecture,
+        threshold=args.threshold,
+        postprocess=post.as_dict(),
+        n_slices=len(rows),
+    )
     comparison = comparison_table(results)
     write_csv(args.per_slice, per_slice)
     write_csv(args.table, comparison, sep="\t", float_format="%.4f")

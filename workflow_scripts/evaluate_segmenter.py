@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--masks", required=True, type=Path, help="data/lgg/masks.npy")
     parser.add_argument("--threshold", type=float, required=True, help="segmentation threshold")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tta", action="store_true", help="test-time flips (segmentation.tta)")
     parser.add_argument("--val-metrics", required=True, type=Path)
     parser.add_argument("--test-metrics", required=True, type=Path)
     parser.add_argument("--per-slice", required=True, type=Path)
@@ -42,7 +43,7 @@ def main() -> None:
     start = time.perf_counter()
     rows = pd.concat(parts.values(), ignore_index=True)
     probabilities, masks, checkpoint = predict_probabilities(
-        [args.checkpoint], rows, {"lgg": args.images}, {"lgg": args.masks}, args.threads
+        [args.checkpoint], rows, {"lgg": args.images}, {"lgg": args.masks}, args.threads, args.tta
     )
     stored = quantize(probabilities)
     log.info("Inference on %d slices: %.1f s", len(rows), time.perf_counter() - start)
@@ -53,7 +54,7 @@ def main() -> None:
         frame, report = evaluate_split(
             part, stored[offset:end], masks[offset:end], args.threshold, split, args.threads
         )
-        report.update(arch=arch, fold=args.fold, input_size=checkpoint["input_size"])
+        report.update(arch=arch, fold=args.fold, input_size=checkpoint["input_size"], tta=args.tta)
         frames.append(frame)
         reports[split] = report
         if split == "test":

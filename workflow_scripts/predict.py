@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--method", choices=["majority", "soft"], required=True)
     parser.add_argument("--classifier-threshold", type=float, required=True, help="cut-off")
     parser.add_argument("--segmentation-threshold", type=float, required=True)
+    parser.add_argument("--tta", action="store_true", help="test-time flips (segmentation.tta)")
     parser.add_argument("--output", required=True, type=Path, help="predictions CSV")
     parser.add_argument("--masks-dir", required=True, type=Path)
     parser.add_argument("--overlays-dir", required=True, type=Path)
@@ -63,6 +64,7 @@ def main() -> None:
         args.overlays_dir,
         args.failures or args.output.parent / "failures.csv",
         args.data_source,
+        tta=args.tta,
     )
     log.info("Predictions written to %s", args.output)
     if failures:

@@ -22,6 +22,8 @@ import numpy as np
 import pandas as pd
 
 from brainmri.evaluation.masks import binarize
+from brainmri.evaluation.postprocess import PostProcess, clean_patients
+from brainmri.evaluation.sequences import by_sequences
 
 CASES = ("both_empty", "pred_empty_only", "truth_empty_only", "both_nonempty")
 
@@ -192,10 +194,18 @@ def evaluate_split(
     threshold: float,
     split: str,
     threads: int = 1,
+    post: PostProcess | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Per-slice rows and the report of one set of slices from uint8 stored probabilities."""
+    """Per-slice rows and the report of one set of slices from uint8 stored probabilities,
+    thresholded and (with ``post``) cleaned per patient volume."""
     pred = binarize(stored, threshold)
+    if post is not None:
+        pred = clean_patients(pred, rows, post)
     frame = score_slices(rows, pred, truth, split, threads)
-    report = segmentation_report(frame, volume_dice(pred, truth, rows["patient"].to_numpy()))
+    volume = volume_dice(pred, truth, rows["patient"].to_numpy())
+    report = segmentation_report(frame, volume)
     report.update(split=split, threshold=threshold, n_slices=len(rows))
+    report["by_sequences"] = by_sequences(rows, frame, volume)
+    if post is not None:
+        report["postprocess"] = post.as_dict()
     return frame, report

@@ -168,6 +168,7 @@ def predict_folder(
     overlays_dir: Path,
     failures_csv: Path | None = None,
     data_source: str | None = None,
+    tta: bool = False,
 ) -> list[tuple[str, str]]:
     """Write the CSV, masks and overlays of every readable image (and, if asked, a CSV of the
     files that could not be read); return those failures as (file name, reason).
@@ -208,6 +209,7 @@ def predict_folder(
             (method, cutoff, threshold, source),
             tmp_masks,
             tmp_overlays,
+            tta,
         )
     label = source_label(source)
     empty = {"tumor_probability": None, "decision": "", "votes": None, "tumor_area_px": None}
@@ -230,6 +232,7 @@ def _predict(
     how: tuple[str, float, float, str],
     masks_dir: Path,
     overlays_dir: Path,
+    tta: bool = False,
 ) -> list[dict]:
     """Classify and segment the prepared images; write masks and overlays; return CSV rows.
     ``how``: the ensemble method, the classifier cut-off, the mask threshold and the training
@@ -245,7 +248,7 @@ def _predict(
         probs.append(prob)
         preds.append(decide(prob, cutoff))
     decision, mean_prob, votes = vote(np.stack(preds), np.stack(probs), method, cutoff)
-    seg_prob, _ = probabilities_of(segmenters, images, device)
+    seg_prob, _ = probabilities_of(segmenters, images, device, tta)
     seg_masks = binarize(quantize(seg_prob), threshold)
     rows = []
     for i, item in enumerate(prepared):

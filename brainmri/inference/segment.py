@@ -16,9 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from brainmri.devices import select_device
+from brainmri.errors import InputError
+from brainmri.inference.tta import with_tta
 from brainmri.models import load_checkpoint
 from brainmri.tables import ArrayFiles, gather
 from brainmri.training.batches import Batches, make_resident
+from brainmri.training.context import with_context
 from brainmri.training.evaluate import autocast
 from brainmri.training.loop import configure_torch
 from brainmri.training.setup import CPU_INFERENCE_BATCH, eval_batch_size
@@ -52,17 +55,33 @@ def inference_batches(placed: tuple[Any, Any], checkpoint: dict, device: torch.d
 
 @torch.no_grad()
 def probabilities_of(
-    checkpoints: list[Path], images: np.ndarray, device: torch.device
+    checkpoints: list[Path],
+    images: np.ndarray,
+    device: torch.device,
+    tta: bool = False,
+    rows: pd.DataFrame | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Mean sigmoid probability (N, S, S) of the models on uint8 images (N, S, S, 3)."""
+    """Mean sigmoid probability (N, S, S) of the models on uint8 images (N, S, S, 3); with
+    ``tta`` each model's logits are the mean over flips (brainmri.inference.tta). ``rows``
+    (manifest rows of the images: patient, slice_index) feed 2.5D models their neighbours."""
     size = images.shape[1]
     placed = place(images, device)
     total = None
     checkpoint: dict[str, Any] = {}
     for path in checkpoints:
         model, checkpoint = load_for_inference(path, device)
+        model = with_tta(model, tta)
+        inputs = placed
+        context = checkpoint["settings"].get("slice_context", 0)
+        if context:
+            if rows is None:
+                raise InputError(
+                    f"{path}: a 2.5D model (slice_context {context}) needs each slice's "
+                    "neighbours; it cannot predict single images"
+                )
+            inputs = place(with_context(images, rows, context), device)
         parts = []
-        for batch, _ in inference_batches(placed, checkpoint, device).epoch():
+        for batch, _ in inference_batches(inputs, checkpoint, device).epoch():
             with autocast(device):
                 logits = model(batch)
             logits = logits.float()
@@ -75,12 +94,17 @@ def probabilities_of(
 
 
 def predict_probabilities(
-    checkpoints: list[Path], rows: pd.DataFrame, images: ArrayFiles, masks: ArrayFiles, threads: int
+    checkpoints: list[Path],
+    rows: pd.DataFrame,
+    images: ArrayFiles,
+    masks: ArrayFiles,
+    threads: int,
+    tta: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Probabilities of ``rows`` (LGG slices), their masks, and the (last) checkpoint dict."""
     device = select_device()
     configure_torch(device, threads)
     pictures = gather(images, rows)
     truth = gather(masks, rows).astype(bool)
-    probabilities, checkpoint = probabilities_of(checkpoints, pictures, device)
+    probabilities, checkpoint = probabilities_of(checkpoints, pictures, device, tta, rows)
     return probabilities, truth, checkpoint

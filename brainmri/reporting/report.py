@@ -152,6 +152,7 @@ class RunResults:
             "segmentation": segmentation,
             "cascade": cascade,
             "paper": PAPER,
+            "recipe": self.config.get("recipe", "custom"),
             "split_level": self.config["split"]["level"],
             "seed": self.config["seed"],
             "data_source": self.config["data"]["source"],
@@ -234,8 +235,8 @@ def build_report(
     ens = metrics["classification"]["ensemble"]
     add(
         f"<h1>Brain MRI tumor classification and segmentation</h1>"
-        f"<p class=note>Results directory <code>{esc(root)}</code> · data source "
-        ""
+        f"<p class=note>Recipe <b>{esc(config.get('recipe', 'custom'))}</b> · "
+        f"results directory <code>{esc(root)}</code> · data source "
         f"<b>{esc(config['data']['source'])}</b> · split level "
         f"<b>{esc(config['split']['level'])}</b>"
         f" · seed {esc(config['seed'])} · {esc(provenance['date'])}</p>"
@@ -348,7 +349,7 @@ def build_report(
             for k in range(run.folds)
         }
         add(f"<h3>Training curves: {esc(arch)}</h3>")
-        add(_history_curves(root, paths, "dice", arch))
+        add(_history_curves(root, paths, "dice_tumor_slices", arch))
 
     # Cascade.
     add('<h2 id="cascade">Classify-then-segment cascade</h2>')

@@ -30,16 +30,45 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=dtype)
 
 
+class MetricSums:
+    """Running sums (on the device: no sync per batch) of per-sample metrics: one tensor, or a
+    dict of them by name with NaN where a sample does not count."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, torch.Tensor] = {}
+
+    def add(self, values: torch.Tensor | dict[str, torch.Tensor]) -> None:
+        named = values if isinstance(values, dict) else {self.name: values}
+        for key, value in named.items():
+            value = value.detach().double()
+            counted = ~torch.isnan(value)
+            total = torch.where(counted, value, torch.zeros_like(value)).sum()
+            self.sums[key] = self.sums.get(key, 0) + total
+            self.counts[key] = self.counts.get(key, 0) + counted.sum()
+
+    def means(self) -> dict[str, float]:
+        """Mean of each metric over the samples that count (NaN where none did)."""
+        return {
+            key: float(self.sums[key]) / float(self.counts[key])
+            if float(self.counts[key])
+            else float("nan")
+            for key in self.sums
+        }
+
+
 @torch.no_grad()
-def evaluate(
+def evaluate_all(
     model: nn.Module | Callable[[torch.Tensor], torch.Tensor],
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     metric_fn: MetricFn,
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
     stop: Callable[[], bool] | None = None,
-) -> tuple[float, float]:
-    """Mean loss (weighted by batch size) and mean per-sample metric over ``batches``.
+    name: str = "metric",
+) -> tuple[float, dict[str, float]]:
+    """Mean loss (weighted by batch size) and the mean of each metric over ``batches``.
 
     ``model`` may be a compiled forward of the module (it is put in eval mode by the caller
     then). ``stop`` (checked before each batch) returning true raises :class:`Preempted`.
@@ -47,7 +76,7 @@ def evaluate(
     if isinstance(model, nn.Module):
         model.eval()
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
-    total_metric = torch.zeros((), dtype=torch.float64, device=device)
+    metrics = MetricSums(name)
     count = 0
     for images, targets in batches:
         if stop is not None and stop():
@@ -57,11 +86,24 @@ def evaluate(
         logits = logits.float()
         n = images.shape[0]
         total_loss += loss_fn(logits, targets).double() * n
-        total_metric += metric_fn(logits, targets).sum().double()
+        metrics.add(metric_fn(logits, targets))
         count += n
     if not count:
         raise InputError("the validation split is empty")
-    return float(total_loss) / count, float(total_metric) / count
+    return float(total_loss) / count, metrics.means()
+
+
+def evaluate(
+    model: nn.Module | Callable[[torch.Tensor], torch.Tensor],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    metric_fn: MetricFn,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    stop: Callable[[], bool] | None = None,
+) -> tuple[float, float]:
+    """Mean loss and mean of the (first) per-sample metric over ``batches``."""
+    loss, metrics = evaluate_all(model, loss_fn, metric_fn, batches, device, stop)
+    return loss, next(iter(metrics.values()))
 
 
 @torch.no_grad()
@@ -88,3 +130,13 @@ def dice_per_sample(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     intersection = (pred * truth).sum(1)
     total = pred.sum(1) + truth.sum(1)
     return torch.where(total > 0, 2 * intersection / total.clamp(min=1), torch.ones_like(total))
+
+
+def segmentation_metrics(logits: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-slice Dice on all slices and on tumor slices only (NaN on slices without tumor)."""
+    dice = dice_per_sample(logits, masks)
+    tumor = masks.flatten(1).sum(1) > 0
+    return {
+        "dice_all_slices": dice,
+        "dice_tumor_slices": torch.where(tumor, dice, torch.full_like(dice, float("nan"))),
+    }

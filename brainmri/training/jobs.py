@@ -28,6 +28,7 @@ from brainmri.training.loop import (
     seed_everything,
     settings_digest,
 )
+from brainmri.training.losses import selection_column
 from brainmri.training.setup import TrainingSetup, array_loader, build_training_setup
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,8 @@ def _oom_hint(stage: str, batch_size: int) -> Iterator[None]:
 
 def _run_fit(job: TrainJob, stage: str, setup: TrainingSetup, device: torch.device):
     fit_settings = FitSettings.from_settings(job.settings, job.seed, setup.metric_name)
+    if stage == "segmentation":
+        fit_settings.select_on = selection_column(job.settings)
     digest = settings_digest({"settings": job.settings, "seed": job.seed, "stage": stage})
     with _oom_hint(stage, job.settings["batch_size"]):
         return fit(
@@ -206,6 +209,12 @@ def train_segmenter(job: TrainJob, fold: int) -> None:
         len(val),
         size,
     )
+    select_on = selection_column(settings)
+    if select_on != "val_loss" and not val["has_tumor"].any():
+        raise InputError(
+            f"{job.splits}: validation fold {fold} has no tumor slice, so "
+            f"segmentation.select_on: {settings['select_on']} cannot score it"
+        )
     load = array_loader(job.images, job.masks)
     seed = job.seed + 1000 * fold
     setup = build_training_setup(

@@ -18,6 +18,7 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -37,11 +38,13 @@ from brainmri.io import atomic_path
 from brainmri.models import safe_torch_load
 from brainmri.training.evaluate import (  # some re-exported (__all__) for older importers
     MetricFn,
+    MetricSums,
     Preempted,
     accuracy_per_sample,
     autocast,
     dice_per_sample,
     evaluate,
+    evaluate_all,
     predict_logits,
 )
 
@@ -68,7 +71,11 @@ class FitSettings:
     patience: int | None = None
     seed: int = 42
     metric_name: str = "accuracy"
-    lr_schedule: str = "constant"  # constant | cosine (annealed to 0 over ``epochs``)
+    lr_schedule: str = "constant"  # constant | cosine | warmup_cosine (see make_scheduler)
+    warmup_epochs: int = 0
+    # "val_loss" (lowest wins, the paper) or a history column such as "val_dice_tumor_slices"
+    # (highest wins); also what early stopping watches.
+    select_on: str = "val_loss"
     val_every: int = 1  # validate every N epochs (and after the last)
     compile: bool = False  # torch.compile the forward pass
 
@@ -83,6 +90,7 @@ class FitSettings:
             seed=seed,
             metric_name=metric_name,
             lr_schedule=settings.get("lr_schedule", "constant"),
+            warmup_epochs=settings.get("warmup_epochs", 0),
             val_every=settings.get("val_every", 1),
             compile=settings.get("compile", False),
         )
@@ -242,6 +250,7 @@ def fit(
     history: list[dict[str, Any]] = []
     best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
     best_loss, best_epoch, stale, start = float("inf"), -1, 0, 0
+    best_score = float("-inf")
 
     state = _load_resume_state(resume_dir, digest)
     if state is not None:
@@ -256,6 +265,7 @@ def fit(
             scheduler.load_state_dict(state["scheduler"])
         if "rng" in state:
             set_rng_states(state["rng"])
+        best_score = state.get("best_score", -best_loss)
         log.info("Resuming after epoch %d (best val loss %.4f)", start, best_loss)
 
     name = settings.metric_name
@@ -268,7 +278,7 @@ def fit(
             torch.manual_seed(settings.seed * 7919 + epoch)  # dropout etc. of this epoch
             model.train()
             total_loss = torch.zeros((), dtype=torch.float64, device=device)
-            total_metric = torch.zeros((), dtype=torch.float64, device=device)
+            train_metrics = MetricSums(name)
             count = 0
             for images, targets in train_batches(epoch):
                 if term.raised:
@@ -282,42 +292,42 @@ def fit(
                 scaler.update()
                 n = images.shape[0]
                 total_loss += loss.detach().double() * n
-                total_metric += metric_fn(logits.detach().float(), targets).sum().double()
+                train_metrics.add(metric_fn(logits.detach().float(), targets))
                 count += n
-            val_loss = val_metric = float("nan")
+            train_means = train_metrics.means()
+            val_loss, val_metrics = float("nan"), dict.fromkeys(train_means, float("nan"))
             if (epoch + 1) % settings.val_every == 0 or epoch + 1 == settings.epochs:
-                val_loss, val_metric = evaluate(
-                    forward, loss_fn, metric_fn, val_batches(), device, lambda: term.raised
+                val_loss, val_metrics = evaluate_all(
+                    forward, loss_fn, metric_fn, val_batches(), device, lambda: term.raised, name
                 )
-            improved = val_loss < best_loss  # never on an epoch without validation (NaN)
+            row = {"epoch": epoch + 1, "train_loss": float(total_loss) / max(count, 1)}
+            row.update({f"train_{k}": v for k, v in train_means.items()})
+            row["val_loss"] = val_loss
+            row.update({f"val_{k}": v for k, v in val_metrics.items()})
+            # Never improved on an epoch without validation (NaN scores -inf).
+            score = selection_score(row, settings.select_on)
+            improved = score > best_score
             if improved:
-                best_loss, best_epoch, stale = val_loss, epoch, 0
+                best_score, best_loss, best_epoch, stale = score, val_loss, epoch, 0
                 best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             else:
                 stale += 1
-            row = {
-                "epoch": epoch + 1,
-                "train_loss": float(total_loss) / max(count, 1),
-                f"train_{name}": float(total_metric) / max(count, 1),
-                "val_loss": val_loss,
-                f"val_{name}": val_metric,
-                "lr": optimizer.param_groups[0]["lr"],
-                "seconds": round(time.perf_counter() - began, 3),
-                "best": int(improved),
-            }
+            row.update(
+                lr=optimizer.param_groups[0]["lr"],
+                seconds=round(time.perf_counter() - began, 3),
+                best=int(improved),
+            )
             history.append(row)
             if scheduler is not None:
                 scheduler.step()
+            shown = "  ".join(
+                f"{k} {v:.4f}" for k, v in row.items() if k.startswith(("train_", "val_"))
+            )
             log.info(
-                "epoch %d/%d  train_loss %.4f  train_%s %.4f  val_loss %.4f  val_%s %.4f  %.1fs%s",
+                "epoch %d/%d  %s  %.1fs%s",
                 epoch + 1,
                 settings.epochs,
-                row["train_loss"],
-                name,
-                row[f"train_{name}"],
-                val_loss,
-                name,
-                val_metric,
+                shown,
                 row["seconds"],
                 "  *" if improved else "",
             )
@@ -331,6 +341,7 @@ def fit(
                     "history": history,
                     "best_state": best_state,
                     "best_val_loss": best_loss,
+                    "best_score": best_score,
                     "best_epoch": best_epoch,
                     "stale": stale,
                     "scaler": scaler.state_dict(),
@@ -356,6 +367,33 @@ def compiled(model: nn.Module, enabled: bool) -> nn.Module:
     return torch.compile(model)
 
 
+def selection_score(row: dict[str, Any], select_on: str) -> float:
+    """Higher is better: minus the validation loss, or the named validation metric."""
+    if select_on == "val_loss":
+        value = -float(row["val_loss"])
+    elif select_on in row:
+        value = float(row[select_on])
+    else:
+        raise ValueError(
+            f"select_on: {select_on!r} is not logged (history columns: {', '.join(row)})"
+        )
+    return float("-inf") if value != value else value  # NaN (nothing counted) never wins
+
+
+def warmup_cosine_factor(epochs: int, warmup: int) -> Callable[[int], float]:
+    """lr factor of each epoch: linear warm-up (1/(w+1), ..., w/(w+1)) over ``warmup`` epochs,
+    then cosine from 1 down towards 0 over the remaining ones."""
+    if not 0 <= warmup < epochs:
+        raise ValueError(f"warmup_epochs: {warmup} must lie in [0, epochs={epochs})")
+
+    def factor(epoch: int) -> float:
+        if epoch < warmup:
+            return (epoch + 1) / (warmup + 1)
+        return 0.5 * (1 + math.cos(math.pi * (epoch - warmup) / (epochs - warmup)))
+
+    return factor
+
+
 def make_scheduler(
     optimizer: torch.optim.Optimizer, settings: FitSettings
 ) -> torch.optim.lr_scheduler.LRScheduler | None:
@@ -364,6 +402,9 @@ def make_scheduler(
         return None
     if settings.lr_schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
+    if settings.lr_schedule == "warmup_cosine":
+        factor = warmup_cosine_factor(settings.epochs, settings.warmup_epochs)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     raise ValueError(f"lr_schedule: unknown schedule {settings.lr_schedule!r}")
 
 

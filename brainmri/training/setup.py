@@ -22,8 +22,11 @@ from brainmri.training.batches import (
     make_resident,
     segmentation_training_indices,
 )
-from brainmri.training.evaluate import accuracy_per_sample, dice_per_sample
+from brainmri.training.context import with_context
+from brainmri.training.evaluate import accuracy_per_sample, segmentation_metrics
 from brainmri.training.loop import epoch_generator
+from brainmri.training.losses import segmentation_loss
+from brainmri.training.modality import with_modality_dropout
 
 TASKS = ("classification", "segmentation")
 # Arrays of table rows: load(rows, "images") -> uint8 (N, S, S, 3); load(rows, "masks") ->
@@ -51,10 +54,8 @@ def loss_and_metric(task: str, settings: dict[str, Any]) -> tuple[Callable, Call
     """The training loss, the per-sample validation metric and its name."""
     if task == "classification":
         return F.cross_entropy, accuracy_per_sample, "accuracy"
-    import segmentation_models_pytorch as smp
 
-    loss = smp.losses.DiceLoss("binary", from_logits=True, smooth=settings["dice_smooth"])
-    return loss, dice_per_sample, "dice"
+    return segmentation_loss(settings), segmentation_metrics, "dice"
 
 
 def build_task_model(
@@ -116,7 +117,10 @@ class TrainingSetup:
         return order, generator
 
     def train_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return self.train_data.epoch(*self.epoch_indices(epoch))
+        order, generator = self.epoch_indices(epoch)
+        batches = self.train_data.epoch(order, generator)
+        dropout = self.settings.get("modality_dropout", 0.0) if self.task != "classification" else 0
+        return with_modality_dropout(batches, dropout, generator) if dropout else batches
 
     def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.val_data.epoch()
@@ -143,6 +147,8 @@ def data_batches(
     """:class:`Batches` of ``rows``; on the device when ``resident`` (None: on CUDA when the
     arrays fit ``settings["resident_share"]`` of the free memory, never on the CPU)."""
     images, targets = load(rows, "images"), targets_of(task, load, rows)
+    if task == "segmentation":  # 2.5D: neighbouring slices' channels (slice_context)
+        images = with_context(images, rows, settings.get("slice_context", 0))
     if resident is None:
         resident = device.type == "cuda"
         share = settings.get("resident_share", 0.5)
