@@ -19,7 +19,8 @@ for tta in plain tta; do
     if [[ ! -f $dir/test_probabilities.npy ]]; then
       flag=(); [[ $tta == tta ]] && flag=(--tta)
       $py workflow_scripts/evaluate_segmenter.py --checkpoint "$run/segmentation/$arch/fold$k/model.pt" \
-        --fold "$k" "${common[@]}" --data-dir "$run/data" --threads 2 "${flag[@]}" \
+        --fold "$k" "${common[@]}" --images "$run/data/lgg/images.npy" \
+        --masks "$run/data/lgg/masks.npy" --threshold 0.5 --threads 2 "${flag[@]}" \
         --val-metrics "$dir/val_metrics.json" --test-metrics "$dir/test_metrics.json" \
         --per-slice "$dir/per_slice.csv" --test-probabilities "$dir/test_probabilities.npy" \
         2> "$dir.log" || { cat "$dir.log"; exit 1; }
@@ -31,7 +32,7 @@ for tta in plain tta; do
     dir=$out/ensemble/$name
     mkdir -p "$dir"
     $py workflow_scripts/segmentation_ensemble.py --probabilities "${probs[@]}" "${common[@]}" \
-      --masks "$run/data/lgg/masks.npy" --postprocess "$post" --threads 2 \
+      --masks "$run/data/lgg/masks.npy" --threshold 0.5 --postprocess "$post" --threads 2 \
       --metrics "$dir/test_metrics.json" --per-slice "$dir/per_slice.csv" \
       --output-probabilities "$dir/test_probabilities.npy" 2> "$dir.log"
     $py - "$dir" "$name" <<'PY'

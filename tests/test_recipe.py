@@ -246,7 +246,7 @@ def test_segmentation_voter_on_fixed_probabilities():
     # the mean probability.
     preds = np.array([[0], [0], [1], voter_decisions(np.array([9]), 4)])
     probs = np.array([[0.4], [0.45], [0.9], [1.0]])
-    pred, _, votes = vote(preds, probs, "majority")
+    pred, _, votes = vote(preds, probs, "majority", 0.5)
     assert votes.tolist() == [2] and pred.tolist() == [1]
 
 
@@ -345,7 +345,7 @@ def test_2_5d_segmenters_are_built_for_their_input_channels():
     from brainmri.errors import ConfigError
     from brainmri.models import build_segmenter, check_segmenter_config
 
-    settings = {"arch": "Unet", "encoder": "resnet18", "image_size": 64, "slice_context": 1}
+    settings = {"arch": "Unet", "encoder": "resnet18", "input_size": 64, "slice_context": 1}
     model = build_segmenter(settings).eval()
     assert model.mean.shape == (1, 9, 1, 1)
     with torch.no_grad():

@@ -56,6 +56,7 @@ def test_voter_smoothing_and_postprocessing_scripts(preprocessed_data, tmp_path)
         "ensemble_classifiers.py",
         *("--predictions", tmp_path / "b.csv", out / "test_predictions.csv"),
         *("--manifest", data.manifest, "--smooth-window", 3, "--output", ensemble),
+        *("--threshold", 0.5, "--method", "majority"),
         check=True,
     )
     result = pd.read_csv(ensemble)
@@ -66,6 +67,7 @@ def test_voter_smoothing_and_postprocessing_scripts(preprocessed_data, tmp_path)
     run_script(
         "segmentation_ensemble.py",
         *("--probabilities", probabilities, *common, "--masks", data.lgg_masks),
+        *("--threshold", 0.5),
         *("--postprocess", json.dumps({"min_component_voxels": 2}), "--metrics", metrics),
         *("--per-slice", tmp_path / "ens" / "per_slice.csv"),
         *("--output-probabilities", tmp_path / "ens" / "p.npy"),
