@@ -320,9 +320,12 @@ def completed_demo(tmp_path_factory) -> Path:
 @pytest.mark.parametrize(
     ("key", "expected"),
     [
-        # 2 architectures x 2 folds evaluated again; no training.
+        # 2 architectures x 2 folds evaluated again; no training. The segmentation voter
+        # (on in config/config.yaml) changes with it, and so do the vote and its evaluation.
         ("segmentation", {"evaluate_segmenter": 4, "segmentation_fold_ensemble": 2,
-                          "summarize_segmentation": 1, "cascade": 1, "report": 1, "all": 1}),
+                          "summarize_segmentation": 1, "cascade": 1, "report": 1, "all": 1,
+                          "segmentation_voter": 1, "ensemble_classifiers": 1,
+                          "evaluate_classifier": 1}),
         # 3 backbones + the ensemble evaluated again, the vote redone; no training.
         ("classification", {"ensemble_classifiers": 1, "evaluate_classifier": 4, "cascade": 1,
                             "report": 1, "all": 1}),
