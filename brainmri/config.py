@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import copy
-import difflib
 from collections.abc import Iterable
 from typing import Any
 
-from brainmri.errors import ConfigError
+from brainmri.errors import ConfigError, close_matches, did_you_mean
 
 # The training settings of each stage: what a model's training job receives (its params, its
 # resume digest and its checkpoint). Evaluation settings (classification.threshold,
@@ -170,21 +169,6 @@ def preflight_errors(config: dict[str, Any]) -> list[str]:
 
 
 # --- schema errors as one line each ----------------------------------------------------------
-
-
-def close_matches(word: str, candidates: Iterable[str], n: int = 3) -> list[str]:
-    """The candidates most similar to ``word`` (difflib, case-insensitive), best first."""
-    by_lower: dict[str, str] = {}
-    for candidate in candidates:
-        by_lower.setdefault(str(candidate).lower(), str(candidate))
-    close = difflib.get_close_matches(str(word).lower(), list(by_lower), n=n, cutoff=0.6)
-    return [by_lower[c] for c in close]
-
-
-def did_you_mean(word: str, candidates: Iterable[str], n: int = 3) -> str:
-    """`` (did you mean 'x' or 'y'?)`` for the candidates closest to ``word``, else ``""``."""
-    close = close_matches(word, candidates, n)
-    return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
 
 
 def error_report(problems: list[str]) -> str:

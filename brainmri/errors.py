@@ -1,4 +1,10 @@
-"""The two errors a user sees as one line: bad input files and a bad configuration."""
+"""The two errors a user sees as one line (bad input files, a bad configuration) and the
+did-you-mean hint their messages carry."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
 
 
 class InputError(RuntimeError):
@@ -7,3 +13,18 @@ class InputError(RuntimeError):
 
 class ConfigError(ValueError):
     """An invalid configuration; the message names the offending key."""
+
+
+def close_matches(word: str, candidates: Iterable[str], n: int = 3) -> list[str]:
+    """The candidates most similar to ``word`` (difflib, case-insensitive), best first."""
+    by_lower: dict[str, str] = {}
+    for candidate in candidates:
+        by_lower.setdefault(str(candidate).lower(), str(candidate))
+    close = difflib.get_close_matches(str(word).lower(), list(by_lower), n=n, cutoff=0.6)
+    return [by_lower[c] for c in close]
+
+
+def did_you_mean(word: str, candidates: Iterable[str], n: int = 3) -> str:
+    """`` (did you mean 'x' or 'y'?)`` for the candidates closest to ``word``, else ``""``."""
+    close = close_matches(word, candidates, n)
+    return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""

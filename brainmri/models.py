@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from brainmri.errors import InputError
+from brainmri.errors import InputError, did_you_mean
 from brainmri.io import atomic_path
 
 CHECKPOINT_FORMAT = "brainmri-checkpoint-v2"
@@ -164,7 +164,6 @@ def check_classifier_config(settings: dict[str, Any], key: str) -> None:
     """Raise ConfigError (naming ``key``) if timm cannot build this backbone at this size."""
     import timm
 
-    from brainmri.config import did_you_mean
     from brainmri.errors import ConfigError
 
     name = settings["backbone"]
@@ -197,7 +196,6 @@ def check_segmenter_config(settings: dict[str, Any], key: str) -> None:
     """Raise ConfigError (naming ``key``) if smp cannot build this architecture/encoder/size."""
     import segmentation_models_pytorch as smp
 
-    from brainmri.config import did_you_mean
     from brainmri.errors import ConfigError
 
     arch = settings["arch"]

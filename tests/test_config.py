@@ -70,7 +70,7 @@ def test_schema_keys_cover_nested_sections_and_model_entries():
         ),
         (
             {"classification__backbones": ["resnet18", {"name": "resnet34", "batchsize": 4}]},
-            "classification.backbones[1].batchsize: unknown key (did you mean 'batch_size'?)",
+            "classification.backbones[1].batchsize: unknown key (did you mean 'batch_size'",
         ),
         (
             {"segmentation__architectures": [{"name": "u", "arch": "Unte", "encoder": "resnet18"}]},

@@ -25,15 +25,10 @@ from brainmri.evaluation.voting import (
 from brainmri.inference.tta import FLIPS, FlipTTA, with_tta
 from brainmri.training.context import input_channels, stack_neighbours
 from brainmri.training.evaluate import MetricSums, segmentation_metrics
-from brainmri.training.loop import (
-    FitSettings,
-    fit,
-    make_scheduler,
-    selection_score,
-    warmup_cosine_factor,
-)
+from brainmri.training.loop import FitSettings, fit
 from brainmri.training.losses import segmentation_loss, selection_column
 from brainmri.training.modality import replace_sequences, with_modality_dropout
+from brainmri.training.schedule import make_scheduler, selection_score, warmup_cosine_factor
 
 # --- test-time augmentation -------------------------------------------------------------------
 
