@@ -54,10 +54,8 @@ def git_commit(repository: Path) -> str:
 
 
 def device_description() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return f"CUDA: {torch.cuda.get_device_name(0)} (x{torch.cuda.device_count()})"
+    """The machine that built the report (a CPU job; the training devices are in each job's
+    device.json). No PyTorch here: the evaluation environment does not carry it."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
