@@ -43,57 +43,151 @@ rule cascade:
         " --per-slice {output.per_slice} --table {output.table} > {log} 2>&1"
 
 
-rule report:
-    """One self-contained HTML report and one metrics.json with the run's headline numbers."""
-    input:
-        data_targets(),
-        classification_targets(),
-        segmentation_targets(),
-        results("cascade/metrics.json"),
-        # Every other file the report shows (figures, tables, example slices).
-        shown=expand(
-            results("classification/{model}/{file}"),
-            model=BACKBONES + ["ensemble"],
-            file=["classification_report.tsv", "confusion_matrix.png", "errors.png"],
+def by_name(names: list[str], paths) -> dict[str, str]:
+    """{name: path} for a named input expanded over ``names`` (in the same order)."""
+    paths = list(paths)
+    if len(paths) != len(names):
+        raise ValueError(f"{len(paths)} files for {len(names)} names: {names}")
+    return dict(zip(names, paths))
+
+
+def report_benchmarks() -> list[str]:
+    """The benchmark file of every job the report depends on (its run-time table)."""
+    voter = config["classification"]["segmentation_voter"]["enabled"]
+    return [
+        *expand(rules.fetch.benchmark, dataset=DATASETS.values()),
+        rules.preprocess_lgg.benchmark,
+        rules.preprocess_btm.benchmark,
+        rules.manifest.benchmark,
+        rules.split.benchmark,
+        *expand(rules.train_classifier.benchmark, backbone=BACKBONES),
+        rules.ensemble_classifiers.benchmark,
+        *([rules.segmentation_voter.benchmark] if voter else []),
+        *expand(rules.evaluate_classifier.benchmark, model=BACKBONES + ["ensemble"]),
+        *expand(rules.train_segmenter.benchmark, arch=ARCHITECTURES, fold=FOLDS),
+        *expand(rules.evaluate_segmenter.benchmark, arch=ARCHITECTURES, fold=FOLDS),
+        *expand(rules.segmentation_fold_ensemble.benchmark, arch=ARCHITECTURES),
+        rules.summarize_segmentation.benchmark,
+        rules.cascade.benchmark,
+    ]
+
+
+def report_files(input) -> str:
+    """The report's named inputs as one JSON mapping, role -> file or {name: file}: the only
+    files make_report.py reads."""
+    models = BACKBONES + ["ensemble"]
+    folds = [f"{arch}/fold{fold}" for arch in ARCHITECTURES for fold in FOLDS]
+    per_model = ("test_metrics", "classification_report", "confusion_matrix", "errors")
+    per_fold = ("val_metrics", "test_probabilities", "segmenter_history")
+    benchmarks = Path(results("benchmarks"))
+    files = {
+        role: getattr(input, role)
+        for role in (
+            "manifest",
+            "splits",
+            "split_summary",
+            "masks",
+            "segmentation_summary",
+            "overlays",
+            "cascade_metrics",
+            "cascade_table",
+            "cascade_per_slice",
         )
-        + [
-            results(f"segmentation/{file}")
-            for file in ("table1_validation.tsv", "table2_test.tsv", "overlays.png")
-        ]
-        + [results("cascade/comparison.tsv"), results("data/lgg/png")],
+    }
+    return as_json(
+        files
+        | {role: by_name(models, getattr(input, role)) for role in per_model}
+        | {role: by_name(folds, getattr(input, role)) for role in per_fold}
+        | {
+            "predictions": by_name(BACKBONES, input.predictions),
+            "classifier_history": by_name(BACKBONES, input.classifier_history),
+            "segmentation_tables": by_name(
+                ["table1_validation", "table2_test"], input.segmentation_tables
+            ),
+            "ensemble_per_slice": by_name(ARCHITECTURES, input.ensemble_per_slice),
+            "benchmarks": {
+                Path(path).relative_to(benchmarks).with_suffix("").as_posix(): path
+                for path in input.benchmarks
+            },
+            "devices": list(input.devices),
+        }
+    )
+
+
+rule report:
+    """One self-contained HTML report and one metrics.json with the run's headline numbers.
+
+    Its inputs are the contract: make_report.py reads the files named here and no other.
+    """
+    input:
+        manifest=results("data/manifest.csv"),
+        splits=results("splits/splits.csv"),
+        split_summary=results("splits/summary.tsv"),
+        masks=results("data/lgg/masks.npy"),
+        # The example slices' PNGs (their paths are in the manifest).
+        png=results("data/lgg/png"),
+        test_metrics=expand(
+            results("classification/{model}/test_metrics.json"),
+            model=BACKBONES + ["ensemble"],
+        ),
+        classification_report=expand(
+            results("classification/{model}/classification_report.tsv"),
+            model=BACKBONES + ["ensemble"],
+        ),
+        confusion_matrix=expand(
+            results("classification/{model}/confusion_matrix.png"),
+            model=BACKBONES + ["ensemble"],
+        ),
+        errors=expand(
+            results("classification/{model}/errors.png"),
+            model=BACKBONES + ["ensemble"],
+        ),
+        # Read by the degenerate-model checks (brainmri/reporting/checks.py).
+        predictions=expand(
+            results("classification/{backbone}/test_predictions.csv"),
+            backbone=BACKBONES,
+        ),
+        classifier_history=expand(
+            results("classification/{backbone}/history.csv"), backbone=BACKBONES
+        ),
+        segmentation_summary=results("segmentation/summary.json"),
+        segmentation_tables=[
+            results("segmentation/table1_validation.tsv"),
+            results("segmentation/table2_test.tsv"),
+        ],
+        overlays=results("segmentation/overlays.png"),
+        val_metrics=expand(
+            results("segmentation/{arch}/fold{fold}/val_metrics.json"),
+            arch=ARCHITECTURES,
+            fold=FOLDS,
+        ),
+        test_probabilities=expand(
+            results("segmentation/{arch}/fold{fold}/test_probabilities.npy"),
+            arch=ARCHITECTURES,
+            fold=FOLDS,
+        ),
+        segmenter_history=expand(
+            results("segmentation/{arch}/fold{fold}/history.csv"),
+            arch=ARCHITECTURES,
+            fold=FOLDS,
+        ),
+        # The per-test-patient tumor volume table.
+        ensemble_per_slice=expand(
+            results("segmentation/{arch}/ensemble/per_slice.csv"), arch=ARCHITECTURES
+        ),
+        cascade_metrics=results("cascade/metrics.json"),
+        cascade_table=results("cascade/comparison.tsv"),
+        cascade_per_slice=results("cascade/per_slice.csv"),
+        benchmarks=report_benchmarks(),
+        devices=training_devices(),
         # The report's own code: editing it rebuilds the report and nothing else.
         code=[
             SCRIPTS / "make_report.py",
             PACKAGE / "reporting" / "report.py",
             PACKAGE / "reporting" / "volumes.py",
             PACKAGE / "reporting" / "checks.py",
+            PACKAGE / "reporting" / "inputs.py",
         ],
-        # The per-test-patient tumor volume table.
-        volumes=expand(
-            results("segmentation/{arch}/ensemble/per_slice.csv"), arch=ARCHITECTURES
-        )
-        + [results("cascade/per_slice.csv")],
-        # Read by the degenerate-model checks (brainmri/reporting/checks.py).
-        predictions=expand(
-            results("classification/{backbone}/test_predictions.csv"),
-            backbone=BACKBONES,
-        ),
-        fold_results=expand(
-            results("segmentation/{arch}/fold{fold}/{name}"),
-            arch=ARCHITECTURES,
-            fold=FOLDS,
-            name=["val_metrics.json", "test_probabilities.npy"],
-        ),
-        masks=results("data/lgg/masks.npy"),
-        histories=expand(
-            results("classification/{backbone}/history.csv"), backbone=BACKBONES
-        )
-        + expand(
-            results("segmentation/{arch}/fold{fold}/history.csv"),
-            arch=ARCHITECTURES,
-            fold=FOLDS,
-        ),
-        devices=training_devices(),
     output:
         html=report(
             results("report/report.html"),
@@ -108,12 +202,11 @@ rule report:
     conda:
         "../envs/evaluation.yaml"
     params:
-        results_dir=lambda wildcards, output: str(Path(output.metrics).parents[1]),
+        files=lambda wildcards, input: report_files(input),
         config=as_json(config),
     shell:
-        "$PYTHON $SCRIPTS/make_report.py --results-dir {params.results_dir}"
-        " --config {params.config:q} --devices {input.devices}"
-        " --html {output.html} --metrics {output.metrics}"
+        "$PYTHON $SCRIPTS/make_report.py --files {params.files:q}"
+        " --config {params.config:q} --html {output.html} --metrics {output.metrics}"
         " > {log} 2>&1"
 
 
