@@ -260,6 +260,7 @@ def report_files(input) -> str:
             "splits",
             "split_summary",
             "masks",
+            "png",
             "segmentation_summary",
             "overlays",
             "cascade_metrics",
