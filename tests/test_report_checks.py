@@ -141,3 +141,24 @@ def test_gallery_labels_ground_truth_without_a_probability():
     assert "p(tumor)" not in first.get_title() and "examples" in [t.get_text() for t in first.texts]
     assert second.get_title().endswith("p(tumor)=0.25") and second.title.get_fontsize() >= 9
     assert "errors" in [t.get_text() for t in second.texts]
+
+
+def test_report_files_name_a_missing_or_undeclared_file(tmp_path):
+    from brainmri.errors import InputError
+
+    present = tmp_path / "summary.tsv"
+    present.write_text("x\n")
+    files = ReportFiles(
+        {
+            "split_summary": str(present),
+            "test_metrics": {"a": str(present)},
+            "devices": [str(tmp_path / "gone" / "device.json")],
+        }
+    )
+    with pytest.raises(InputError, match=r"gone/device\.json: missing report input \(devices\)"):
+        files.check()
+    assert files.path("test_metrics", "a") == present
+    with pytest.raises(InputError, match="no test_metrics file given for stray"):
+        files.path("test_metrics", "stray")
+    with pytest.raises(InputError, match="no overlays file given"):
+        files.path("overlays")
