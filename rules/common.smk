@@ -214,3 +214,75 @@ def all_targets() -> list[str]:
         results("report/report.html"),
         results("report/metrics.json"),
     ]
+
+
+def by_name(names: list[str], paths) -> dict[str, str]:
+    """{name: path} for a named input expanded over ``names`` (in the same order)."""
+    paths = list(paths)
+    if len(paths) != len(names):
+        raise ValueError(f"{len(paths)} files for {len(names)} names: {names}")
+    return dict(zip(names, paths))
+
+
+def report_benchmarks() -> list[str]:
+    """The benchmark file of every job the report depends on (its run-time table)."""
+    voter = config["classification"]["segmentation_voter"]["enabled"]
+    return [
+        *expand(rules.fetch.benchmark, dataset=DATASETS.values()),
+        rules.preprocess_lgg.benchmark,
+        rules.preprocess_btm.benchmark,
+        rules.manifest.benchmark,
+        rules.split.benchmark,
+        *expand(rules.train_classifier.benchmark, backbone=BACKBONES),
+        rules.ensemble_classifiers.benchmark,
+        *([rules.segmentation_voter.benchmark] if voter else []),
+        *expand(rules.evaluate_classifier.benchmark, model=BACKBONES + ["ensemble"]),
+        *expand(rules.train_segmenter.benchmark, arch=ARCHITECTURES, fold=FOLDS),
+        *expand(rules.evaluate_segmenter.benchmark, arch=ARCHITECTURES, fold=FOLDS),
+        *expand(rules.segmentation_fold_ensemble.benchmark, arch=ARCHITECTURES),
+        rules.summarize_segmentation.benchmark,
+        rules.cascade.benchmark,
+    ]
+
+
+def report_files(input) -> str:
+    """The report's named inputs as one JSON mapping, role -> file or {name: file}: the only
+    files make_report.py reads."""
+    models = BACKBONES + ["ensemble"]
+    folds = [f"{arch}/fold{fold}" for arch in ARCHITECTURES for fold in FOLDS]
+    per_model = ("test_metrics", "classification_report", "confusion_matrix", "errors")
+    per_fold = ("val_metrics", "test_probabilities", "segmenter_history")
+    benchmarks = Path(results("benchmarks"))
+    files = {
+        role: getattr(input, role)
+        for role in (
+            "manifest",
+            "splits",
+            "split_summary",
+            "masks",
+            "png",
+            "segmentation_summary",
+            "overlays",
+            "cascade_metrics",
+            "cascade_table",
+            "cascade_per_slice",
+        )
+    }
+    return as_json(
+        files
+        | {role: by_name(models, getattr(input, role)) for role in per_model}
+        | {role: by_name(folds, getattr(input, role)) for role in per_fold}
+        | {
+            "predictions": by_name(BACKBONES, input.predictions),
+            "classifier_history": by_name(BACKBONES, input.classifier_history),
+            "segmentation_tables": by_name(
+                ["table1_validation", "table2_test"], input.segmentation_tables
+            ),
+            "ensemble_per_slice": by_name(ARCHITECTURES, input.ensemble_per_slice),
+            "benchmarks": {
+                Path(path).relative_to(benchmarks).with_suffix("").as_posix(): path
+                for path in input.benchmarks
+            },
+            "devices": list(input.devices),
+        }
+    )

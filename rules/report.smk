@@ -44,56 +44,79 @@ rule cascade:
 
 
 rule report:
-    """One self-contained HTML report and one metrics.json with the run's headline numbers."""
+    """One self-contained HTML report and one metrics.json with the run's headline numbers.
+
+    Its inputs are the contract: make_report.py reads the files named here and no other.
+    """
     input:
-        data_targets(),
-        classification_targets(),
-        segmentation_targets(),
-        results("cascade/metrics.json"),
-        # Every other file the report shows (figures, tables, example slices).
-        shown=expand(
-            results("classification/{model}/{file}"),
+        manifest=results("data/manifest.csv"),
+        splits=results("splits/splits.csv"),
+        split_summary=results("splits/summary.tsv"),
+        masks=results("data/lgg/masks.npy"),
+        # The example slices' PNGs (their paths are in the manifest).
+        png=results("data/lgg/png"),
+        test_metrics=expand(
+            results("classification/{model}/test_metrics.json"),
             model=BACKBONES + ["ensemble"],
-            file=["classification_report.tsv", "confusion_matrix.png", "errors.png"],
-        )
-        + [
-            results(f"segmentation/{file}")
-            for file in ("table1_validation.tsv", "table2_test.tsv", "overlays.png")
-        ]
-        + [results("cascade/comparison.tsv"), results("data/lgg/png")],
+        ),
+        classification_report=expand(
+            results("classification/{model}/classification_report.tsv"),
+            model=BACKBONES + ["ensemble"],
+        ),
+        confusion_matrix=expand(
+            results("classification/{model}/confusion_matrix.png"),
+            model=BACKBONES + ["ensemble"],
+        ),
+        errors=expand(
+            results("classification/{model}/errors.png"),
+            model=BACKBONES + ["ensemble"],
+        ),
+        # Read by the degenerate-model checks (brainmri/reporting/checks.py).
+        predictions=expand(
+            results("classification/{backbone}/test_predictions.csv"),
+            backbone=BACKBONES,
+        ),
+        classifier_history=expand(
+            results("classification/{backbone}/history.csv"), backbone=BACKBONES
+        ),
+        segmentation_summary=results("segmentation/summary.json"),
+        segmentation_tables=[
+            results("segmentation/table1_validation.tsv"),
+            results("segmentation/table2_test.tsv"),
+        ],
+        overlays=results("segmentation/overlays.png"),
+        val_metrics=expand(
+            results("segmentation/{arch}/fold{fold}/val_metrics.json"),
+            arch=ARCHITECTURES,
+            fold=FOLDS,
+        ),
+        test_probabilities=expand(
+            results("segmentation/{arch}/fold{fold}/test_probabilities.npy"),
+            arch=ARCHITECTURES,
+            fold=FOLDS,
+        ),
+        segmenter_history=expand(
+            results("segmentation/{arch}/fold{fold}/history.csv"),
+            arch=ARCHITECTURES,
+            fold=FOLDS,
+        ),
+        # The per-test-patient tumor volume table.
+        ensemble_per_slice=expand(
+            results("segmentation/{arch}/ensemble/per_slice.csv"), arch=ARCHITECTURES
+        ),
+        cascade_metrics=results("cascade/metrics.json"),
+        cascade_table=results("cascade/comparison.tsv"),
+        cascade_per_slice=results("cascade/per_slice.csv"),
+        benchmarks=report_benchmarks(),
+        devices=training_devices(),
         # The report's own code: editing it rebuilds the report and nothing else.
         code=[
             SCRIPTS / "make_report.py",
             PACKAGE / "reporting" / "report.py",
             PACKAGE / "reporting" / "volumes.py",
             PACKAGE / "reporting" / "checks.py",
+            PACKAGE / "reporting" / "inputs.py",
         ],
-        # The per-test-patient tumor volume table.
-        volumes=expand(
-            results("segmentation/{arch}/ensemble/per_slice.csv"), arch=ARCHITECTURES
-        )
-        + [results("cascade/per_slice.csv")],
-        # Read by the degenerate-model checks (brainmri/reporting/checks.py).
-        predictions=expand(
-            results("classification/{backbone}/test_predictions.csv"),
-            backbone=BACKBONES,
-        ),
-        fold_results=expand(
-            results("segmentation/{arch}/fold{fold}/{name}"),
-            arch=ARCHITECTURES,
-            fold=FOLDS,
-            name=["val_metrics.json", "test_probabilities.npy"],
-        ),
-        masks=results("data/lgg/masks.npy"),
-        histories=expand(
-            results("classification/{backbone}/history.csv"), backbone=BACKBONES
-        )
-        + expand(
-            results("segmentation/{arch}/fold{fold}/history.csv"),
-            arch=ARCHITECTURES,
-            fold=FOLDS,
-        ),
-        devices=training_devices(),
     output:
         html=report(
             results("report/report.html"),
@@ -108,12 +131,11 @@ rule report:
     conda:
         "../envs/evaluation.yaml"
     params:
-        results_dir=lambda wildcards, output: str(Path(output.metrics).parents[1]),
+        files=lambda wildcards, input: report_files(input),
         config=as_json(config),
     shell:
-        "$PYTHON $SCRIPTS/make_report.py --results-dir {params.results_dir}"
-        " --config {params.config:q} --devices {input.devices}"
-        " --html {output.html} --metrics {output.metrics}"
+        "$PYTHON $SCRIPTS/make_report.py --files {params.files:q}"
+        " --config {params.config:q} --html {output.html} --metrics {output.metrics}"
         " > {log} 2>&1"
 
 

@@ -17,6 +17,7 @@ from brainmri.reporting.checks import (
     paper_comparability,
     segmentation_checks,
 )
+from brainmri.reporting.inputs import ReportFiles
 from brainmri.tables import load_table
 
 
@@ -34,12 +35,16 @@ def write_predictions(root: Path, name: str, labels, preds, probs) -> None:
     ).to_csv(folder / "test_predictions.csv", index=False)
 
 
+def predictions(root: Path, *names: str) -> dict[str, Path]:
+    return {n: root / "classification" / n / "test_predictions.csv" for n in names}
+
+
 def test_one_class_classifier_is_flagged_with_the_ensemble_without_it(tmp_path):
     labels = [1, 1, 0, 0, 0]
     write_predictions(tmp_path, "a", labels, [1, 1, 0, 0, 1], [0.9, 0.8, 0.2, 0.1, 0.6])
     write_predictions(tmp_path, "b", labels, [1, 0, 0, 0, 0], [0.9, 0.3, 0.1, 0.2, 0.3])
     write_predictions(tmp_path, "c", labels, [1, 1, 1, 1, 1], [0.9, 0.9, 0.8, 0.7, 0.9])
-    result = classifier_checks(tmp_path, ["a", "b", "c"], "majority")
+    result = classifier_checks(predictions(tmp_path, "a", "b", "c"), "majority")
     assert [d["model"] for d in result["degenerate"]] == ["c"]
     assert "predicts tumor for all 5 test slices" in result["degenerate"][0]["reason"]
     without = result["ensemble_without_degenerate"]
@@ -59,7 +64,7 @@ def test_one_class_classifier_is_flagged_with_the_ensemble_without_it(tmp_path):
 
 def test_healthy_classifiers_are_not_flagged(tmp_path):
     write_predictions(tmp_path, "a", [1, 0], [1, 0], [0.9, 0.1])
-    result = classifier_checks(tmp_path, ["a"], "majority")
+    result = classifier_checks(predictions(tmp_path, "a"), "majority")
     assert result == {"degenerate": [], "ensemble_without_degenerate": None}
 
 
@@ -89,7 +94,17 @@ def test_fold_with_dice_near_zero_is_flagged_and_the_ensemble_recomputed(
         (folder / "val_metrics.json").write_text(
             json.dumps({"tumor_slices": {"dice": {"mean": dice}}})
         )
-    result = segmentation_checks(root, ["unet"], 3, 0.5)
+    folds = {f"unet/fold{k}": root / "segmentation" / "unet" / f"fold{k}" for k in range(3)}
+    files = ReportFiles(
+        {
+            "manifest": str(root / "data" / "manifest.csv"),
+            "splits": str(root / "splits" / "splits.csv"),
+            "masks": str(root / "data" / "lgg" / "masks.npy"),
+            "val_metrics": {k: str(f / "val_metrics.json") for k, f in folds.items()},
+            "test_probabilities": {k: str(f / "test_probabilities.npy") for k, f in folds.items()},
+        }
+    )
+    result = segmentation_checks(files, ["unet"], 3, 0.5)
     assert [(d["architecture"], d["fold"]) for d in result["degenerate"]] == [("unet", 2)]
     ensemble = result["ensemble_without_degenerate"]["unet"]
     # With fold 2 the mean outside the tumor is 85/255 (< 0.5): perfect. Without it, 128/255
@@ -126,3 +141,24 @@ def test_gallery_labels_ground_truth_without_a_probability():
     assert "p(tumor)" not in first.get_title() and "examples" in [t.get_text() for t in first.texts]
     assert second.get_title().endswith("p(tumor)=0.25") and second.title.get_fontsize() >= 9
     assert "errors" in [t.get_text() for t in second.texts]
+
+
+def test_report_files_name_a_missing_or_undeclared_file(tmp_path):
+    from brainmri.errors import InputError
+
+    present = tmp_path / "summary.tsv"
+    present.write_text("x\n")
+    files = ReportFiles(
+        {
+            "split_summary": str(present),
+            "test_metrics": {"a": str(present)},
+            "devices": [str(tmp_path / "gone" / "device.json")],
+        }
+    )
+    with pytest.raises(InputError, match=r"gone/device\.json: missing report input \(devices\)"):
+        files.check()
+    assert files.path("test_metrics", "a") == present
+    with pytest.raises(InputError, match="no test_metrics file given for stray"):
+        files.path("test_metrics", "stray")
+    with pytest.raises(InputError, match="no overlays file given"):
+        files.path("overlays")

@@ -316,7 +316,10 @@ def test_report_volume_table_sums_slices_per_patient(tmp_path):
     pd.DataFrame(
         {"patient": patients, "cascade_pred_area": [12, 18, 0, 0, 44], "cascade_true_area": true}
     ).to_csv(tmp_path / "cascade" / "per_slice.csv", index=False)
-    table = patient_volumes(tmp_path, ["unet", "fpn"])
+    ensembles = {
+        a: tmp_path / "segmentation" / a / "ensemble" / "per_slice.csv" for a in ("unet", "fpn")
+    }
+    table = patient_volumes(ensembles, tmp_path / "cascade" / "per_slice.csv")
     assert list(table.columns) == [
         "patient",
         "true",

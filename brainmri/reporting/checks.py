@@ -22,6 +22,7 @@ from brainmri.evaluation.classification import (
 from brainmri.evaluation.masks import binarize, load_masks, load_probabilities, mean_probabilities
 from brainmri.evaluation.segmentation import overlap_metrics
 from brainmri.io import read_json
+from brainmri.reporting.inputs import ReportFiles
 from brainmri.tables import load_table
 
 # Validation Dice (tumor slices, mean over the fold's slices) below which a fold is flagged.
@@ -36,14 +37,11 @@ def _accuracy_f1(labels: np.ndarray, preds: np.ndarray) -> dict[str, float]:
 
 
 def classifier_checks(
-    root: Path, backbones: list[str], method: str, cutoff: float = 0.5
+    predictions: dict[str, Path], method: str, cutoff: float = 0.5
 ) -> dict[str, Any]:
-    """One-class classifiers (at the classifier cut-off), and the ensemble's metrics with and
-    without them."""
-    frames = {
-        b: read_predictions(root / "classification" / b / "test_predictions.csv", cutoff)
-        for b in backbones
-    }
+    """One-class classifiers (backbone -> its test_predictions.csv, at the classifier cut-off),
+    and the ensemble's metrics with and without them."""
+    frames = {b: read_predictions(path, cutoff) for b, path in predictions.items()}
     flagged = []
     for name, frame in frames.items():
         classes = sorted(set(frame["pred"]))
@@ -73,13 +71,16 @@ def classifier_checks(
 
 
 def segmentation_checks(
-    root: Path, architectures: list[str], folds: int, threshold: float
+    files: ReportFiles, architectures: list[str], folds: int, threshold: float
 ) -> dict[str, Any]:
-    """Folds with validation Dice near 0, and each fold ensemble's test Dice without them."""
+    """Folds with validation Dice near 0, and each fold ensemble's test Dice without them.
+
+    Reads ``val_metrics`` and ``test_probabilities`` (by ``arch/foldK``), ``manifest``,
+    ``splits`` and ``masks`` of ``files``."""
     flagged = []
     for arch in architectures:
         for fold in range(folds):
-            metrics = read_json(root / "segmentation" / arch / f"fold{fold}" / "val_metrics.json")
+            metrics = read_json(files.path("val_metrics", f"{arch}/fold{fold}"))
             dice = metrics["tumor_slices"]["dice"]["mean"]
             if dice is None or dice < DEGENERATE_DICE:
                 flagged.append(
@@ -94,9 +95,9 @@ def segmentation_checks(
     result: dict[str, Any] = {"degenerate": flagged, "ensemble_without_degenerate": {}}
     if not flagged:
         return result
-    table = load_table(root / "data" / "manifest.csv", root / "splits" / "splits.csv")
+    table = load_table(files.path("manifest"), files.path("splits"))
     rows = table[table["seg_split"] == "test"]
-    masks = load_masks(root / "data" / "lgg" / "masks.npy", rows)
+    masks = load_masks(files.path("masks"), rows)
     tumor = masks.reshape(len(masks), -1).any(1)
     for arch in sorted({d["architecture"] for d in flagged}):
         bad = {d["fold"] for d in flagged if d["architecture"] == arch}
@@ -104,9 +105,7 @@ def segmentation_checks(
         if not kept or not tumor.any():
             continue
         stored = {
-            k: load_probabilities(
-                root / "segmentation" / arch / f"fold{k}" / "test_probabilities.npy", masks.shape
-            )
+            k: load_probabilities(files.path("test_probabilities", f"{arch}/fold{k}"), masks.shape)
             for k in range(folds)
         }
         dice = {}
@@ -136,19 +135,18 @@ def paper_comparability(config: dict[str, Any]) -> dict[str, Any]:
     return {"comparable": not reasons, "reasons": reasons}
 
 
-def run_checks(root: Path, config: dict[str, Any], backbones: list[str]) -> dict[str, Any]:
+def run_checks(files: ReportFiles, config: dict[str, Any], backbones: list[str]) -> dict[str, Any]:
     """Everything above, as the ``checks`` entry of report/metrics.json."""
     seg = config["segmentation"]
     architectures = [a["name"] for a in seg["architectures"]]
     return {
         "classification": classifier_checks(
-            root,
-            backbones,
+            {b: files.path("predictions", b) for b in backbones},
             config["classification"]["ensemble"],
             float(config["classification"].get("threshold", 0.5)),
         ),
         "segmentation": segmentation_checks(
-            root, architectures, config["split"]["folds"], float(seg.get("threshold", 0.5))
+            files, architectures, config["split"]["folds"], float(seg.get("threshold", 0.5))
         ),
         "paper": paper_comparability(config),
     }

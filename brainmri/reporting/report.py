@@ -1,7 +1,7 @@
 """The run's self-contained HTML report and its headline metrics.json.
 
-Everything is read from the results directory; images are embedded as base64 data URIs; any
-text that comes from file names or config (ids, paths, values) is HTML-escaped.
+Only the files the report rule declares are read (:class:`ReportFiles`); images are embedded
+as base64 data URIs; text from file names or config (ids, paths, values) is HTML-escaped.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import pandas as pd
 from brainmri.errors import InputError
 from brainmri.io import read_json
 from brainmri.reporting.checks import checks_html, paper_note_html, run_checks
+from brainmri.reporting.inputs import ReportFiles
 from brainmri.reporting.volumes import patient_volumes, volume_rows
 
 PAPER = {
@@ -89,21 +90,20 @@ def _read(path: Path) -> dict:
 
 
 class RunResults:
-    """Everything the report shows, read from one results directory."""
+    """The run's headline results, read from the given files."""
 
-    def __init__(self, root: Path, config: dict[str, Any]) -> None:
-        self.root, self.config = root, config
+    def __init__(self, files: ReportFiles, config: dict[str, Any]) -> None:
+        self.config = config
         cls = config["classification"]
         self.backbones = [b if isinstance(b, str) else b["name"] for b in cls["backbones"]]
         seg = config["segmentation"]
         self.architectures = {a["name"]: a for a in seg["architectures"]}
         self.folds = config["split"]["folds"]
         self.classification = {
-            m: _read(root / "classification" / m / "test_metrics.json")
-            for m in [*self.backbones, "ensemble"]
+            m: _read(files.path("test_metrics", m)) for m in [*self.backbones, "ensemble"]
         }
-        self.segmentation = _read(root / "segmentation" / "summary.json")
-        self.cascade = _read(root / "cascade" / "metrics.json")
+        self.segmentation = _read(files.path("segmentation_summary"))
+        self.cascade = _read(files.path("cascade_metrics"))
 
     def headline(self) -> dict[str, Any]:
         """The numbers of report/metrics.json."""
@@ -160,7 +160,7 @@ class RunResults:
         }
 
 
-def _history_curves(root: Path, paths: dict[str, Path], metric: str, title: str) -> str:
+def _history_curves(paths: dict[str, Path], metric: str, title: str) -> str:
     from brainmri.reporting.plotting import curves_figure
 
     histories = {name: pd.read_csv(p) for name, p in paths.items() if p.is_file()}
@@ -169,15 +169,16 @@ def _history_curves(root: Path, paths: dict[str, Path], metric: str, title: str)
     return figure_html(curves_figure(histories, metric, title), title)
 
 
-def _benchmarks(root: Path) -> pd.DataFrame:
+def _benchmarks(paths: dict[str, Path]) -> pd.DataFrame:
+    """One row per job (name -> its benchmark file), in the order of the files' paths."""
     rows = []
-    for path in sorted((root / "benchmarks").rglob("*.tsv")):
+    for job, path in sorted(paths.items(), key=lambda item: item[1]):
         frame = pd.read_csv(path, sep="\t")
         if frame.empty:
             continue
         rows.append(
             {
-                "job": path.relative_to(root / "benchmarks").with_suffix("").as_posix(),
+                "job": job,
                 "wall time (s)": float(frame["s"].iloc[0]),
                 "max RSS (MB)": float(frame["max_rss"].iloc[0]) if "max_rss" in frame else None,
             }
@@ -196,12 +197,23 @@ def training_devices(paths: list[Path]) -> list[str]:
     return sorted(devices)
 
 
-def _examples(root: Path, count: int = 6) -> str:
+def _png(folder: Path, manifest: Path, relative: str) -> np.ndarray:
+    """A PNG the manifest names (relative to its folder); it must lie in the declared folder."""
+    from brainmri.reporting.plotting import read_png
+
+    path = manifest.parent / relative
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise InputError(f"{manifest}: {relative} is outside the report's input {folder}")
+    return read_png(path)
+
+
+def _examples(files: ReportFiles, count: int = 6) -> str:
     """A few test tumor slices with their mask contour."""
-    from brainmri.reporting.plotting import error_gallery, read_png
+    from brainmri.reporting.plotting import error_gallery
     from brainmri.tables import read_manifest
 
-    manifest = read_manifest(root / "data" / "manifest.csv")
+    path, folder = files.path("manifest"), files.path("png")
+    manifest = read_manifest(path)
     lgg = manifest[(manifest["source"] == "lgg") & (manifest["has_tumor"] == 1)]
     if lgg.empty:
         return ""
@@ -209,8 +221,8 @@ def _examples(root: Path, count: int = 6) -> str:
     items = [
         (
             row.id,
-            read_png(root / "data" / row.image_path),
-            read_png(root / "data" / row.mask_path) > 127,
+            _png(folder, path, row.image_path),
+            _png(folder, path, row.mask_path) > 127,
             None,  # ground truth, not a prediction: no p(tumor)
         )
         for row in picks.itertuples()
@@ -222,13 +234,13 @@ def _examples(root: Path, count: int = 6) -> str:
 
 
 def build_report(
-    root: Path, config: dict[str, Any], provenance: dict[str, Any], devices: list[Path]
+    files: ReportFiles, config: dict[str, Any], provenance: dict[str, Any]
 ) -> tuple[str, dict]:
-    """The HTML text and the metrics.json dict of the run under ``root``; ``devices``: the
-    training jobs' device.json files."""
-    run = RunResults(root, config)
+    """The HTML text and the metrics.json dict of the run, from ``files`` only."""
+    files.check()
+    run = RunResults(files, config)
     metrics = run.headline()
-    metrics["checks"] = run_checks(root, config, run.backbones)
+    metrics["checks"] = run_checks(files, config, run.backbones)
     metrics["provenance"] = provenance
     parts: list[str] = []
     add = parts.append
@@ -236,7 +248,7 @@ def build_report(
     add(
         f"<h1>Brain MRI tumor classification and segmentation</h1>"
         f"<p class=note>Recipe <b>{esc(config.get('recipe', 'custom'))}</b> · "
-        f"results directory <code>{esc(root)}</code> · data source "
+        f"results directory <code>{esc(Path(config['results_dir']))}</code> · data source "
         f"<b>{esc(config['data']['source'])}</b> · split level "
         f"<b>{esc(config['split']['level'])}</b>"
         f" · seed {esc(config['seed'])} · {esc(provenance['date'])}</p>"
@@ -289,9 +301,9 @@ def build_report(
 
     # Data.
     add('<h2 id="data">Data</h2>')
-    summary = pd.read_csv(root / "splits" / "summary.tsv", sep="\t", keep_default_na=False)
+    summary = pd.read_csv(files.path("split_summary"), sep="\t", keep_default_na=False)
     add(table_html(summary))
-    add(_examples(root))
+    add(_examples(files))
 
     # Classification.
     add('<h2 id="classification">Classification (LGG test set)</h2>')
@@ -304,28 +316,15 @@ def build_report(
     )
     add(table_html(overview))
     for model in [*run.backbones, "ensemble"]:
-        folder = root / "classification" / model
         add(f"<h3>{esc(model)}</h3><div class=grid><div>")
-        add(
-            table_html(
-                pd.read_csv(folder / "classification_report.tsv", sep="\t", keep_default_na=False)
-            )
-        )
-        add(
-            "</div><div>"
-            + image_html(folder / "confusion_matrix.png", f"{model} confusion matrix", 260)
-            + "</div></div>"
-        )
-        add(image_html(folder / "errors.png", f"{model} errors"))
+        table = files.path("classification_report", model)
+        add(table_html(pd.read_csv(table, sep="\t", keep_default_na=False)))
+        matrix = files.path("confusion_matrix", model)
+        add("</div><div>" + image_html(matrix, f"{model} confusion matrix", 260) + "</div></div>")
+        add(image_html(files.path("errors", model), f"{model} errors"))
     add("<h3>Training curves</h3>")
-    add(
-        _history_curves(
-            root,
-            {b: root / "classification" / b / "history.csv" for b in run.backbones},
-            "accuracy",
-            "classifiers",
-        )
-    )
+    histories = {b: files.path("classifier_history", b) for b in run.backbones}
+    add(_history_curves(histories, "accuracy", "classifiers"))
 
     # Segmentation.
     add('<h2 id="segmentation">Segmentation</h2>')
@@ -335,21 +334,21 @@ def build_report(
         "pixels), mean over a fold's slices, then mean ± std over the folds. Empty masks: both "
         "empty → Dice 1, HD 0; one empty → Dice 0, HD = ASSD = image diagonal.</p>"
     )
-    for name, file in (
-        ("Table 1: validation folds", "table1_validation.tsv"),
-        ("Table 2: test set", "table2_test.tsv"),
+    for name, table in (
+        ("Table 1: validation folds", "table1_validation"),
+        ("Table 2: test set", "table2_test"),
     ):
         add(f"<h3>{name}</h3>")
-        add(table_html(pd.read_csv(root / "segmentation" / file, sep="\t", keep_default_na=False)))
+        path = files.path("segmentation_tables", table)
+        add(table_html(pd.read_csv(path, sep="\t", keep_default_na=False)))
     add("<h3>Overlays (test slices; worst first)</h3>")
-    add(image_html(root / "segmentation" / "overlays.png", "overlays"))
+    add(image_html(files.path("overlays"), "overlays"))
     for arch in run.architectures:
         paths = {
-            f"fold{k}": root / "segmentation" / arch / f"fold{k}" / "history.csv"
-            for k in range(run.folds)
+            f"fold{k}": files.path("segmenter_history", f"{arch}/fold{k}") for k in range(run.folds)
         }
         add(f"<h3>Training curves: {esc(arch)}</h3>")
-        add(_history_curves(root, paths, "dice_tumor_slices", arch))
+        add(_history_curves(paths, "dice_tumor_slices", arch))
 
     # Cascade.
     add('<h2 id="cascade">Classify-then-segment cascade</h2>')
@@ -358,20 +357,22 @@ def build_report(
         f"<b>{esc(run.cascade['architecture'])}</b> fold ensemble on "
         f"all {esc(run.cascade['n_slices'])} test slices (tumor and tumor-free).</p>"
     )
-    add(table_html(pd.read_csv(root / "cascade" / "comparison.tsv", sep="\t")))
+    add(table_html(pd.read_csv(files.path("cascade_table"), sep="\t")))
     gate = run.cascade["cascade"]["gate"]
     add(
         f"<p>The gate dropped {esc(gate['tumor_slices_dropped'])} tumor slices, "
         f"{100 * gate['tumor_area_lost_fraction']:.1f}% of the test tumor area.</p>"
     )
     add("<h3>Tumor volume per test patient (voxels at the preprocessed size)</h3>")
-    add(table_html(volume_rows(patient_volumes(root, list(run.architectures))), 2))
+    ensembles = {arch: files.path("ensemble_per_slice", arch) for arch in run.architectures}
+    volumes = patient_volumes(ensembles, files.path("cascade_per_slice"))
+    add(table_html(volume_rows(volumes), 2))
 
     # Run time and provenance.
     add('<h2 id="runtime">Run time per job</h2>')
-    add(table_html(_benchmarks(root), 1))
+    add(table_html(_benchmarks(files.named("benchmarks")), 1))
     add('<h2 id="provenance">Provenance</h2>')
-    trained_on = training_devices(devices) or ["unknown"]
+    trained_on = training_devices(files.listed("devices")) or ["unknown"]
     prov = [
         ["date", provenance["date"]],
         ["git commit", provenance["git_commit"]],

@@ -9,16 +9,17 @@ import numpy as np
 import pandas as pd
 
 
-def patient_volumes(root: Path, architectures: list[str]) -> pd.DataFrame:
-    """One row per test patient: true voxels, then predicted voxels of each fold ensemble and of
-    the cascade (the classifier-gated ensemble that volume prediction uses)."""
+def patient_volumes(ensembles: dict[str, Path], cascade_per_slice: Path) -> pd.DataFrame:
+    """One row per test patient: true voxels, then predicted voxels of each fold ensemble
+    (architecture -> its per_slice.csv) and of the cascade (the classifier-gated ensemble that
+    volume prediction uses)."""
     columns: dict[str, pd.Series] = {}
-    for arch in architectures:
-        frame = pd.read_csv(root / "segmentation" / arch / "ensemble" / "per_slice.csv")
+    for arch, path in ensembles.items():
+        frame = pd.read_csv(path)
         sums = frame.groupby("patient")[["true_area", "pred_area"]].sum()
         columns.setdefault("true", sums["true_area"])
         columns[f"{arch} fold ensemble"] = sums["pred_area"]
-    cascade = pd.read_csv(root / "cascade" / "per_slice.csv")
+    cascade = pd.read_csv(cascade_per_slice)
     columns["cascade"] = cascade.groupby("patient")["cascade_pred_area"].sum()
     table = pd.DataFrame(columns).rename_axis("patient").reset_index()
     return table.astype({c: "Int64" for c in columns})
