@@ -225,7 +225,9 @@ def by_name(names: list[str], paths) -> dict[str, str]:
 
 
 def report_benchmarks() -> list[str]:
-    """The benchmark file of every job the report depends on (its run-time table)."""
+    """The benchmark file of every job the report depends on (its run-time table). Named to the
+    report by path, not as inputs: a benchmark file deleted or never written (`--touch`) must
+    not make Snakemake rerun the job; the report leaves such a job out of its table."""
     voter = config["classification"]["segmentation_voter"]["enabled"]
     return [
         *expand(rules.fetch.benchmark, dataset=DATASETS.values()),
@@ -281,7 +283,7 @@ def report_files(input) -> str:
             "ensemble_per_slice": by_name(ARCHITECTURES, input.ensemble_per_slice),
             "benchmarks": {
                 Path(path).relative_to(benchmarks).with_suffix("").as_posix(): path
-                for path in input.benchmarks
+                for path in report_benchmarks()
             },
             "devices": list(input.devices),
         }

@@ -107,7 +107,6 @@ rule report:
         cascade_metrics=results("cascade/metrics.json"),
         cascade_table=results("cascade/comparison.tsv"),
         cascade_per_slice=results("cascade/per_slice.csv"),
-        benchmarks=report_benchmarks(),
         devices=training_devices(),
         # The report's own code: editing it rebuilds the report and nothing else.
         code=[

@@ -11,6 +11,10 @@ from typing import Any
 
 from brainmri.errors import InputError
 
+# Roles whose files may be absent: Snakemake's benchmark files are not inputs of the report (a
+# deleted one must not rerun its job), so a job without one is left out of the run-time table.
+OPTIONAL_ROLES = frozenset({"benchmarks"})
+
 
 class ReportFiles:
     """role -> file, or role -> {name: file} (a model, ``arch/foldK``, a benchmark's job), or
@@ -63,7 +67,7 @@ class ReportFiles:
     def check(self) -> None:
         """Every given file exists, before anything is read or written."""
         for role, path in self._leaves():
-            if not path.exists():
+            if role.split(" ")[0] not in OPTIONAL_ROLES and not path.exists():
                 raise InputError(
                     f"{path}: missing report input ({role}); run the workflow up to this step"
                 )

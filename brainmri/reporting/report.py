@@ -173,6 +173,8 @@ def _benchmarks(paths: dict[str, Path]) -> pd.DataFrame:
     """One row per job (name -> its benchmark file), in the order of the files' paths."""
     rows = []
     for job, path in sorted(paths.items(), key=lambda item: item[1]):
+        if not path.is_file():  # never written (e.g. --touch) or deleted: not an input
+            continue
         frame = pd.read_csv(path, sep="\t")
         if frame.empty:
             continue
