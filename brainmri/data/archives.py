@@ -162,13 +162,21 @@ def extract_archive(
     return sorted(names)
 
 
+def _plan(
+    archive: Path, root: Path, sizes: list[tuple[str, int]], limits: ExtractionLimits
+) -> tuple[list[int], int]:
+    """The checks on the declared sizes (caps, free disk) before a byte is written; returns the
+    streamed byte budget (a one-element list the copies draw down) and its cap."""
+    total = _check_caps(archive, sizes, limits)
+    _check_disk(archive, root, total)
+    allowed, cap = _byte_budget(archive, limits)
+    return [allowed], cap
+
+
 def _extract_zip(archive: Path, root: Path, limits: ExtractionLimits, names: list[str]) -> None:
     with zipfile.ZipFile(archive) as handle:
         members = _zip_members(archive, handle)
-        total = _check_caps(archive, [(i.filename, s) for i, s in members], limits)
-        _check_disk(archive, root, total)
-        allowed, cap = _byte_budget(archive, limits)
-        budget = [allowed]
+        budget, cap = _plan(archive, root, [(i.filename, s) for i, s in members], limits)
         for info, _ in members:
             target = _target(archive, root, info.filename)
             if info.is_dir():
@@ -182,10 +190,7 @@ def _extract_zip(archive: Path, root: Path, limits: ExtractionLimits, names: lis
 def _extract_tar(archive: Path, root: Path, limits: ExtractionLimits, names: list[str]) -> None:
     with tarfile.open(archive) as handle:
         members = _tar_members(archive, handle)
-        total = _check_caps(archive, [(i.name, s) for i, s in members], limits)
-        _check_disk(archive, root, total)
-        allowed, cap = _byte_budget(archive, limits)
-        budget = [allowed]
+        budget, cap = _plan(archive, root, [(i.name, s) for i, s in members], limits)
         for info, _ in members:
             target = _target(archive, root, info.name)
             if info.isdir():
