@@ -3,11 +3,18 @@
 Trains one U-Net (smp, the given encoder, from scratch) on every segmentation training slice of
 a run's preprocessed data (all folds together: the same patients the workflow's fold models
 share), Adam at a constant lr, soft Dice loss, random flips, shuffled batches, until a
-wall-clock budget is spent; then predicts the run's test slices once and scores them with the
+time budget is spent; then predicts the run's test slices once and scores them with the
 workflow's own metrics (tumor-slice Dice, all-slice Dice, per-patient volume Dice). Compare
 its JSON with the fold ensemble's test_metrics.json of the same run, given the same seconds:
 
   python bench/plain_loop.py --run results/cpu --size 64 --seconds 600 --output plain.json
+
+The budget is wall-clock seconds, or (``--clock cpu``) CPU seconds of this process, which stays
+fair on a shared machine. ``--budget-from`` takes it from the workflow's own benchmark files:
+the sum of their ``cpu_time`` (``--clock cpu``) or ``s`` columns, e.g. the U-Net's fold jobs:
+
+  python bench/plain_loop.py --run results/cpu --size 128 --clock cpu \
+      --budget-from results/cpu/benchmarks/segmentation/unet_fold*.tsv --output plain.json
 """
 
 from __future__ import annotations
@@ -18,13 +25,22 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from brainmri.errors import InputError
 from brainmri.evaluation.segmentation import overlap_metrics, volume_dice
 from brainmri.io import run_cli, setup_logging, write_json
 from brainmri.tables import gather, load_table
+
+
+def load_tsv(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path, sep="\t")
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        raise InputError(f"{path}: cannot read it as a benchmark TSV ({error})") from None
 
 
 def as_tensor(images: np.ndarray, size: int) -> torch.Tensor:
@@ -32,12 +48,29 @@ def as_tensor(images: np.ndarray, size: int) -> torch.Tensor:
     return torch.nn.functional.interpolate(tensor, size=(size, size), mode="bilinear")
 
 
+def budget_from(files: list[Path], clock: str) -> float:
+    """Seconds spent by the jobs of these Snakemake benchmark files (CPU or wall time)."""
+    column = "cpu_time" if clock == "cpu" else "s"
+    total = 0.0
+    for path in files:
+        frame = load_tsv(path)
+        if column not in frame.columns or frame.empty:
+            raise InputError(f"{path}: not a Snakemake benchmark file (no {column!r} column)")
+        total += float(frame[column].iloc[-1])
+    return total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--run", required=True, type=Path, help="a run's results folder")
     parser.add_argument("--encoder", default="resnet18")
     parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--seconds", type=float, required=True, help="training time budget")
+    budget = parser.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--seconds", type=float, help="training time budget")
+    budget.add_argument(
+        "--budget-from", nargs="+", type=Path, help="Snakemake benchmark TSVs whose time to sum"
+    )
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=42)
@@ -46,6 +79,11 @@ def main() -> None:
     args = parser.parse_args()
     log = setup_logging()
     import segmentation_models_pytorch as smp
+
+    seconds = args.seconds
+    if seconds is None:
+        seconds = budget_from(args.budget_from, args.clock)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -59,11 +97,11 @@ def main() -> None:
     model = smp.Unet(args.encoder, encoder_weights=None, in_channels=3, classes=1)
     loss_fn = smp.losses.DiceLoss("binary", from_logits=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    start, steps, epochs = time.perf_counter(), 0, 0
-    while time.perf_counter() - start < args.seconds:
+    start, steps, epochs = clock(), 0, 0
+    while clock() - start < seconds:
         model.train()
         for batch in torch.randperm(len(x)).split(args.batch_size):
-            if len(batch) < 2 or time.perf_counter() - start >= args.seconds:
+            if len(batch) < 2 or clock() - start >= seconds:
                 continue
             images, masks = x[batch], y[batch]
             if torch.rand(1) < 0.5:
@@ -74,7 +112,7 @@ def main() -> None:
             optimizer.step()
             steps += 1
         epochs += 1
-    trained = time.perf_counter() - start
+    trained = clock() - start
     model.eval()
     with torch.no_grad():
         logits = torch.cat([model(b) for b in as_tensor(gather(data, test), args.size).split(32)])
@@ -89,6 +127,8 @@ def main() -> None:
         "train_slices": len(train),
         "train_patients": int(train["patient"].nunique()),
         "test_slices": len(test),
+        "clock": args.clock,
+        "budget_seconds": round(seconds, 1),
         "seconds_training": round(trained, 1),
         "epochs_started": epochs,
         "steps": steps,
