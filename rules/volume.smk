@@ -37,11 +37,14 @@ rule predict_patient_volumes:
         classifier_threshold=config["classification"]["threshold"],
         segmentation_threshold=config["segmentation"]["threshold"],
         axis=config["predict"]["volume_axis"],
+        tta="--tta" if config["segmentation"]["tta"] else "",
+        postprocess=as_json(config["segmentation"]["postprocess"]),
     shell:
         "$PYTHON $SCRIPTS/predict_volume.py --inputs {input.volumes:q}"
         " --classifiers {input.classifiers} --segmenters {input.segmenters}"
         " --method {params.method} --classifier-threshold {params.classifier_threshold}"
         " --segmentation-threshold {params.segmentation_threshold} --axis {params.axis}"
+        " {params.tta} --postprocess {params.postprocess:q}"
         " --csv {output.csv} --patients-dir {output.patients} > {log} 2>&1"
 
 

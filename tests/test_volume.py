@@ -12,6 +12,7 @@ from helpers import run_script
 from PIL import Image
 
 from brainmri.errors import InputError
+from brainmri.evaluation.masks import quantize
 from brainmri.inference.volume import predict_volumes
 from brainmri.inference.volume_io import read_input, read_kaggle_folder
 
@@ -23,14 +24,16 @@ SIZE = 64  # the models' preprocessed size (in-plane resampling 80 -> 64 -> 80)
 class FakeModels:
     """Deterministic stand-in for the ensembles: a slice is tumor where FLAIR is bright."""
 
+    tta = False
+
     def classify(self, images):
         bright = (images[..., 1] > 160).reshape(len(images), -1)
         decision = bright.any(axis=1).astype(int)
         return decision, bright.mean(axis=1), decision * 3
 
-    def segment(self, images):
+    def segment(self, images, rows):
         flair = images[..., 1].astype(np.float32)
-        return np.clip((flair - 64) / (255 - 64), 0, 1)
+        return quantize(np.clip((flair - 64) / (255 - 64), 0, 1))
 
 
 def blob_volume(shape=SHAPE, center=(40, 30, 11), radii=(14, 10, 4.5)):

@@ -13,20 +13,44 @@ and skipped; the exit status is then 1.
       --csv out/volumes.csv --patients-dir out/patients
 
 Slices are resized to the preprocessing size the checkpoints record (data.array_size).
+--tta (segmentation.tta) averages each segmenter over flips; --postprocess (a JSON object of
+segmentation.postprocess, e.g. '{"min_component_voxels": 16, "keep_largest": true}') cleans
+each patient's stacked masks in 3-D at that size; both default to off, as in the paper.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import sys
 from pathlib import Path
 
 from brainmri.devices import select_device
+from brainmri.evaluation.postprocess import PostProcess
 from brainmri.inference.predict import array_size
 from brainmri.inference.volume import EnsembleModels, predict_volumes
 from brainmri.inference.volume_io import AXES, read_input, read_nifti_files
 from brainmri.io import run_cli, setup_logging
+
+
+def postprocess_arg(text: str) -> PostProcess:
+    """--postprocess: a JSON object with only segmentation.postprocess's keys and types."""
+    try:
+        settings = json.loads(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"not JSON ({error}): {text}") from None
+    if not isinstance(settings, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, not {text}")
+    unknown = sorted(set(settings) - {"min_component_voxels", "keep_largest"})
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown key(s) {', '.join(unknown)} in {text}")
+    voxels = settings.get("min_component_voxels", 0)
+    if isinstance(voxels, bool) or not isinstance(voxels, int) or voxels < 0:
+        raise argparse.ArgumentTypeError(f"min_component_voxels must be an integer >= 0: {text}")
+    if not isinstance(settings.get("keep_largest", False), bool):
+        raise argparse.ArgumentTypeError(f"keep_largest must be true or false: {text}")
+    return PostProcess.from_settings(settings)
 
 
 def main() -> None:
@@ -44,6 +68,13 @@ def main() -> None:
     parser.add_argument("--classifier-threshold", type=float, required=True, help="cut-off")
     parser.add_argument("--segmentation-threshold", type=float, required=True)
     parser.add_argument("--axis", choices=sorted(AXES), default="axial")
+    parser.add_argument("--tta", action="store_true", help="test-time flips (segmentation.tta)")
+    parser.add_argument(
+        "--postprocess",
+        type=postprocess_arg,
+        default="{}",
+        help="JSON of segmentation.postprocess (per patient volume, 3-D; {} = off)",
+    )
     parser.add_argument("--csv", type=Path, required=True, help="one row per patient")
     parser.add_argument("--patients-dir", type=Path, required=True, help="one folder per patient")
     args = parser.parse_args()
@@ -62,10 +93,16 @@ def main() -> None:
     size = array_size([*args.classifiers, *args.segmenters])
     device = select_device(log)
     models = EnsembleModels(
-        args.classifiers, args.segmenters, args.method, args.classifier_threshold, device
+        args.classifiers, args.segmenters, args.method, args.classifier_threshold, device, args.tta
     )
     failures = predict_volumes(
-        readers, models, size, args.segmentation_threshold, args.patients_dir, args.csv
+        readers,
+        models,
+        size,
+        args.segmentation_threshold,
+        args.patients_dir,
+        args.csv,
+        args.postprocess,
     )
     if failures:
         print(

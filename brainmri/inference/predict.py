@@ -6,6 +6,11 @@ preprocessing: 3-channel images stay as they are, anything else becomes grayscal
 3 channels; non-square images are zero-padded to a centred square; then a bilinear resize to the
 preprocessing size recorded in the checkpoints, and the model's own input size and
 normalisation inside the model.
+
+The segmenters apply flip TTA when asked (``segmentation.tta``). The per-volume 3-D
+post-processing (``segmentation.postprocess``) does not apply: the images are independent, not
+a patient's stacked slices, and 2.5D segmenters are refused (they need each slice's neighbours);
+:mod:`brainmri.inference.volume` does both on whole patients.
 """
 
 from __future__ import annotations

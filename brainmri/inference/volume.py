@@ -7,6 +7,13 @@ and normalisation inside the model). The classifier ensemble decides per slice; 
 fold ensemble's mask is kept on the slices called tumor (the cascade), and brought back to the
 slice's size with nearest-neighbour resampling. In a batch, a bad patient is reported in its CSV
 row and skipped, and nothing is written for it.
+
+The segmentation recipe is that of evaluation and the fold ensemble: each fold model's
+probabilities (with flip TTA when ``segmentation.tta``) are stored as uint8 and averaged
+exactly as ``segmentation_ensemble.py`` does, 2.5D models (``slice_context``) get each slice's
+neighbours in the volume's slice order, and the thresholded masks are cleaned as one 3-D volume
+(``segmentation.postprocess``) at the models' array size, before the classifier gate (as in the
+cascade) and before the mask goes back into the input's geometry.
 """
 
 from __future__ import annotations
@@ -25,7 +32,8 @@ from PIL import Image, ImageDraw
 from brainmri.data.preprocess import resize_image, square_pad
 from brainmri.errors import InputError
 from brainmri.evaluation.classification import decide, vote
-from brainmri.evaluation.masks import binarize, quantize
+from brainmri.evaluation.masks import binarize, mean_probabilities, quantize
+from brainmri.evaluation.postprocess import PostProcess, clean_volume
 from brainmri.inference.predict import Prepared, restore_mask
 from brainmri.inference.segment import (
     inference_batches,
@@ -62,6 +70,10 @@ PATIENT_COLUMNS = [
     "tumor_voxels",
     "tumor_ml",
     "true_tumor_voxels",
+    "tta",
+    "min_component_voxels",
+    "keep_largest",
+    "postprocess_removed_voxels",
     "mask",
     "overview",
     "error",
@@ -80,10 +92,12 @@ class EnsembleModels:
         method: str,
         cutoff: float,
         device: torch.device,
+        tta: bool = False,
     ) -> None:
         if not classifiers or not segmenters:
             raise InputError("volume prediction needs at least one classifier and one segmenter")
         self.segmenters, self.method, self.cutoff, self.device = segmenters, method, cutoff, device
+        self.tta = tta
         self.classifiers = [load_for_inference(path, device) for path in classifiers]
 
     def classify(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -98,9 +112,16 @@ class EnsembleModels:
             preds.append(decide(prob, self.cutoff))
         return vote(np.stack(preds), np.stack(probs), self.method, self.cutoff)
 
-    def segment(self, images: np.ndarray) -> np.ndarray:
-        """Mean tumor probability (N, S, S) of the fold ensemble."""
-        return probabilities_of(self.segmenters, images, self.device)[0]
+    def segment(self, images: np.ndarray, rows: pd.DataFrame) -> np.ndarray:
+        """The fold ensemble's stored (uint8) tumor probability (N, S, S) of a patient's slices
+        (``rows``: patient, slice_index, for 2.5D models): each fold model's probabilities
+        quantized, then averaged, as the fold ensemble averages the stored test probabilities."""
+        return mean_probabilities(
+            [
+                quantize(probabilities_of([path], images, self.device, self.tta, rows)[0])
+                for path in self.segmenters
+            ]
+        )
 
 
 @dataclass
@@ -123,23 +144,38 @@ def model_inputs(slices: np.ndarray, size: int) -> tuple[np.ndarray, tuple[int, 
     return images, (side, (side - height) // 2, (side - width) // 2)
 
 
-def predict_volume(volume: Volume, models, size: int, threshold: float) -> VolumeResult:
-    """Classify and segment every slice; the mask back at the slices' size."""
+def slice_rows(volume: Volume) -> pd.DataFrame:
+    """The manifest-like rows (patient, slice_index) of a volume's slices, in slice order."""
+    return pd.DataFrame({"patient": volume.name, "slice_index": np.arange(len(volume.slices))})
+
+
+def predict_volume(
+    volume: Volume,
+    models,
+    size: int,
+    threshold: float,
+    post: PostProcess | None = None,
+) -> VolumeResult:
+    """Classify and segment every slice; clean the stacked masks (``post``) at the models' size;
+    the mask back at the slices' size."""
+    post = post or PostProcess()
     images, pad = model_inputs(volume.slices, size)
     decision, probability, votes = models.classify(images)
-    seg_probability = models.segment(images)
-    seg_max = seg_probability.reshape(len(images), -1).max(axis=1)
-    seg_masks = binarize(quantize(seg_probability), threshold)
-    seg_called = binarize(quantize(seg_max), threshold)
-    mask = np.stack(
-        [
-            restore_mask(
-                seg_masks[i] & bool(decision[i]),
-                Prepared(str(n), images[i], volume.slices[i], pad),
-            )
-            for i, n in enumerate(volume.slice_numbers)
-        ]
-    )
+    stored = models.segment(images, slice_rows(volume))
+    seg_max = stored.reshape(len(images), -1).max(axis=1) / 255
+    raw = binarize(stored, threshold)
+    cleaned = clean_volume(raw, post)
+    seg_called = cleaned.reshape(len(images), -1).any(axis=1)
+    gate = decision.astype(bool)[:, None, None]
+    places = [
+        Prepared(str(n), images[i], volume.slices[i], pad)
+        for i, n in enumerate(volume.slice_numbers)
+    ]
+    mask = np.stack([restore_mask(m, p) for m, p in zip(cleaned & gate, places, strict=True)])
+    removed = 0
+    if post.active:
+        before = sum(int(restore_mask(m, p).sum()) for m, p in zip(raw & gate, places, strict=True))
+        removed = before - int(mask.sum())
     voxels = mask.reshape(len(mask), -1).sum(axis=1)
     per_slice = pd.DataFrame(
         {
@@ -169,6 +205,10 @@ def predict_volume(volume: Volume, models, size: int, threshold: float) -> Volum
         "tumor_voxels": total,
         "tumor_ml": round(total * volume.voxel_ml, 4) if volume.voxel_ml else None,
         "true_tumor_voxels": volume.true_voxels,
+        "tta": bool(models.tta),
+        "min_component_voxels": post.min_component_voxels,
+        "keep_largest": post.keep_largest,
+        "postprocess_removed_voxels": removed,
         "error": "",
     }
     return VolumeResult(per_slice, mask, summary)
@@ -249,6 +289,7 @@ def predict_volumes(
     threshold: float,
     patients_dir: Path,
     csv_path: Path,
+    post: PostProcess | None = None,
 ) -> list[str]:
     """Predict every patient; one CSV row each; return '<input>: <error>' of the failed ones."""
     rows, failures, done = [], [], set()
@@ -259,7 +300,7 @@ def predict_volumes(
                 volume = read()
                 if volume.name in done:
                     raise InputError(f"{label}: a second patient named {volume.name}")
-                result = predict_volume(volume, models, size, threshold)
+                result = predict_volume(volume, models, size, threshold, post)
                 with atomic_path(tmp / volume.name) as folder:
                     names = write_patient(volume, result, folder)
             except InputError as error:
@@ -285,6 +326,8 @@ def predict_volumes(
         "last_tumor_slice",
         "tumor_voxels",
         "true_tumor_voxels",
+        "min_component_voxels",
+        "postprocess_removed_voxels",
     ]
     write_csv(csv_path, frame.astype(dict.fromkeys(integers, "Int64")))
     return failures
