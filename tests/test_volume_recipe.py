@@ -109,12 +109,13 @@ class HandMade:
 
     tta = False
 
-    def __init__(self, stored):
-        self.stored = stored
+    def __init__(self, stored, no_tumor=()):
+        self.stored, self.no_tumor = stored, list(no_tumor)
 
     def classify(self, images):
-        ones = np.ones(len(images), dtype=int)
-        return ones, ones.astype(float), ones
+        decision = np.ones(len(images), dtype=int)
+        decision[self.no_tumor] = 0
+        return decision, decision.astype(float), decision
 
     def segment(self, images, rows):
         assert self.stored.shape == images.shape[:3]
@@ -131,14 +132,14 @@ def hand_made_volume():
     return stored
 
 
-def nifti_run(tmp_path, name, post):
+def nifti_run(tmp_path, name, post, no_tumor=()):
     out = tmp_path / name
     patient = tmp_path / "p1"
     if not patient.exists():
         three_files(patient, affine_of())
     failures = predict_volumes(
         [(str(patient), lambda: read_input(patient, "axial"))],
-        HandMade(hand_made_volume()),
+        HandMade(hand_made_volume(), no_tumor),
         SIZE,
         0.5,
         out / "patients",
@@ -176,6 +177,18 @@ def test_postprocess_drops_small_far_components_in_the_input_geometry(tmp_path):
     # A cube of exactly 27 voxels stays at min_component_voxels 27 (the single voxel goes).
     kept, _ = nifti_run(tmp_path, "at27", PostProcess(min_component_voxels=27))
     assert kept[..., 2:5].any() and not kept[..., 17].any()
+
+
+def test_masks_are_cleaned_before_the_classifier_gate_as_in_the_cascade(tmp_path):
+    """The 27-voxel cube spans slices 2-4; the classifier drops slice 3. Cleaned first (as the
+    cascade does), the cube survives min_component_voxels 20 and loses only slice 3; gated
+    first, its two 9-voxel pieces would both be dropped."""
+    off, _ = nifti_run(tmp_path, "off", PostProcess())
+    mask, row = nifti_run(tmp_path, "gated", PostProcess(min_component_voxels=20), no_tumor=[3])
+    assert not mask[..., 3].any() and not mask[..., 17].any()
+    np.testing.assert_array_equal(mask[..., [2, 4]], off[..., [2, 4]])
+    assert mask[..., 2].any()
+    assert row["postprocess_removed_voxels"] == off[..., 17].sum()
 
 
 def test_keep_largest_keeps_only_the_largest_3d_component(tmp_path):
