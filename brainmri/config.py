@@ -149,6 +149,19 @@ def preflight_errors(config: dict[str, Any]) -> list[str]:
         settings = training_settings(config, "segmentation", name)
         collect(check_segmenter_config, settings, key=f"segmentation.architectures.{name}")
         collect(check_schedule, settings, key=f"segmentation.architectures.{name}")
+        final = config["segmentation"].get("final_model", {})
+        epochs = final.get("epochs")
+        warmup = settings.get("warmup_epochs", 0)
+        if (
+            final.get("enabled")
+            and epochs is not None
+            and settings.get("lr_schedule") == "warmup_cosine"
+            and warmup >= epochs
+        ):
+            problems.append(
+                f"segmentation.final_model.epochs: {epochs} epochs leave none for the cosine "
+                f"schedule after {name}'s {warmup} warm-up epochs"
+            )
     window = config["classification"]["smooth_window"]
     if window % 2 == 0:
         problems.append(f"classification.smooth_window: {window} must be odd (1 = off)")

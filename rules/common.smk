@@ -97,6 +97,7 @@ wildcard_constraints:
 
 
 VOTER_ARCH = config["cascade"]["architecture"]
+FINAL_MODEL = config["segmentation"]["final_model"]
 
 
 def voter_predictions() -> list[str]:
@@ -122,6 +123,35 @@ def classifier_settings(wildcards) -> str:
 
 def segmenter_settings(wildcards) -> str:
     return as_json(training_settings(config, "segmentation", wildcards.arch))
+
+
+def final_model_outputs(name: str) -> list[str]:
+    """``segmentation/<arch>/final/<name>`` of every architecture when
+    segmentation.final_model.enabled (the all-patients models), else none."""
+    if not FINAL_MODEL["enabled"]:
+        return []
+    return expand(
+        results("segmentation/{arch}/final/{name}"), arch=ARCHITECTURES, name=name
+    )
+
+
+def final_model_histories(wildcards) -> list[str]:
+    """The fold models' histories whose best epochs set the final model's epochs
+    (final_model.epochs null); none when the config gives the epochs."""
+    if FINAL_MODEL["epochs"] is not None:
+        return []
+    return expand(
+        results("segmentation/{arch}/fold{fold}/history.csv"),
+        arch=wildcards.arch,
+        fold=FOLDS,
+    )
+
+
+def final_model_epochs(wildcards, input) -> str:
+    """train.py's epochs option of the final model: the configured number, or the histories."""
+    if FINAL_MODEL["epochs"] is not None:
+        return f"--epochs {int(FINAL_MODEL['epochs'])}"
+    return "--fold-histories " + " ".join(shlex.quote(path) for path in input.histories)
 
 
 def classifier_weights(wildcards) -> list[str]:
@@ -164,12 +194,14 @@ def predict_volume_inputs(wildcards) -> list[str]:
 
 def training_devices() -> list[str]:
     """The device.json of every training job (the report's provenance)."""
-    return expand(
-        results("classification/{backbone}/device.json"), backbone=BACKBONES
-    ) + expand(
-        results("segmentation/{arch}/fold{fold}/device.json"),
-        arch=ARCHITECTURES,
-        fold=FOLDS,
+    return (
+        expand(results("classification/{backbone}/device.json"), backbone=BACKBONES)
+        + expand(
+            results("segmentation/{arch}/fold{fold}/device.json"),
+            arch=ARCHITECTURES,
+            fold=FOLDS,
+        )
+        + final_model_outputs("device.json")
     )
 
 
@@ -187,7 +219,10 @@ def classification_targets() -> list[str]:
 
 
 def segmentation_targets() -> list[str]:
-    return [results("segmentation/summary.json")]
+    return [
+        results("segmentation/summary.json"),
+        *final_model_outputs("test_metrics.json"),
+    ]
 
 
 def model_targets() -> list[str]:
@@ -198,9 +233,15 @@ def model_targets() -> list[str]:
     by the next plain run, and everything computed from it is redone. Without this, results
     computed from the lost model would stand and Snakemake would say "Nothing to be done".
     """
+    final = FINAL_MODEL["enabled"]
     return [
         *expand(rules.train_classifier.output, backbone=BACKBONES),
         *expand(rules.train_segmenter.output, arch=ARCHITECTURES, fold=FOLDS),
+        *(
+            expand(rules.train_segmenter_final.output, arch=ARCHITECTURES)
+            if final
+            else []
+        ),
     ]
 
 
@@ -229,6 +270,11 @@ def report_benchmarks() -> list[str]:
     report by path, not as inputs: a benchmark file deleted or never written (`--touch`) must
     not make Snakemake rerun the job; the report leaves such a job out of its table."""
     voter = config["classification"]["segmentation_voter"]["enabled"]
+    final = FINAL_MODEL["enabled"]
+    final_benchmarks = [
+        rules.train_segmenter_final.benchmark,
+        rules.evaluate_segmenter_final.benchmark,
+    ]
     return [
         *expand(rules.fetch.benchmark, dataset=DATASETS.values()),
         rules.preprocess_lgg.benchmark,
@@ -242,6 +288,7 @@ def report_benchmarks() -> list[str]:
         *expand(rules.train_segmenter.benchmark, arch=ARCHITECTURES, fold=FOLDS),
         *expand(rules.evaluate_segmenter.benchmark, arch=ARCHITECTURES, fold=FOLDS),
         *expand(rules.segmentation_fold_ensemble.benchmark, arch=ARCHITECTURES),
+        *(expand(final_benchmarks, arch=ARCHITECTURES) if final else []),
         rules.summarize_segmentation.benchmark,
         rules.cascade.benchmark,
     ]

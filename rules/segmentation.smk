@@ -72,6 +72,80 @@ rule evaluate_segmenter:
         " > {log} 2>&1"
 
 
+rule train_segmenter_final:
+    """Train one architecture on every non-test patient (all folds) for a fixed number of epochs, no validation; keep the last epoch (segmentation.final_model)."""
+    input:
+        manifest=results("data/manifest.csv"),
+        splits=results("splits/splits.csv"),
+        images=results("data/lgg/images.npy"),
+        masks=results("data/lgg/masks.npy"),
+        weights=segmenter_weights,
+        # final_model.epochs null: the fold models' best epochs choose it.
+        histories=final_model_histories,
+    output:
+        checkpoint=results("segmentation/{arch}/final/model.pt"),
+        history=results("segmentation/{arch}/final/history.csv"),
+        device=results("segmentation/{arch}/final/device.json"),
+    log:
+        results("logs/segmentation/{arch}_final.log"),
+    benchmark:
+        results("benchmarks/segmentation/{arch}_final.tsv")
+    conda:
+        "../envs/training.yaml"
+    threads: 4
+    resources:
+        gpu=1,
+        mem_mb=16000,
+        runtime=180,
+    params:
+        settings=segmenter_settings,
+        epochs=final_model_epochs,
+        seed=config["seed"],
+    shell:
+        "$PYTHON $SCRIPTS/train.py segmentation --fold all {params.epochs}"
+        " --settings {params.settings:q} --manifest {input.manifest} --splits {input.splits}"
+        " --images lgg={input.images:q} --masks lgg={input.masks:q} --weights={input.weights:q}"
+        " --seed {params.seed} --threads {threads} --checkpoint {output.checkpoint}"
+        " --history {output.history} --device-json {output.device} > {log} 2>&1"
+
+
+rule evaluate_segmenter_final:
+    """The final model on the test set, with the fold ensemble's TTA and per-patient post-processing."""
+    input:
+        checkpoint=results("segmentation/{arch}/final/model.pt"),
+        manifest=results("data/manifest.csv"),
+        splits=results("splits/splits.csv"),
+        images=results("data/lgg/images.npy"),
+        masks=results("data/lgg/masks.npy"),
+    output:
+        test=results("segmentation/{arch}/final/test_metrics.json"),
+        per_slice=results("segmentation/{arch}/final/per_slice.csv"),
+        test_probs=results("segmentation/{arch}/final/test_probabilities.npy"),
+    log:
+        results("logs/segmentation/evaluate_{arch}_final.log"),
+    benchmark:
+        results("benchmarks/segmentation/evaluate_{arch}_final.tsv")
+    conda:
+        "../envs/training.yaml"
+    threads: 4
+    resources:
+        gpu=1,
+        mem_mb=8000,
+        runtime=60,
+    params:
+        threshold=config["segmentation"]["threshold"],
+        tta="--tta" if config["segmentation"]["tta"] else "",
+        postprocess=as_json(config["segmentation"]["postprocess"]),
+    shell:
+        "$PYTHON $SCRIPTS/evaluate_segmenter.py --checkpoint {input.checkpoint}"
+        " --fold all --manifest {input.manifest} --splits {input.splits}"
+        " --images {input.images} --masks {input.masks}"
+        " --threshold {params.threshold} --threads {threads} {params.tta}"
+        " --postprocess {params.postprocess:q} --test-metrics {output.test}"
+        " --per-slice {output.per_slice} --test-probabilities {output.test_probs}"
+        " > {log} 2>&1"
+
+
 rule segmentation_fold_ensemble:
     """Mean of the fold models' probabilities on the test set, thresholded and scored."""
     input:
@@ -135,6 +209,8 @@ rule summarize_segmentation:
             results("segmentation/{arch}/ensemble/test_probabilities.npy"),
             arch=ARCHITECTURES,
         ),
+        # segmentation.final_model.enabled: each architecture's all-patients model.
+        final_metrics=final_model_outputs("test_metrics.json"),
         manifest=results("data/manifest.csv"),
         splits=results("splits/splits.csv"),
         images=results("data/lgg/images.npy"),
@@ -175,6 +251,7 @@ rule summarize_segmentation:
         " --ensemble-metrics {input.ensemble_metrics}"
         " --ensemble-slices {input.ensemble_slices}"
         " --ensemble-probabilities {input.ensemble_probabilities}"
+        " --final-metrics {input.final_metrics}"
         " --manifest {input.manifest} --splits {input.splits} --images {input.images}"
         " --masks {input.masks} --seed {params.seed} --threshold {params.threshold}"
         " --summary {output.summary} --table1 {output.table1} --table2 {output.table2}"

@@ -19,6 +19,8 @@ GPU_RULES = {
     "train_classifier",
     "train_segmenter",
     "evaluate_segmenter",
+    "train_segmenter_final",
+    "evaluate_segmenter_final",
     "predict_new_images",
     "predict_patient_volumes",
 }

@@ -1,5 +1,6 @@
 """The paper's Table 1 (validation: mean ± std over the folds of each fold's mean) and Table 2
-(test: mean ± std over the fold models, plus a row for the fold ensemble), per architecture, on
+(test: mean ± std over the fold models, plus a row for the fold ensemble and, when given, one for
+the all-patients model of segmentation.final_model), per architecture, on
 tumor-containing slices, with all-slice and per-patient volume Dice beside; summary.json with
 everything; all folds' per-slice rows; and the overlay figure (paper Fig. 6)."""
 
@@ -19,6 +20,7 @@ from brainmri.evaluation.summary import (
     ensemble_row,
     fold_summary,
     select_overlay_slices,
+    single_model_summary,
     table_row,
 )
 from brainmri.io import read_json, run_cli, setup_logging, write_csv, write_json
@@ -34,6 +36,17 @@ def read_fold_report(path: Path, arch: str, fold: int) -> dict:
         raise InputError(
             f"{path}: holds arch {report.get('arch')!r} fold {report.get('fold')!r}, "
             f"expected {arch!r} fold {fold}"
+        )
+    return report
+
+
+def read_final_report(path: Path, arch: str) -> dict:
+    """The test report of ``arch``'s final model (evaluate_segmenter.py --fold all)."""
+    report = read_json(path)
+    if report.get("fold") != "all" or report.get("arch") != arch:
+        raise InputError(
+            f"{path}: holds arch {report.get('arch')!r} fold {report.get('fold')!r}, "
+            f"expected {arch!r}'s final model (fold 'all')"
         )
     return report
 
@@ -63,6 +76,10 @@ def main() -> None:
     for name, text in files.items():
         option = "--" + name.replace("_", "-")
         parser.add_argument(option, nargs="+", required=True, type=Path, help=text)
+    parser.add_argument(
+        "--final-metrics", nargs="*", default=[], type=Path,
+        help="each architecture's final/test_metrics.json (segmentation.final_model), or none",
+    )  # fmt: skip
     parser.add_argument("--manifest", required=True, type=Path)
     parser.add_argument("--splits", required=True, type=Path)
     parser.add_argument("--images", required=True, type=Path, help="data/lgg/images.npy")
@@ -87,6 +104,11 @@ def main() -> None:
         )
         for name in files
     }
+    final = (
+        per_architecture(args.final_metrics, "--final-metrics", archs, 1)
+        if args.final_metrics
+        else {}
+    )
     folds = range(args.folds)
     summary: dict = {
         "architectures": {},
@@ -107,13 +129,7 @@ def main() -> None:
         summary["architectures"][arch] = {
             "validation": fold_summary(val),
             "test": fold_summary(test),
-            "test_fold_ensemble": {
-                "tumor_slices": ensemble["tumor_slices"],
-                "all_slices": ensemble["all_slices"],
-                "volume_dice": {k: ensemble["volume_dice"][k] for k in ("mean", "std")},
-                "models": ensemble.get("models"),
-                "threshold": ensemble.get("threshold"),
-            },
+            "test_fold_ensemble": single_model_summary(ensemble),
             "per_fold": {
                 split: {
                     "tumor_dice": [r["tumor_slices"]["dice"]["mean"] for r in reports],
@@ -126,6 +142,12 @@ def main() -> None:
         table1.append(table_row(arch, summary["architectures"][arch]["validation"]))
         table2.append(table_row(arch, summary["architectures"][arch]["test"]))
         table2.append(ensemble_row(arch, ensemble))
+        if final:
+            report = read_final_report(final[arch][0], arch)
+            summary["architectures"][arch]["test_final_model"] = single_model_summary(
+                report, ("threshold", "epochs", "patients", "tta", "postprocess")
+            )
+            table2.append(ensemble_row(arch, report, "all-patients model"))
         for k in folds:
             frame = pd.read_csv(given["fold_slices"][arch][k], keep_default_na=False)
             slices.append(frame.assign(arch=arch, fold=k))

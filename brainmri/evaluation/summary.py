@@ -67,8 +67,9 @@ def table_row(name: str, summary: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def ensemble_row(name: str, report: dict[str, Any]) -> dict[str, Any]:
-    """Table 2's row of a fold ensemble (one model: means over the test slices, no ± std)."""
+def ensemble_row(name: str, report: dict[str, Any], label: str = "fold ensemble") -> dict[str, Any]:
+    """Table 2's row of one model (means over the test slices, no ± std): the fold ensemble,
+    or with ``label`` "all-patients model" the final model trained on every fold."""
     single = {
         "tumor_slices": {
             m: {"mean": report["tumor_slices"][m]["mean"]} for m in SEGMENTATION_METRICS
@@ -76,7 +77,19 @@ def ensemble_row(name: str, report: dict[str, Any]) -> dict[str, Any]:
         "all_slices": {"dice": {"mean": report["all_slices"]["dice"]["mean"]}},
         "volume_dice": {"mean": report["volume_dice"]["mean"]},
     }
-    return table_row(f"{name} (fold ensemble)", single)
+    return table_row(f"{name} ({label})", single)
+
+
+def single_model_summary(
+    report: dict[str, Any], extra: tuple[str, ...] = ("models", "threshold")
+) -> dict[str, Any]:
+    """summary.json's entry of one model scored on the test set (fold ensemble, final model):
+    its metrics and the ``extra`` keys of its report (None where absent)."""
+    return {
+        "tumor_slices": report["tumor_slices"],
+        "all_slices": report["all_slices"],
+        "volume_dice": {k: report["volume_dice"][k] for k in ("mean", "std")},
+    } | {key: report.get(key) for key in extra}
 
 
 def select_overlay_slices(

@@ -129,11 +129,14 @@ class RunResults:
                 | {"volume_dice": s["validation"]["volume_dice"]},
                 "test": {k: s["test"]["tumor_slices"][k] for k in ("dice", "jaccard", "hd", "assd")}
                 | {"volume_dice": s["test"]["volume_dice"]},
-                "test_fold_ensemble": {
-                    "dice": s["test_fold_ensemble"]["tumor_slices"]["dice"]["mean"],
-                    "volume_dice": s["test_fold_ensemble"]["volume_dice"]["mean"],
-                },
             }
+            # One model on the test set: the fold ensemble, the all-patients model if trained.
+            for key in ("test_fold_ensemble", "test_final_model"):
+                if key in s:
+                    segmentation[arch][key] = {
+                        "dice": s[key]["tumor_slices"]["dice"]["mean"],
+                        "volume_dice": s[key]["volume_dice"]["mean"],
+                    }
         cascade = {
             key: {
                 k: self.cascade[key][k]

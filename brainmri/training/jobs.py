@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import math
+import statistics
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +119,7 @@ def _run_fit(job: TrainJob, stage: str, setup: TrainingSetup, device: torch.devi
             setup.loss_fn,
             setup.metric_fn,
             setup.train_batches,
-            setup.val_batches,
+            setup.val_batches if setup.val_data is not None else None,
             fit_settings,
             device,
             job.resume_dir,
@@ -238,4 +240,88 @@ def train_segmenter(job: TrainJob, fold: int) -> None:
     _finish(job, device)
 
 
-__all__ = ["Preempted", "TrainJob", "train_classifier", "train_segmenter"]
+def best_epoch_of(history: Path) -> int:
+    """The epoch (1-based) a fold model's checkpoint holds: the last improvement (``best`` 1)
+    in its history.csv."""
+    try:
+        frame = pd.read_csv(history)
+    except (OSError, ValueError) as error:
+        raise InputError(f"{history}: unreadable training history ({error})") from None
+    if not {"epoch", "best"} <= set(frame.columns):
+        raise InputError(f"{history}: not a training history (no 'epoch' and 'best' columns)")
+    best = frame.loc[frame["best"] == 1, "epoch"]
+    if best.empty:
+        raise InputError(f"{history}: no epoch improved on validation (no best epoch)")
+    return int(best.iloc[-1])
+
+
+def final_epochs(histories: list[Path]) -> int:
+    """Epochs of the final model (``segmentation.final_model.epochs: null``): the median of the
+    fold models' best epochs, rounded half up (validation folds only, never the test set)."""
+    if not histories:
+        raise InputError("final model: no fold histories to choose its epochs from")
+    return max(1, math.floor(statistics.median(best_epoch_of(h) for h in histories) + 0.5))
+
+
+def final_training_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """Every non-test LGG slice (``seg_split`` train, all folds): the final model's data."""
+    return table[table["seg_split"] == "train"]
+
+
+def train_final_segmenter(job: TrainJob, epochs: int) -> None:
+    """Train one architecture on every training patient (all folds) for ``epochs`` epochs
+    with the configured schedule, without validation or early stopping; keep the last epoch."""
+    settings = {**job.settings, "epochs": int(epochs), "patience": None}
+    warmup = settings.get("warmup_epochs", 0)
+    if settings.get("lr_schedule") == "warmup_cosine" and settings["epochs"] <= warmup:
+        log.warning("%d epochs <= %d warm-up epochs: training %d", epochs, warmup, warmup + 1)
+        settings["epochs"] = warmup + 1
+    job = replace(job, settings=settings)
+    name = settings["name"]
+    check_segmenter_config(settings, key=f"segmentation.architectures.{name}")
+    _check_weights(job, "smp", settings["encoder"])
+    seed_everything(job.seed - 1)  # fold k uses seed + k: the final model is its own stream
+    device = _start(job)
+    table = load_table(job.manifest, job.splits)
+    train = _require(final_training_rows(table), "segmentation training split", job.splits)
+    log.info(
+        "Final segmenter %s (%s/%s): %d slices of %d patients (%d with tumor), %d epochs, "
+        "no validation, at %d px",
+        name,
+        settings["arch"],
+        settings["encoder"],
+        len(train),
+        train["patient"].nunique(),
+        int(train["has_tumor"].sum()),
+        settings["epochs"],
+        settings["input_size"],
+    )
+    load = array_loader(job.images, job.masks)
+    setup = build_training_setup(
+        "segmentation", settings, load, train, None, device, job.seed - 1000, job.weights
+    )
+    result = _run_fit(job, "segmentation", setup, device)
+    setup.model.load_state_dict(result.best_state)
+    write_csv(job.history, pd.DataFrame(result.history))
+    save_checkpoint(
+        job.checkpoint,
+        setup.model,
+        "segmentation",
+        settings,
+        preprocessing=_preprocessing(setup.train_data.images.shape[1]),
+        fold="all",
+        epoch=result.best_epoch + 1,
+        val_loss=None,
+        training_patients=int(train["patient"].nunique()),
+    )
+    _finish(job, device)
+
+
+__all__ = [
+    "Preempted",
+    "TrainJob",
+    "final_epochs",
+    "train_classifier",
+    "train_final_segmenter",
+    "train_segmenter",
+]

@@ -230,13 +230,16 @@ def fit(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     metric_fn: MetricFn,
     train_batches: BatchIterator,
-    val_batches: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]],
+    val_batches: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]] | None,
     settings: FitSettings,
     device: torch.device,
     resume_dir: Path,
     digest: str,
 ) -> FitResult:
-    """Train ``model``; ``metric_fn`` returns the per-sample metric (summed into the history)."""
+    """Train ``model``; ``metric_fn`` returns the per-sample metric (summed into the history).
+
+    ``val_batches`` None (a final model on every training patient): no validation, no val_*
+    history columns, every epoch counts as the best, so the last one is kept."""
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
@@ -295,17 +298,22 @@ def fit(
                 train_metrics.add(metric_fn(logits.detach().float(), targets))
                 count += n
             train_means = train_metrics.means()
-            val_loss, val_metrics = float("nan"), dict.fromkeys(train_means, float("nan"))
-            if (epoch + 1) % settings.val_every == 0 or epoch + 1 == settings.epochs:
-                val_loss, val_metrics = evaluate_all(
-                    forward, loss_fn, metric_fn, val_batches(), device, lambda: term.raised, name
-                )
             row = {"epoch": epoch + 1, "train_loss": float(total_loss) / max(count, 1)}
             row.update({f"train_{k}": v for k, v in train_means.items()})
-            row["val_loss"] = val_loss
-            row.update({f"val_{k}": v for k, v in val_metrics.items()})
-            # Never improved on an epoch without validation (NaN scores -inf).
-            score = selection_score(row, settings.select_on)
+            val_loss = float("nan")
+            if val_batches is None:  # no validation at all: the latest epoch is the best
+                score = float(epoch)
+            else:
+                val_metrics = dict.fromkeys(train_means, float("nan"))
+                if (epoch + 1) % settings.val_every == 0 or epoch + 1 == settings.epochs:
+                    val_loss, val_metrics = evaluate_all(
+                        forward, loss_fn, metric_fn, val_batches(), device, lambda: term.raised,
+                        name,
+                    )  # fmt: skip
+                row["val_loss"] = val_loss
+                row.update({f"val_{k}": v for k, v in val_metrics.items()})
+                # Never improved on an epoch without validation (NaN scores -inf).
+                score = selection_score(row, settings.select_on)
             improved = score > best_score
             if improved:
                 best_score, best_loss, best_epoch, stale = score, val_loss, epoch, 0
@@ -354,7 +362,10 @@ def fit(
                 raise Preempted(f"stopped by SIGTERM after epoch {epoch + 1} (state saved)")
     if settings.patience is not None and stale >= settings.patience:
         log.info("Early stopping: no improvement of the validation loss for %d epochs", stale)
-    log.info("Best validation loss %.4f at epoch %d", best_loss, best_epoch + 1)
+    if val_batches is None:
+        log.info("No validation: keeping the last epoch (%d)", best_epoch + 1)
+    else:
+        log.info("Best validation loss %.4f at epoch %d", best_loss, best_epoch + 1)
     return FitResult(best_state, best_epoch, best_loss, history)
 
 

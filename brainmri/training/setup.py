@@ -94,7 +94,7 @@ class TrainingSetup:
     metric_fn: Callable
     metric_name: str
     train_data: Batches
-    val_data: Batches
+    val_data: Batches | None  # None: no validation (a final model on every training patient)
     epoch_seed: int
     has_tumor: np.ndarray
     load: Loader
@@ -167,7 +167,7 @@ def build_training_setup(
     settings: dict[str, Any],
     load: Loader,
     train: pd.DataFrame,
-    val: pd.DataFrame,
+    val: pd.DataFrame | None,
     device: torch.device,
     epoch_seed: int,
     weights: str | None = None,
@@ -175,8 +175,9 @@ def build_training_setup(
 ) -> TrainingSetup:
     """Model, loss, metric, training and validation batches of one job, as the jobs train.
 
-    ``resident``: None chooses (CUDA: the arrays on the device if they fit); True/False forces
-    the device-resident or the host path (tests, benchmark).
+    ``val`` None: no validation batches (``val_data`` None, a final model). ``resident``: None
+    chooses (CUDA: the arrays on the device if they fit); True/False forces the device-resident
+    or the host path (tests, benchmark).
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}")
@@ -194,7 +195,9 @@ def build_training_setup(
         train_data=data_batches(
             task, settings, load, train, device, batch, augment, resident, "train"
         ),
-        val_data=data_batches(
+        val_data=None
+        if val is None
+        else data_batches(
             task, settings, load, val, device, evaluation, None, resident, "validation"
         ),
         epoch_seed=epoch_seed,
