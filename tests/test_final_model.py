@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from helpers import REPO, run_script
 from test_evaluation_scripts import (
@@ -32,7 +33,9 @@ from brainmri.io import write_json
 from brainmri.models import load_checkpoint
 from brainmri.reporting.report import RunResults
 from brainmri.tables import load_table
+from brainmri.training.evaluate import accuracy_per_sample
 from brainmri.training.jobs import best_epoch_of, final_epochs, final_training_rows
+from brainmri.training.loop import FitSettings, fit
 
 ENV = {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 SCHEMA = yaml.safe_load((REPO / "config" / "schema.yaml").read_text())
@@ -83,6 +86,29 @@ def test_a_history_without_a_best_epoch_is_refused_naming_it(tmp_path):
 
 
 # --- training and evaluation ----------------------------------------------------------------
+
+
+def test_fit_without_validation_keeps_the_last_epoch_and_follows_the_schedule(tmp_path):
+    torch.manual_seed(0)
+    cpu = torch.device("cpu")
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+    images = torch.rand(12, 3, 8, 8)
+    labels = torch.arange(12) % 2
+
+    def batches(epoch):
+        return iter([(images[:6], labels[:6]), (images[6:], labels[6:])])
+
+    settings = FitSettings(epochs=3, lr=0.1, patience=1, lr_schedule="cosine")
+    result = fit(
+        model, F.cross_entropy, accuracy_per_sample, batches, None, settings, cpu,
+        tmp_path / "resume", "digest",
+    )  # fmt: skip
+    assert result.best_epoch == 2  # the last one, although nothing was validated
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in result.best_state.items())
+    history = pd.DataFrame(result.history)
+    assert not [c for c in history.columns if c.startswith("val_")]
+    assert history["best"].tolist() == [1, 1, 1]  # patience never stops it
+    assert history["lr"].tolist() == pytest.approx([0.1, 0.075, 0.025])  # cosine over 3 epochs
 
 
 def train_final(data, out, *epochs_args, settings=None):
