@@ -65,15 +65,16 @@ def random_case(n: int = 40, size: int = 16, seed: int = 1):
     return stored, truth
 
 
+@pytest.mark.parametrize("torch_sums", [True, False])
 @pytest.mark.parametrize("chunk", [3, 256])
 @pytest.mark.parametrize("threshold", [0.3, 0.5, 0.9])
-def test_device_overlap_counts_equal_the_numpy_reference(chunk, threshold):
+def test_device_overlap_counts_equal_the_numpy_reference(chunk, threshold, torch_sums):
     stored, truth = random_case()
     expected = overlap_counts(binarize(stored, threshold), truth)
     cases = {(p > 0, t > 0) for _, p, t in expected}
     assert len(cases) == 4  # every empty-mask case occurs
     for given in (truth, truth.astype(np.uint8), torch.from_numpy(truth)):
-        counts = overlap_counts_on(torch.from_numpy(stored), given, threshold, chunk)
+        counts = overlap_counts_on(torch.from_numpy(stored), given, threshold, chunk, torch_sums)
         assert counts.dtype == np.int64 and counts.shape == (len(stored), 3)
         assert np.array_equal(counts, expected)
 
@@ -104,7 +105,7 @@ def test_evaluate_split_with_device_counts_is_identical(threshold):
     stored, truth = random_case(size=24)
     rows = case_rows(len(stored))
     reference, reference_report = evaluate_split(rows, stored, truth, threshold, "test", 1)
-    counts = overlap_counts_on(torch.from_numpy(stored), truth, threshold, chunk=7)
+    counts = overlap_counts_on(torch.from_numpy(stored), truth, threshold, 7, torch_sums=True)
     frame, report = evaluate_split(rows, stored, truth, threshold, "test", 1, counts=counts)
     pd.testing.assert_frame_equal(frame, reference, check_exact=True)
     assert report == reference_report

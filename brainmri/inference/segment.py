@@ -61,7 +61,8 @@ def inference_batches(placed: tuple[Any, Any], checkpoint: dict, device: torch.d
 def quantize_on(probabilities: torch.Tensor) -> torch.Tensor:
     """brainmri.evaluation.masks.quantize on the device: the same float32 arithmetic (clip,
     x 255) and rounding (half to even), so the same uint8 from the same probabilities."""
-    return torch.round(probabilities.clamp(0, 1) * 255).to(torch.uint8)
+    scaled = probabilities.clamp(0, 1)  # a new tensor: the rest works in place (faster on CPUs)
+    return scaled.mul_(255).round_().to(torch.uint8)
 
 
 @torch.no_grad()
