@@ -46,10 +46,10 @@ def overlap_counts(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """Per slice ``|P∩T|, |P|, |T|`` (int64, shape (N, 3)) of (N, H, W) masks: the sums every
     overlap metric is made of. The reference of the device version
     (brainmri.inference.overlap.overlap_counts_on), which gives the same integers."""
-    pred = pred.reshape(len(pred), -1).astype(bool)
-    truth = truth.reshape(len(truth), -1).astype(bool)
-    intersection = np.logical_and(pred, truth).sum(1)
-    return np.stack([intersection, pred.sum(1), truth.sum(1)], axis=1).astype(np.int64)
+    pred = np.asarray(pred).reshape(len(pred), -1).astype(bool, copy=False)
+    truth = np.asarray(truth).reshape(len(truth), -1).astype(bool, copy=False)
+    sums = [np.count_nonzero(a, axis=1) for a in (pred & truth, pred, truth)]
+    return np.stack(sums, axis=1).astype(np.int64)
 
 
 def overlap_from_counts(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
