@@ -53,7 +53,8 @@ def main() -> None:
     )
     stored, masks, counts = scored.stored, scored.truth, scored.counts
     checkpoint = scored.checkpoint
-    log.info("Inference on %d slices: %.1f s", len(rows), time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    log.info("Inference and overlap sums on %d slices: %.1f s", len(rows), seconds)
     arch = checkpoint["settings"].get("name", checkpoint["settings"].get("arch"))
     frames, reports, offset = [], {}, 0
     for split, part in parts.items():
