@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
+from brainmri.errors import InputError
 from brainmri.evaluation.masks import binarize, quantize, stored_cutoff
 from brainmri.evaluation.postprocess import PostProcess
 from brainmri.evaluation.segmentation import evaluate_split, overlap_counts
@@ -159,3 +160,8 @@ def test_stored_probabilities_are_todays_float_mean_quantized(checkpoints, tta):
     assert np.array_equal(stored.numpy(), quantize(expected))
     assert checkpoint["settings"]["slice_context"] == 1  # the last model's
     assert 0 < stored.numpy().min() < stored.numpy().max() < 255  # not a constant
+
+
+def test_stored_probabilities_need_a_model():
+    with pytest.raises(InputError, match="no segmentation model"):
+        stored_probabilities([], np.zeros((2, 8, 8, 3), dtype=np.uint8), CPU)

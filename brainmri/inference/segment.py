@@ -76,6 +76,8 @@ def _model_probabilities(
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """The models' mean float32 sigmoid probability (N, S, S) on ``device``, or (``stored``)
     its quantized uint8 form; one model: quantized batch by batch, no float array at all."""
+    if not checkpoints:
+        raise InputError("no segmentation model to predict with")
     n, size = len(images), images.shape[1]
     quantize_batches = stored and len(checkpoints) == 1
     dtype = torch.uint8 if quantize_batches else torch.float32
