@@ -309,6 +309,16 @@ def test_evaluate_segmenter_script(data, checkpoint, tmp_path):
         part = per_slice[per_slice["split"] == split]
         assert report["all_slices"]["dice"]["mean"] == pytest.approx(part["dice"].mean())
         assert set(report["volume_dice"]["patients"]) == set(rows["patient"])
+    # The overlap sums were taken on the inference device: the files hold exactly what the
+    # NumPy path (evaluate_split from the stored probabilities alone) gives.
+    frame, reference = evaluate_split(test, probabilities, masks, 0.5, "test")
+    write_csv(tmp_path / "expected.csv", frame)
+    expected = pd.read_csv(tmp_path / "expected.csv", keep_default_na=False)
+    pd.testing.assert_frame_equal(test_rows, expected, check_exact=True)
+    written = json.loads((first / "test_metrics.json").read_text())
+    for key in ("arch", "fold", "input_size", "tta"):
+        written.pop(key)
+    assert written == json.loads(json.dumps(reference))
     # Reproducible on the CPU: identical files.
     for name in ("test_probabilities.npy", "per_slice.csv", "val_metrics.json"):
         assert (first / name).read_bytes() == (second / name).read_bytes()

@@ -16,7 +16,7 @@ from test_volume import SHAPE, affine_of, three_files
 
 from brainmri.evaluation.masks import binarize, mean_probabilities, quantize
 from brainmri.evaluation.postprocess import PostProcess, clean_patients
-from brainmri.inference.segment import predict_probabilities, probabilities_of
+from brainmri.inference.segment import probabilities_of, segment_and_count
 from brainmri.inference.volume import EnsembleModels, predict_volume, predict_volumes, slice_rows
 from brainmri.inference.volume_io import read_input, read_kaggle_folder
 
@@ -91,7 +91,7 @@ def test_volume_mask_equals_the_fold_ensemble_path_with_tta(models, tmp_path):
     np.save(tmp_path / "masks.npy", np.zeros(volume.slices.shape[:3], dtype=np.uint8))
     rows = slice_rows(volume).assign(source="lgg", array_index=np.arange(SLICES))
     files = ({"lgg": tmp_path / "images.npy"}, {"lgg": tmp_path / "masks.npy"})
-    stored = [quantize(predict_probabilities([f], rows, *files, 1, True)[0]) for f in folds]
+    stored = [segment_and_count([f], rows, *files, 1, 0.5, True).stored for f in folds]
     expected = clean_patients(binarize(mean_probabilities(stored), 0.5), rows, post)
     assert 0 < expected.sum() < expected.size
     np.testing.assert_array_equal(result.mask, expected)

@@ -1,10 +1,12 @@
 """Evaluate one fold model on its validation fold (seg_split train, fold k) and on the common
 test set: per-slice Dice, Jaccard, Hausdorff distance and ASSD (medpy; empty-mask rules in
 brainmri.evaluation.segmentation) on tumor-containing slices and on all slices, and per-patient
-volume Dice.
+volume Dice. The overlap sums behind Dice, Jaccard and volume Dice are taken on the inference
+device (brainmri.inference.overlap); HD and ASSD on the CPU (medpy, --threads processes).
 Also writes the model's test probabilities (uint8, x 255) for the fold ensemble.
 With --fold all (the final model, trained on every fold) there is no validation fold: the test
-set only, cleaned per patient volume by --postprocess as the fold ensemble is."""
+set only, cleaned per patient volume by --postprocess as the fold ensemble is (the overlap sums
+are then taken after the cleaning, on the host)."""
 
 from __future__ import annotations
 
@@ -15,10 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from brainmri.evaluation.masks import quantize
 from brainmri.evaluation.postprocess import PostProcess
 from brainmri.evaluation.segmentation import evaluate_split
-from brainmri.inference.segment import predict_probabilities
+from brainmri.inference.segment import segment_and_count
 from brainmri.io import run_cli, setup_logging, write_csv, write_json, write_npy
 from brainmri.tables import segmentation_rows
 
@@ -55,19 +56,33 @@ def main() -> None:
     parts["test"] = segmentation_rows(args.manifest, args.splits)
     start = time.perf_counter()
     rows = pd.concat(parts.values(), ignore_index=True)
-    probabilities, masks, checkpoint = predict_probabilities(
-        [args.checkpoint], rows, {"lgg": args.images}, {"lgg": args.masks}, args.threads, args.tta
+    scored = segment_and_count(
+        [args.checkpoint],
+        rows,
+        {"lgg": args.images},
+        {"lgg": args.masks},
+        args.threads,
+        args.threshold,
+        args.tta,
     )
-    stored = quantize(probabilities)
-    log.info("Inference on %d slices: %.1f s", len(rows), time.perf_counter() - start)
+    stored, masks, counts = scored.stored, scored.truth, scored.counts
+    checkpoint = scored.checkpoint
+    seconds = time.perf_counter() - start
+    log.info("Inference and overlap sums on %d slices: %.1f s", len(rows), seconds)
     arch = checkpoint["settings"].get("name", checkpoint["settings"].get("arch"))
     frames, reports, offset = [], {}, 0
     for split, part in parts.items():
         end = offset + len(part)
         frame, report = evaluate_split(
-            part, stored[offset:end], masks[offset:end], args.threshold, split, args.threads,
+            part,
+            stored[offset:end],
+            masks[offset:end],
+            args.threshold,
+            split,
+            args.threads,
             post,
-        )  # fmt: skip
+            counts=None if post is not None else counts[offset:end],
+        )
         report.update(arch=arch, fold=args.fold, input_size=checkpoint["input_size"], tta=args.tta)
         if final:  # what the final model was trained on, from its checkpoint
             report.update(epochs=checkpoint["epoch"], patients=checkpoint["training_patients"])

@@ -27,12 +27,23 @@ def binarize(stored: np.ndarray, threshold: float) -> np.ndarray:
     The one place a segmentation threshold (``segmentation.threshold``) is applied: evaluation,
     the fold ensemble, the cascade, the overlays and ``predict`` all call it.
     """
-    if not 0 < threshold < 1:
-        raise ValueError(f"segmentation threshold {threshold}: must lie strictly between 0 and 1")
     if stored.dtype != np.uint8:
         raise ValueError(f"stored probabilities must be uint8, not {stored.dtype}")
-    table = np.arange(256) / 255.0 >= threshold
-    return table[stored]
+    return _table(threshold)[stored]
+
+
+def _table(threshold: float) -> np.ndarray:
+    """The mask value of each of the 256 stored values at ``threshold``."""
+    if not 0 < threshold < 1:
+        raise ValueError(f"segmentation threshold {threshold}: must lie strictly between 0 and 1")
+    return np.arange(256) / 255.0 >= threshold
+
+
+def stored_cutoff(threshold: float) -> int:
+    """The smallest stored value that :func:`binarize` turns into mask at ``threshold``, so
+    that ``binarize(stored, threshold) == (stored >= stored_cutoff(threshold))``: how masks
+    are made on a device (brainmri.inference.overlap). In 1..255 (the threshold lies in (0, 1))."""
+    return int(np.argmax(_table(threshold)))
 
 
 def mean_probabilities(stored: list[np.ndarray]) -> np.ndarray:

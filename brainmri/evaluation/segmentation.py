@@ -42,12 +42,20 @@ EMPTY_MASK_RULES = {
 PARALLEL_MIN_PAIRS = 256
 
 
-def overlap_metrics(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-slice Dice and Jaccard of boolean (N, H, W) arrays, vectorised; 1 when both empty."""
-    pred = pred.reshape(len(pred), -1).astype(bool)
-    truth = truth.reshape(len(truth), -1).astype(bool)
-    intersection = np.logical_and(pred, truth).sum(1).astype(np.float64)
-    sizes = pred.sum(1) + truth.sum(1).astype(np.float64)
+def overlap_counts(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Per slice ``|P∩T|, |P|, |T|`` (int64, shape (N, 3)) of (N, H, W) masks: the sums every
+    overlap metric is made of. The reference of the device version
+    (brainmri.inference.overlap.overlap_counts_on), which gives the same integers."""
+    pred = np.asarray(pred).reshape(len(pred), -1).astype(bool, copy=False)
+    truth = np.asarray(truth).reshape(len(truth), -1).astype(bool, copy=False)
+    sums = [np.count_nonzero(a, axis=1) for a in (pred & truth, pred, truth)]
+    return np.stack(sums, axis=1).astype(np.int64)
+
+
+def overlap_from_counts(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-slice Dice and Jaccard from :func:`overlap_counts`; 1 when both masks are empty."""
+    intersection = counts[:, 0].astype(np.float64)
+    sizes = counts[:, 1] + counts[:, 2].astype(np.float64)
     union = sizes - intersection
     both_empty = sizes == 0
     dice = np.where(both_empty, 1.0, 2 * intersection / np.maximum(sizes, 1))
@@ -55,15 +63,23 @@ def overlap_metrics(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np
     return dice, jaccard
 
 
-def slice_cases(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Which empty-mask case each slice falls in (see the module docstring)."""
-    p = pred.reshape(len(pred), -1).any(1)
-    t = truth.reshape(len(truth), -1).any(1)
+def overlap_metrics(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-slice Dice and Jaccard of boolean (N, H, W) arrays, vectorised; 1 when both empty."""
+    return overlap_from_counts(overlap_counts(pred, truth))
+
+
+def _cases(p: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """The empty-mask case of each slice from whether its prediction / truth is non-empty."""
     return np.select(
         [~p & ~t, ~p & t, p & ~t],
         ["both_empty", "pred_empty_only", "truth_empty_only"],
         "both_nonempty",
     )
+
+
+def slice_cases(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Which empty-mask case each slice falls in (see the module docstring)."""
+    return _cases(pred.reshape(len(pred), -1).any(1), truth.reshape(len(truth), -1).any(1))
 
 
 def _crop_pair(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -100,11 +116,25 @@ def distance_metrics(
     n = len(pred)
     p = pred.reshape(n, -1).any(1)
     t = truth.reshape(n, -1).any(1)
-    diagonal = math.hypot(*pred.shape[1:]) if pred.ndim == 3 else 0.0
+    both = p & t
+    return _distances(p, t, pred.shape[1:], pred[both], truth[both], threads)
+
+
+def _distances(
+    p: np.ndarray,
+    t: np.ndarray,
+    shape: tuple[int, ...],
+    pred_both: np.ndarray,
+    truth_both: np.ndarray,
+    threads: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """HD and ASSD of each slice from whether its prediction (``p``) and truth (``t``) are
+    non-empty, and the masks of the slices where both are (in order)."""
+    diagonal = math.hypot(*shape) if len(shape) == 2 else 0.0
     hd = np.where(p == t, 0.0, diagonal)  # both empty: 0, exactly one empty: the diagonal
     assd = hd.copy()
     both = np.flatnonzero(p & t)
-    pairs = [_crop_pair(pred[i], truth[i]) for i in both]
+    pairs = [_crop_pair(a, b) for a, b in zip(pred_both, truth_both, strict=True)]
     if threads > 1 and len(pairs) > PARALLEL_MIN_PAIRS:
         chunk = max(1, math.ceil(len(pairs) / (4 * threads)))
         with ProcessPoolExecutor(max_workers=threads) as pool:
@@ -116,21 +146,32 @@ def distance_metrics(
     return hd, assd
 
 
-def per_slice_metrics(pred: np.ndarray, truth: np.ndarray, threads: int = 1) -> pd.DataFrame:
-    """dice, jaccard, hd, assd, pred_area, true_area and case for each slice."""
-    dice, jaccard = overlap_metrics(pred, truth)
-    hd, assd = distance_metrics(pred, truth, threads)
+def _metrics_frame(counts: np.ndarray, hd: np.ndarray, assd: np.ndarray) -> pd.DataFrame:
+    dice, jaccard = overlap_from_counts(counts)
     return pd.DataFrame(
         {
             "dice": dice,
             "jaccard": jaccard,
             "hd": hd,
             "assd": assd,
-            "pred_area": pred.reshape(len(pred), -1).sum(1).astype(int),
-            "true_area": truth.reshape(len(truth), -1).sum(1).astype(int),
-            "case": slice_cases(pred, truth),
+            "pred_area": counts[:, 1].astype(int),
+            "true_area": counts[:, 2].astype(int),
+            "case": _cases(counts[:, 1] > 0, counts[:, 2] > 0),
         }
     )
+
+
+def per_slice_metrics(pred: np.ndarray, truth: np.ndarray, threads: int = 1) -> pd.DataFrame:
+    """dice, jaccard, hd, assd, pred_area, true_area and case for each slice."""
+    return _metrics_frame(overlap_counts(pred, truth), *distance_metrics(pred, truth, threads))
+
+
+def _with_rows(rows: pd.DataFrame, frame: pd.DataFrame, split: str) -> pd.DataFrame:
+    frame.insert(0, "has_tumor", rows["has_tumor"].to_numpy(dtype=int))
+    frame.insert(0, "split", split)
+    frame.insert(0, "patient", rows["patient"].to_numpy())
+    frame.insert(0, "id", rows["id"].to_numpy())
+    return frame
 
 
 def score_slices(
@@ -139,23 +180,22 @@ def score_slices(
     """per_slice.csv rows: id, patient, split, has_tumor, then :func:`per_slice_metrics`."""
     if not (len(rows) == len(pred) == len(truth)):
         raise ValueError(f"{len(rows)} rows, {len(pred)} predictions, {len(truth)} masks")
-    frame = per_slice_metrics(pred, truth, threads)
-    frame.insert(0, "has_tumor", rows["has_tumor"].to_numpy(dtype=int))
-    frame.insert(0, "split", split)
-    frame.insert(0, "patient", rows["patient"].to_numpy())
-    frame.insert(0, "id", rows["id"].to_numpy())
-    return frame
+    return _with_rows(rows, per_slice_metrics(pred, truth, threads), split)
 
 
 def volume_dice(pred: np.ndarray, truth: np.ndarray, patients: np.ndarray) -> pd.Series:
     """Dice of each patient's stacked slices (Buda et al.); 1 when both volumes are empty."""
+    return volume_dice_from_counts(overlap_counts(pred, truth), patients)
+
+
+def volume_dice_from_counts(counts: np.ndarray, patients: np.ndarray) -> pd.Series:
+    """:func:`volume_dice` from the slices' :func:`overlap_counts` (exact integer sums)."""
     patients = np.asarray(patients)
     values = {}
     for patient in sorted(set(patients.tolist())):
-        rows = patients == patient
-        p, t = pred[rows].astype(bool), truth[rows].astype(bool)
-        total = p.sum() + t.sum()
-        values[patient] = 1.0 if total == 0 else float(2 * np.logical_and(p, t).sum() / total)
+        intersection, pred, true = counts[patients == patient].sum(0)
+        total = pred + true
+        values[patient] = 1.0 if total == 0 else float(2 * intersection / total)
     return pd.Series(values, name="volume_dice", dtype=np.float64)
 
 
@@ -195,14 +235,36 @@ def evaluate_split(
     split: str,
     threads: int = 1,
     post: PostProcess | None = None,
+    counts: np.ndarray | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Per-slice rows and the report of one set of slices from uint8 stored probabilities,
-    thresholded and (with ``post``) cleaned per patient volume."""
-    pred = binarize(stored, threshold)
-    if post is not None:
-        pred = clean_patients(pred, rows, post)
-    frame = score_slices(rows, pred, truth, split, threads)
-    volume = volume_dice(pred, truth, rows["patient"].to_numpy())
+    thresholded and (with ``post``) cleaned per patient volume.
+
+    ``counts``: the slices' :func:`overlap_counts` of ``binarize(stored, threshold)`` and
+    ``truth`` when already computed (on the inference device: evaluate_segmenter.py); then only
+    the slices where both masks are non-empty are thresholded here, for HD and ASSD.
+    """
+    if not (len(rows) == len(stored) == len(truth)):
+        raise ValueError(f"{len(rows)} rows, {len(stored)} predictions, {len(truth)} masks")
+    truth = np.asarray(truth).astype(bool)
+    if counts is None:
+        pred = binarize(stored, threshold)
+        if post is not None:
+            pred = clean_patients(pred, rows, post)
+        counts = overlap_counts(pred, truth)
+        both = (counts[:, 1] > 0) & (counts[:, 2] > 0)
+        pred_both = pred[both]
+    else:
+        if post is not None:
+            raise ValueError("overlap counts are of the masks before post-processing")
+        if counts.shape != (len(rows), 3):
+            raise ValueError(f"overlap counts of shape {counts.shape} for {len(rows)} slices")
+        both = (counts[:, 1] > 0) & (counts[:, 2] > 0)
+        pred_both = binarize(stored[both], threshold)
+    nonempty = (counts[:, 1] > 0, counts[:, 2] > 0)
+    hd, assd = _distances(*nonempty, truth.shape[1:], pred_both, truth[both], threads)
+    frame = _with_rows(rows, _metrics_frame(counts, hd, assd), split)
+    volume = volume_dice_from_counts(counts, rows["patient"].to_numpy())
     report = segmentation_report(frame, volume)
     report.update(split=split, threshold=threshold, n_slices=len(rows))
     report["by_sequences"] = by_sequences(rows, frame, volume)

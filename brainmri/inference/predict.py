@@ -35,12 +35,12 @@ from brainmri.data.preprocess import (
 from brainmri.devices import select_device
 from brainmri.errors import InputError
 from brainmri.evaluation.classification import decide, vote
-from brainmri.evaluation.masks import binarize, quantize
+from brainmri.evaluation.masks import binarize
 from brainmri.inference.segment import (
     inference_batches,
     load_for_inference,
     place,
-    probabilities_of,
+    stored_probabilities,
 )
 from brainmri.io import atomic_path, write_csv
 from brainmri.models import safe_torch_load
@@ -253,8 +253,8 @@ def _predict(
         probs.append(prob)
         preds.append(decide(prob, cutoff))
     decision, mean_prob, votes = vote(np.stack(preds), np.stack(probs), method, cutoff)
-    seg_prob, _ = probabilities_of(segmenters, images, device, tta)
-    seg_masks = binarize(quantize(seg_prob), threshold)
+    seg_stored, _ = stored_probabilities(segmenters, images, device, tta)
+    seg_masks = binarize(seg_stored.cpu().numpy(), threshold)
     rows = []
     for i, item in enumerate(prepared):
         mask = restore_mask(seg_masks[i] & bool(decision[i]), item)

@@ -2,11 +2,15 @@
 
 Large batches (the checkpoint's ``eval_batch_size``, else sized for the device), bf16 autocast
 and channels_last on CUDA as in training, the images resident on the GPU when they fit, and the
-sigmoid/resize done on the device per batch: no per-slice Python work.
+sigmoid/resize done on the device per batch: no per-slice Python work. The models' mean
+probability is accumulated and quantized to the stored uint8 form on the device, and the overlap
+sums of evaluation are taken there too (brainmri.inference.overlap), so one byte per pixel
+crosses to the host.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +21,7 @@ import torch.nn.functional as F
 
 from brainmri.devices import select_device
 from brainmri.errors import InputError
+from brainmri.inference.overlap import overlap_counts_on
 from brainmri.inference.tta import with_tta
 from brainmri.models import load_checkpoint
 from brainmri.tables import ArrayFiles, gather
@@ -53,22 +58,33 @@ def inference_batches(placed: tuple[Any, Any], checkpoint: dict, device: torch.d
     return Batches(images, targets, batch, device, size, None, device.type == "cuda")
 
 
+def quantize_on(probabilities: torch.Tensor) -> torch.Tensor:
+    """brainmri.evaluation.masks.quantize on the device: the same float32 arithmetic (clip,
+    x 255) and rounding (half to even), so the same uint8 from the same probabilities."""
+    scaled = probabilities.clamp(0, 1)  # a new tensor: the rest works in place (faster on CPUs)
+    return scaled.mul_(255).round_().to(torch.uint8)
+
+
 @torch.no_grad()
-def probabilities_of(
+def _model_probabilities(
     checkpoints: list[Path],
     images: np.ndarray,
     device: torch.device,
-    tta: bool = False,
-    rows: pd.DataFrame | None = None,
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """Mean sigmoid probability (N, S, S) of the models on uint8 images (N, S, S, 3); with
-    ``tta`` each model's logits are the mean over flips (brainmri.inference.tta). ``rows``
-    (manifest rows of the images: patient, slice_index) feed 2.5D models their neighbours."""
-    size = images.shape[1]
+    tta: bool,
+    rows: pd.DataFrame | None,
+    stored: bool,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The models' mean float32 sigmoid probability (N, S, S) on ``device``, or (``stored``)
+    its quantized uint8 form; one model: quantized batch by batch, no float array at all."""
+    if not checkpoints:
+        raise InputError("no segmentation model to predict with")
+    n, size = len(images), images.shape[1]
+    quantize_batches = stored and len(checkpoints) == 1
+    dtype = torch.uint8 if quantize_batches else torch.float32
+    result = torch.empty((n, size, size), dtype=dtype, device=device)
     placed = place(images, device)
-    total = None
     checkpoint: dict[str, Any] = {}
-    for path in checkpoints:
+    for number, path in enumerate(checkpoints):
         model, checkpoint = load_for_inference(path, device)
         model = with_tta(model, tta)
         inputs = placed
@@ -80,31 +96,91 @@ def probabilities_of(
                     "neighbours; it cannot predict single images"
                 )
             inputs = place(with_context(images, rows, context), device)
-        parts = []
+        offset = 0
         for batch, _ in inference_batches(inputs, checkpoint, device).epoch():
             with autocast(device):
                 logits = model(batch)
             logits = logits.float()
             if logits.shape[-1] != size:
                 logits = F.interpolate(logits, size=(size, size), mode="bilinear")
-            parts.append(torch.sigmoid(logits[:, 0]).cpu())
-        probabilities = torch.cat(parts).numpy()
-        total = probabilities if total is None else total + probabilities
-    return total / len(checkpoints), checkpoint
+            probabilities = torch.sigmoid(logits[:, 0])
+            end = offset + len(probabilities)
+            if quantize_batches:
+                result[offset:end] = quantize_on(probabilities)
+            elif number == 0:
+                result[offset:end] = probabilities
+            else:
+                result[offset:end] += probabilities
+            offset = end
+    if len(checkpoints) > 1:
+        # A 0-dim tensor on the device: a true division everywhere (CUDA turns a division by a
+        # Python number into a multiplication by its reciprocal), as NumPy divided before.
+        result /= torch.tensor(float(len(checkpoints)), device=device)
+        if stored:
+            result = quantize_on(result)
+    return result, checkpoint
 
 
-def predict_probabilities(
+def probabilities_of(
+    checkpoints: list[Path],
+    images: np.ndarray,
+    device: torch.device,
+    tta: bool = False,
+    rows: pd.DataFrame | None = None,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Mean sigmoid probability (N, S, S), float32 on the host, of the models on uint8 images
+    (N, S, S, 3); with ``tta`` each model's logits are the mean over flips
+    (brainmri.inference.tta). ``rows`` (manifest rows of the images: patient, slice_index) feed
+    2.5D models their neighbours. Where only masks are needed, :func:`stored_probabilities`
+    moves a quarter of the bytes."""
+    probabilities, checkpoint = _model_probabilities(
+        checkpoints, images, device, tta, rows, stored=False
+    )
+    return probabilities.cpu().numpy(), checkpoint
+
+
+def stored_probabilities(
+    checkpoints: list[Path],
+    images: np.ndarray,
+    device: torch.device,
+    tta: bool = False,
+    rows: pd.DataFrame | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The models' stored probabilities: uint8 (N, S, S) on ``device``, equal to
+    ``quantize(probabilities_of(...)[0])`` (mean of the float probabilities, then quantized, all
+    on the device); ``.cpu().numpy()`` brings one byte per pixel to the host."""
+    return _model_probabilities(checkpoints, images, device, tta, rows, stored=True)
+
+
+@dataclass
+class ScoredSlices:
+    """What :func:`segment_and_count` returns, on the host."""
+
+    stored: np.ndarray  # uint8 (N, S, S) stored probabilities
+    truth: np.ndarray  # bool (N, S, S) true masks
+    counts: np.ndarray  # int64 (N, 3): |P∩T|, |P|, |T| at the threshold (overlap_counts_on)
+    checkpoint: dict[str, Any]  # the (last) checkpoint dict
+
+
+def segment_and_count(
     checkpoints: list[Path],
     rows: pd.DataFrame,
     images: ArrayFiles,
     masks: ArrayFiles,
     threads: int,
+    threshold: float,
     tta: bool = False,
-) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Probabilities of ``rows`` (LGG slices), their masks, and the (last) checkpoint dict."""
+) -> ScoredSlices:
+    """Stored probabilities of ``rows`` (LGG slices), their masks, and the overlap sums of the
+    thresholded probabilities with the masks, computed on the inference device (the masks are
+    put there like the images); only uint8 probabilities and the sums come back."""
     device = select_device()
     configure_torch(device, threads)
     pictures = gather(images, rows)
     truth = gather(masks, rows).astype(bool)
-    probabilities, checkpoint = probabilities_of(checkpoints, pictures, device, tta, rows)
-    return probabilities, truth, checkpoint
+    stored, checkpoint = stored_probabilities(checkpoints, pictures, device, tta, rows)
+    on_device = truth
+    if device.type == "cuda":
+        on_device = make_resident([truth], device, RESIDENT_SHARE, "inference masks")[0]
+    counts = overlap_counts_on(stored, on_device, threshold)
+    return ScoredSlices(stored.cpu().numpy(), truth, counts, checkpoint)
