@@ -32,14 +32,14 @@ from PIL import Image, ImageDraw
 from brainmri.data.preprocess import resize_image, square_pad
 from brainmri.errors import InputError
 from brainmri.evaluation.classification import decide, vote
-from brainmri.evaluation.masks import binarize, mean_probabilities, quantize
+from brainmri.evaluation.masks import binarize, mean_probabilities
 from brainmri.evaluation.postprocess import PostProcess, clean_volume
 from brainmri.inference.predict import Prepared, restore_mask
 from brainmri.inference.segment import (
     inference_batches,
     load_for_inference,
     place,
-    probabilities_of,
+    stored_probabilities,
 )
 from brainmri.inference.volume_io import Volume, mask_to_input
 from brainmri.io import atomic_path, write_csv
@@ -118,7 +118,7 @@ class EnsembleModels:
         quantized, then averaged, as the fold ensemble averages the stored test probabilities."""
         return mean_probabilities(
             [
-                quantize(probabilities_of([path], images, self.device, self.tta, rows)[0])
+                stored_probabilities([path], images, self.device, self.tta, rows)[0].cpu().numpy()
                 for path in self.segmenters
             ]
         )
