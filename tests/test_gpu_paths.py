@@ -17,7 +17,7 @@ from brainmri.models import build_classifier
 from brainmri.tables import load_table
 from brainmri.training import batches as batches_module
 from brainmri.training.batches import Augment, Batches, make_resident, resident_fits
-from brainmri.training.evaluate import accuracy_per_sample, evaluate
+from brainmri.training.evaluate import accuracy_per_sample, evaluate_all
 from brainmri.training.loop import FitSettings, configure_torch, epoch_generator, fit
 from brainmri.training.setup import build_training_setup, default_eval_batch, folder_loader
 
@@ -136,8 +136,9 @@ def test_evaluation_does_not_depend_on_the_batch_size():
     torch.manual_seed(0)
     model = build_classifier({"backbone": "resnet10t", "pretrained": False}).eval()
     data = Batches(images, labels, 4, CPU, 32)
-    small = evaluate(model, F.cross_entropy, accuracy_per_sample, data.epoch(), CPU)
-    large = evaluate(model, F.cross_entropy, accuracy_per_sample, data.epoch(None, None, 64), CPU)
+    args = (model, F.cross_entropy, accuracy_per_sample)
+    small = evaluate_all(*args, data.epoch(), CPU)
+    large = evaluate_all(*args, data.epoch(None, None, 64), CPU)
     assert small[0] == pytest.approx(large[0], rel=1e-5) and small[1] == large[1]
 
 

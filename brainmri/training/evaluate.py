@@ -93,19 +93,6 @@ def evaluate_all(
     return float(total_loss) / count, metrics.means()
 
 
-def evaluate(
-    model: nn.Module | Callable[[torch.Tensor], torch.Tensor],
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    metric_fn: MetricFn,
-    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
-    device: torch.device,
-    stop: Callable[[], bool] | None = None,
-) -> tuple[float, float]:
-    """Mean loss and mean of the (first) per-sample metric over ``batches``."""
-    loss, metrics = evaluate_all(model, loss_fn, metric_fn, batches, device, stop)
-    return loss, next(iter(metrics.values()))
-
-
 @torch.no_grad()
 def predict_logits(
     model: nn.Module, batches: Iterator[tuple[torch.Tensor, Any]], device: torch.device

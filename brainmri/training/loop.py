@@ -42,7 +42,6 @@ from brainmri.training.evaluate import (  # some re-exported (__all__) for older
     accuracy_per_sample,
     autocast,
     dice_per_sample,
-    evaluate,
     evaluate_all,
     predict_logits,
 )
@@ -57,7 +56,6 @@ __all__ = [
     "accuracy_per_sample",
     "autocast",
     "dice_per_sample",
-    "evaluate",
     "fit",
     "predict_logits",
 ]
