@@ -62,7 +62,7 @@ def main() -> None:
         {"lgg": args.images},
         {"lgg": args.masks},
         args.threads,
-        args.threshold,
+        None if post is not None else args.threshold,  # cleaned masks are counted on the host
         args.tta,
     )
     stored, masks, counts = scored.stored, scored.truth, scored.counts
@@ -81,7 +81,7 @@ def main() -> None:
             split,
             args.threads,
             post,
-            counts=None if post is not None else counts[offset:end],
+            counts=None if counts is None else counts[offset:end],
         )
         report.update(arch=arch, fold=args.fold, input_size=checkpoint["input_size"], tta=args.tta)
         if final:  # what the final model was trained on, from its checkpoint

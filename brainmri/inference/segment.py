@@ -158,7 +158,7 @@ class ScoredSlices:
 
     stored: np.ndarray  # uint8 (N, S, S) stored probabilities
     truth: np.ndarray  # bool (N, S, S) true masks
-    counts: np.ndarray  # int64 (N, 3): |P∩T|, |P|, |T| at the threshold (overlap_counts_on)
+    counts: np.ndarray | None  # int64 (N, 3): |P∩T|, |P|, |T| at the threshold; None: not asked
     checkpoint: dict[str, Any]  # the (last) checkpoint dict
 
 
@@ -168,17 +168,20 @@ def segment_and_count(
     images: ArrayFiles,
     masks: ArrayFiles,
     threads: int,
-    threshold: float,
+    threshold: float | None,
     tta: bool = False,
 ) -> ScoredSlices:
     """Stored probabilities of ``rows`` (LGG slices), their masks, and the overlap sums of the
     thresholded probabilities with the masks, computed on the inference device (the masks are
-    put there like the images); only uint8 probabilities and the sums come back."""
+    put there like the images); only uint8 probabilities and the sums come back. ``threshold``
+    None: no sums (the caller post-processes the masks first and counts on the host)."""
     device = select_device()
     configure_torch(device, threads)
     pictures = gather(images, rows)
     truth = gather(masks, rows).astype(bool)
     stored, checkpoint = stored_probabilities(checkpoints, pictures, device, tta, rows)
+    if threshold is None:
+        return ScoredSlices(stored.cpu().numpy(), truth, None, checkpoint)
     on_device = truth
     if device.type == "cuda":
         on_device = make_resident([truth], device, RESIDENT_SHARE, "inference masks")[0]
