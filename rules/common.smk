@@ -117,6 +117,19 @@ def as_json(value) -> str:
     return json.dumps(value, sort_keys=True)
 
 
+# Config groups that do not change a result the report shows: the prediction targets' inputs
+# and where jobs run. Left out of the report's params, so that e.g. `--config predict=...` on
+# the default target does not rerun the report.
+NOT_REPORTED = ("predict", "gpu_jobs_per_device")
+
+
+def report_config() -> str:
+    """The run's config as the report shows it (report/metrics.json "config"), as JSON."""
+    return as_json(
+        {key: value for key, value in config.items() if key not in NOT_REPORTED}
+    )
+
+
 def classifier_settings(wildcards) -> str:
     return as_json(training_settings(config, "classification", wildcards.backbone))
 

@@ -131,7 +131,7 @@ rule report:
         "../envs/evaluation.yaml"
     params:
         files=lambda wildcards, input: report_files(input),
-        config=as_json(config),
+        config=report_config(),
     shell:
         "$PYTHON $SCRIPTS/make_report.py --files {params.files:q}"
         " --config {params.config:q} --html {output.html} --metrics {output.metrics}"

@@ -338,3 +338,19 @@ def test_changing_a_threshold_reruns_evaluation_only(completed_demo, tmp_path, k
     result = dry_run(completed_demo, "--configfile", str(changed))
     assert result.returncode == 0, result.stderr[-3000:]
     assert job_stats(result.stdout + result.stderr) == expected
+
+
+def test_a_predict_override_on_the_default_target_schedules_nothing(completed_demo, tmp_path):
+    """The report's params hold only the config it shows (rules/common.smk report_config): a
+    `predict=` or `gpu_jobs_per_device=` override leaves the finished run alone, while a change
+    the report does show (the seed) reruns it (the control)."""
+    base = ("-n", "--cores", "2", "--configfile", str(DEMO), "--config")
+    results = f"results_dir={completed_demo}/results"
+    override = snakemake(
+        *base, results, f"predict={{input_dir: {tmp_path}}}", "gpu_jobs_per_device=2"
+    )
+    assert override.returncode == 0, override.stderr[-3000:]
+    assert "Nothing to be done" in override.stdout + override.stderr, override.stdout[-3000:]
+    control = snakemake(*base, results, "recipe=changed")
+    assert control.returncode == 0, control.stderr[-3000:]
+    assert job_stats(control.stdout + control.stderr) == {"report": 1, "all": 1}
