@@ -5,11 +5,13 @@ from __future__ import annotations
 import io
 import os
 import re
+import signal
 import stat
 import struct
 import subprocess
 import sys
 import tarfile
+import time
 import zipfile
 from collections import namedtuple
 from pathlib import Path
@@ -361,3 +363,55 @@ def test_an_archive_within_the_ratio_is_extracted(tmp_path):
     archive = make_zip(tmp_path / "ok.zip", [("a/b.bin", payload, REGULAR)])
     names = extract_archive(archive, tmp_path / "out", ExtractionLimits(max_ratio=3))
     assert names == ["a/b.bin"] and (tmp_path / "out" / "a" / "b.bin").read_bytes() == payload
+
+
+# The extraction in a child process: after its first member it marks that it is under way and
+# waits, so that the SIGTERM lands half-way through the archive every time.
+INTERRUPTED = """
+import sys, time
+from pathlib import Path
+from brainmri.data import archives
+copy, marker = archives._copy_stream, Path(sys.argv[3])
+def paced(*args, **kwargs):
+    copy(*args, **kwargs)
+    marker.touch()
+    time.sleep(60)
+archives._copy_stream = paced
+archives.extract_archive(sys.argv[1], sys.argv[2], archives.ExtractionLimits(10**8, 100))
+"""
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+def test_sigterm_during_extraction_leaves_nothing(tmp_path, kind):
+    """A SLURM time limit or `kill` half-way through: exit status 143, no raw/.<name>.*.tmp."""
+    payload = [(f"kaggle_3m/p/s{i}.tif", os.urandom(200_000)) for i in range(20)]
+    if kind == "zip":
+        archive = make_zip(tmp_path / "a.zip", [(n, d, REGULAR) for n, d in payload])
+    else:
+        archive = tmp_path / "a.tar.gz"
+        with tarfile.open(archive, "w:gz") as handle:
+            for name, data in payload:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                handle.addfile(info, io.BytesIO(data))
+    raw, marker = tmp_path / "raw", tmp_path / "started"
+    raw.mkdir()
+    child = subprocess.Popen(
+        [sys.executable, "-c", INTERRUPTED, archive, raw / "lgg-mri-segmentation", marker],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for _ in range(600):  # the child's start and first member: well under a minute
+            if marker.exists() or child.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert marker.exists(), child.stderr.read() if child.poll() is not None else "no start"
+        # Half-way: the temporary folder holds the first member.
+        assert [p.name.startswith(".lgg-mri-segmentation.") for p in raw.iterdir()] == [True]
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=60) == 143, child.stderr.read()
+    finally:
+        child.kill()
+    assert list(raw.iterdir()) == []

@@ -6,7 +6,7 @@ compression-ratio caps (zip bombs; checked from the headers first and again whil
 in case they lie). The ratio is the archive's total uncompressed size over its size on disk:
 the real Kaggle archives are about 2.6 (LGG, TIFFs) and 1.0 (JPGs); a zip bomb is 100 to
 1,000+. Extraction goes to a temporary folder that is renamed only on success: a refused
-archive, also one stopped half-way, leaves nothing behind.
+archive, also one stopped half-way (an error, Ctrl-C or SIGTERM), leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from brainmri.errors import InputError
-from brainmri.io import atomic_path
+from brainmri.io import atomic_path, terminate_as_exit
 
 CHUNK = 1 << 20
 
@@ -150,7 +150,7 @@ def extract_archive(
         raise InputError(f"{archive}: not a zip or tar archive")
     names: list[str] = []
     try:
-        with atomic_path(destination) as tmp:
+        with terminate_as_exit(), atomic_path(destination) as tmp:
             tmp.mkdir()
             root = tmp.resolve()
             if is_zip:
@@ -221,7 +221,7 @@ def copy_tree(source: str | os.PathLike[str], destination: str | os.PathLike[str
     source = Path(source)
     root = source.resolve()
     names: list[str] = []
-    with atomic_path(destination) as tmp:
+    with terminate_as_exit(), atomic_path(destination) as tmp:
         tmp.mkdir()
         for path in sorted(source.rglob("*")):
             relative = path.relative_to(source)
