@@ -183,6 +183,17 @@ def segmenter_weights(wildcards) -> list[str]:
     return [str(WEIGHTS / "smp" / f"{settings['encoder']}.safetensors")]
 
 
+# What a segmenter's training job reads: a fold model's (train_segmenter) and the final model's
+# (train_segmenter_final, which adds the fold histories).
+SEGMENTER_TRAINING_INPUTS = {
+    "manifest": results("data/manifest.csv"),
+    "splits": results("splits/splits.csv"),
+    "images": results("data/lgg/images.npy"),
+    "masks": results("data/lgg/masks.npy"),
+    "weights": segmenter_weights,
+}
+
+
 def predict_input_dir(wildcards) -> str:
     """The folder of new images for the predict target (rules/report.smk)."""
     folder = config["predict"]["input_dir"]

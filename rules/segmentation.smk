@@ -4,11 +4,7 @@
 rule train_segmenter:
     """Train one architecture on the training folds except {fold}; keep the best-validation checkpoint."""
     input:
-        manifest=results("data/manifest.csv"),
-        splits=results("splits/splits.csv"),
-        images=results("data/lgg/images.npy"),
-        masks=results("data/lgg/masks.npy"),
-        weights=segmenter_weights,
+        **SEGMENTER_TRAINING_INPUTS,
     output:
         checkpoint=results("segmentation/{arch}/fold{fold}/model.pt"),
         history=results("segmentation/{arch}/fold{fold}/history.csv"),
@@ -25,10 +21,12 @@ rule train_segmenter:
         mem_mb=16000,
         runtime=180,
     params:
+        fold=lambda wildcards: wildcards.fold,
+        epochs="",
         settings=segmenter_settings,
         seed=config["seed"],
     shell:
-        "$PYTHON $SCRIPTS/train.py segmentation --fold {wildcards.fold}"
+        "$PYTHON $SCRIPTS/train.py segmentation --fold {params.fold} {params.epochs}"
         " --settings {params.settings:q} --manifest {input.manifest} --splits {input.splits}"
         " --images lgg={input.images:q} --masks lgg={input.masks:q} --weights={input.weights:q}"
         " --seed {params.seed} --threads {threads} --checkpoint {output.checkpoint}"
@@ -72,14 +70,11 @@ rule evaluate_segmenter:
         " > {log} 2>&1"
 
 
-rule train_segmenter_final:
-    """Train one architecture on every non-test patient (all folds) for a fixed number of epochs, no validation; keep the last epoch (segmentation.final_model)."""
+# One architecture on every non-test patient (all folds) for a fixed number of epochs, no
+# validation; keeps the last epoch (segmentation.final_model). The same job as a fold's.
+use rule train_segmenter as train_segmenter_final with:
     input:
-        manifest=results("data/manifest.csv"),
-        splits=results("splits/splits.csv"),
-        images=results("data/lgg/images.npy"),
-        masks=results("data/lgg/masks.npy"),
-        weights=segmenter_weights,
+        **SEGMENTER_TRAINING_INPUTS,
         # final_model.epochs null: the fold models' best epochs choose it.
         histories=final_model_histories,
     output:
@@ -90,23 +85,9 @@ rule train_segmenter_final:
         results("logs/segmentation/{arch}_final.log"),
     benchmark:
         results("benchmarks/segmentation/{arch}_final.tsv")
-    conda:
-        "../envs/training.yaml"
-    threads: 4
-    resources:
-        gpu=1,
-        mem_mb=16000,
-        runtime=180,
     params:
-        settings=segmenter_settings,
+        fold="all",
         epochs=final_model_epochs,
-        seed=config["seed"],
-    shell:
-        "$PYTHON $SCRIPTS/train.py segmentation --fold all {params.epochs}"
-        " --settings {params.settings:q} --manifest {input.manifest} --splits {input.splits}"
-        " --images lgg={input.images:q} --masks lgg={input.masks:q} --weights={input.weights:q}"
-        " --seed {params.seed} --threads {threads} --checkpoint {output.checkpoint}"
-        " --history {output.history} --device-json {output.device} > {log} 2>&1"
 
 
 rule evaluate_segmenter_final:

@@ -161,6 +161,12 @@ def test_gpu_rules_and_local_rules_are_the_documented_ones():
     for name, body in re.findall(r"^rule (\w+):\n((?:[ \t]+.*\n|\n)*)", text, re.MULTILINE):
         if re.search(r"^\s+gpu=1,$", body, re.MULTILINE):
             gpu.add(name)
+    # `use rule A as B with:` inherits A's resources unless it sets its own.
+    for base, name, body in re.findall(
+        r"^use rule (\w+) as (\w+) with:\n((?:[ \t]+.*\n|\n)*)", text, re.MULTILINE
+    ):
+        if base in gpu and "resources:" not in body:
+            gpu.add(name)
     assert gpu == GPU_RULES
     local = set()
     for block in re.findall(r"^localrules:\n((?:[ \t]+.*\n)+)", text, re.MULTILINE):
