@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import REPO
+from helpers import REPO, TINY_CONFIG, snakemake
 
 
 def _load(name: str):
@@ -143,8 +143,9 @@ def test_progress_lines_per_job_and_errors(tmp_path):
     out = io.StringIO()
     watcher = progress.Progress(out)
     for line in [
-        "localrule fetch_lgg:\n",
+        "localrule fetch:\n",
         "    jobid: 1\n",
+        "    wildcards: dataset=lgg\n",
         "1 of 9 steps (11%) done\n",
         "rule train_segmenter:\n",
         "    wildcards: arch=unet, fold=1\n",
@@ -154,7 +155,18 @@ def test_progress_lines_per_job_and_errors(tmp_path):
         watcher.feed(line)
     watcher.finish()
     lines = out.getvalue().splitlines()
-    assert lines[0].endswith("0/? done · data: fetch_lgg")
+    assert lines[0].endswith("0/? done · data: fetch dataset=lgg")
     assert "1/9 done · segmentation: train_segmenter arch=unet fold=1" in lines[1]
     assert lines[2:] == ["Error in rule train_segmenter:", "    log: x.log"]
     assert watcher.jobs == 2
+
+
+def test_every_rule_has_a_progress_stage():
+    """`make demo`'s lines name a stage for every rule Snakemake knows (also `use rule` ones)."""
+    listed = snakemake("--list-rules", "--configfile", str(TINY_CONFIG))
+    assert listed.returncode == 0, listed.stderr[-3000:]
+    rules = {line.split()[0] for line in listed.stdout.splitlines() if line[:1].isalpha()}
+    assert {"fetch", "segmentation_voter", "train_segmenter_final", "report"} <= rules
+    stages = _load("progress").STAGE_OF
+    assert sorted(rules - set(stages)) == []
+    assert sorted(set(stages) - rules) == []  # no label for a rule that is gone

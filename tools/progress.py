@@ -17,19 +17,28 @@ import sys
 import time
 from pathlib import Path
 
+# Every rule of rules/*.smk, by stage (tests/test_readme_figures.py checks that none is missing).
 STAGES = {
-    "data": ("fetch_lgg", "fetch_btm", "preprocess_lgg", "preprocess_btm", "manifest", "split"),
-    "classification": ("train_classifier", "evaluate_classifier", "ensemble_classifiers"),
+    "data": ("fetch", "preprocess_lgg", "preprocess_btm", "manifest", "split"),
+    "weights": ("download_weights",),
+    "classification": (
+        "train_classifier",
+        "evaluate_classifier",
+        "segmentation_voter",
+        "ensemble_classifiers",
+    ),
     "segmentation": (
         "train_segmenter",
         "evaluate_segmenter",
+        "train_segmenter_final",
+        "evaluate_segmenter_final",
         "segmentation_fold_ensemble",
         "summarize_segmentation",
     ),
-    "cascade + report": ("cascade", "report"),
-    "weights": ("download_weights",),
-    "predict": ("predict",),
+    "cascade + report": ("cascade", "report", "all"),
+    "predict": ("predict_new_images", "predict", "predict_patient_volumes", "predict_volume"),
 }
+STAGE_OF = {rule: stage for stage, rules in STAGES.items() for rule in rules}
 RULE = re.compile(r"^(?:local)?rule (\w+):")
 WILDCARDS = re.compile(r"^\s+wildcards: (.*)$")
 STEPS = re.compile(r"^(\d+) of (\d+) steps")
@@ -37,10 +46,7 @@ ERROR = re.compile(r"^(Error|.*Exception|WorkflowError|MissingInputException)")
 
 
 def stage_of(rule: str) -> str:
-    for stage, prefixes in STAGES.items():
-        if rule.startswith(prefixes):
-            return stage
-    return rule
+    return STAGE_OF.get(rule, "other")
 
 
 class Progress:
