@@ -7,15 +7,24 @@ CORES ?= 2
 SHELL := /bin/bash
 DEMO := results/demo
 
-.PHONY: venv demo test lint format bench figures clean-demo
+.PHONY: venv lock demo test lint format bench figures clean-demo
 
-$(STAMP): requirements.txt pyproject.toml
+# requirements.lock: every package's exact version and hashes (make lock). uv installs it
+# (INSTALLER=pip: plain pip, `pip install --require-hashes --no-deps -r requirements.lock`).
+INSTALLER ?= uv
+UV_COMPILE := uv pip compile requirements.txt --generate-hashes --python-version 3.11 \
+	--python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock"
+
+$(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -r requirements.txt
-	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PYTHON) tools/lockfile.py install --venv $(VENV) --installer $(INSTALLER)
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# Re-resolve requirements.txt into requirements.lock (keeps the locked versions it can).
+lock: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(UV_COMPILE) -o requirements.lock
 
 # One progress line per job (tools/progress.py); Snakemake's whole output goes to the log.
 demo: $(STAMP)

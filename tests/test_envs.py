@@ -35,8 +35,6 @@ IMPORT_TO_PACKAGE = {
     "matplotlib": "matplotlib-base",
     "seaborn": "seaborn-base",
 }
-# requirements.txt name -> conda-forge name, for the version comparison.
-PYPI_TO_CONDA = {"torch": "pytorch", "matplotlib": "matplotlib-base", "seaborn": "seaborn-base"}
 # Listed without being imported by a script, each for a reason.
 NOT_IMPORTED_BUT_NEEDED = {
     "python": "the interpreter",
@@ -234,24 +232,6 @@ def test_env_lists_exactly_what_its_scripts_import(path):
     required = required_packages()[f"../envs/{path.name}"]
     assert required, f"no script found for {path.name}"
     assert env_problems(load_env(path), required) == []
-
-
-@pytest.mark.parametrize("path", ENV_FILES, ids=lambda p: p.name)
-def test_env_pins_match_requirements(path):
-    pins = {}
-    for line in (REPO / "requirements.txt").read_text().splitlines():
-        match = re.match(r"([A-Za-z0-9_.\-]+)==([\w.]+)", line.strip())
-        if match:
-            name = match[1].lower()
-            pins[PYPI_TO_CONDA.get(name, name)] = match[2]
-    packages = env_packages(load_env(path))
-    assert packages["python"].startswith("3.11")
-    differing = {
-        name: (version, pins[name])
-        for name, version in packages.items()
-        if name in pins and version != pins[name]
-    }
-    assert not differing, f"{path.name}: version (env, requirements.txt) differ: {differing}"
 
 
 def test_training_env_has_a_cuda_pytorch():
