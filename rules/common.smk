@@ -12,8 +12,11 @@ from snakemake.utils import min_version, validate
 
 min_version("9.0")
 
-# The workflow's own package (brainmri/) sits beside the Snakefile.
-sys.path.insert(0, workflow.basedir)
+# This repository (rules/..): the workflow's package (brainmri/), scripts and schema. Not
+# workflow.basedir, which is the directory of the user's Snakefile when this workflow is used
+# as a module (docs/running.md, "As a Snakemake module").
+REPO = Path(workflow.current_basedir).parent
+sys.path.insert(0, str(REPO))
 import yaml
 from brainmri.config import (
     check_config,
@@ -28,7 +31,7 @@ from brainmri.runlock import claim_workdir, held_locks
 # each with did-you-mean hints; then Snakemake's validate (which then passes) fills in the
 # defaults.
 check_renamed_keys(config)
-SCHEMA = Path(workflow.basedir) / "config" / "schema.yaml"
+SCHEMA = REPO / "config" / "schema.yaml"
 check_config(config, yaml.safe_load(SCHEMA.read_text()))
 validate(config, schema="../config/schema.yaml", set_default=True)
 # Cross-key checks (they import timm and smp: seconds) once, in the main process; the jobs
@@ -55,8 +58,8 @@ if workflow.is_main_process:
 
 RESULTS = Path(config["results_dir"])
 WEIGHTS = Path(config["weights_dir"])
-SCRIPTS = Path(workflow.basedir) / "workflow_scripts"
-PACKAGE = Path(workflow.basedir) / "brainmri"
+SCRIPTS = REPO / "workflow_scripts"
+PACKAGE = REPO / "brainmri"
 # Scripts import brainmri from the repository, also inside conda envs (--sdm conda). Without
 # conda they run with the interpreter that runs Snakemake (e.g. .venv/bin/python).
 _CONDA = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
@@ -74,7 +77,7 @@ def _shell_literal(text: str) -> str:
 # BRAINMRI_JOBS_PER_GPU: job slots per GPU (config gpu_jobs_per_device, brainmri/devices.py).
 shell.prefix(
     "set -euo pipefail; "
-    f"export PYTHONPATH={_shell_literal(workflow.basedir)}"
+    f"export PYTHONPATH={_shell_literal(str(REPO))}"
     "${{PYTHONPATH:+:$PYTHONPATH}}; "
     f"PYTHON={_shell_literal(_INTERPRETER)}; SCRIPTS={_shell_literal(str(SCRIPTS))}; "
     f"export BRAINMRI_JOBS_PER_GPU={int(config['gpu_jobs_per_device'])}; "
