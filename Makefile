@@ -53,8 +53,13 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/run_benchmark.py --output results/bench/benchmark.md --scaling 10 20 40
 
-# The README's result tables, from the runs' report/metrics.json and benchmark files.
+# The README's picture, layout and result tables (and docs/performance.md's throughput table),
+# from the runs' report/metrics.json and benchmark files; rows it cannot redo are marked stale.
 figures: $(STAMP)
+	@if [ -f $(DEMO)/segmentation/overlays.png ]; then \
+		cp $(DEMO)/segmentation/overlays.png docs/figures/overlays.png; \
+		echo "docs/figures/overlays.png: from $(DEMO)"; fi
+	$(BIN)/python tools/readme_layout.py
 	$(BIN)/python tools/readme_figures.py --run demo=results/demo --run cpu=results/cpu \
 		--bench real=results/bench/real.json
 

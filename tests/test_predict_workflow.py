@@ -1,5 +1,5 @@
 """Predict as a newcomer runs it: the rule target keeps the good predictions when some files
-are unreadable, the README's predict commands work as written after a (tiny) demo, and a
+are unreadable, docs/predicting.md's predict commands work as written after a (tiny) demo, and a
 missing model is one line naming the command that trains it."""
 
 from __future__ import annotations
@@ -63,9 +63,9 @@ def test_rule_target_keeps_good_predictions_and_reports_the_bad(workflow_run, tm
 
 
 def readme_predict_commands() -> list[str]:
-    """The commands of the README's 'Predicting on new images' code block (continued lines
-    joined)."""
-    text = (REPO / "README.md").read_text()
+    """The commands of docs/predicting.md's 'Predicting on new images' code block (continued
+    lines joined; the README's "Predicting new scans" links there)."""
+    text = (REPO / "docs" / "predicting.md").read_text()
     section = text.split("## Predicting on new images", 1)[1]
     block = re.search(r"```bash\n(.*?)```", section, re.S)[1].replace("\\\n", " ")
     return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
@@ -83,13 +83,13 @@ THRESHOLDS += ["--segmentation-threshold", "0.5"]
 
 
 def test_readme_predict_commands_work_after_a_demo(workflow_run, tmp_path):
-    """The README's commands as written, with the tiny config and its results standing in for
+    """docs/predicting.md's commands as written, with the tiny config and its results standing in for
     config/demo.yaml and results/demo, and this environment's interpreter for .venv/bin/."""
     commands = readme_predict_commands()
     assert len(commands) == 2 and "config/demo.yaml" in commands[0]
     assert "results/demo/segmentation/unet/fold*/model.pt" in commands[1]
     demo = json.loads((workflow_run / "report" / "metrics.json").read_text())["config"]
-    assert demo["cascade"]["architecture"] == "unet"  # the architecture the README names
+    assert demo["cascade"]["architecture"] == "unet"  # the architecture the docs name
     images = scans(tmp_path / "scans", workflow_run, bad=False)
     outputs = [workflow_run / "predict" / "predictions.csv", tmp_path / "out" / "predictions.csv"]
     for k, (command, output) in enumerate(zip(commands, outputs, strict=True)):

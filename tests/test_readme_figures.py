@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +26,7 @@ def figures():
     return _load("readme_figures")
 
 
-def fake_run(root: Path, checks: dict | None = None) -> Path:
+def fake_run(root: Path, checks: dict | None = None, commit: str = "0123456789abcdef") -> Path:
     """A results directory holding what the generator reads."""
     metrics = {
         "data_source": "synthetic",
@@ -35,6 +38,7 @@ def fake_run(root: Path, checks: dict | None = None) -> Path:
             "unet": {"test_fold_ensemble": {"dice": 0.6751}},
             "deeplabv3plus": {"test_fold_ensemble": {"dice": None}},
         },
+        "provenance": {"git_commit": commit},
     }
     if checks is not None:
         metrics["checks"] = checks
@@ -49,13 +53,25 @@ def fake_run(root: Path, checks: dict | None = None) -> Path:
     return root
 
 
-def test_readme_tables_have_the_generators_form(figures):
-    text = (REPO / "README.md").read_text()
-    assert figures.problems(text) == []
-    # Regenerating with no run at hand changes nothing: the README is in the generator's form.
-    assert figures.render(text, {}) == text
-    _, rows = figures.read_table(text, "runs")
-    assert "demo" in [r[0] for r in rows]
+def git(*args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def test_tables_have_the_generators_form_and_no_unmarked_stale_row(figures):
+    """README.md's and docs/performance.md's tables: every row has its commit, and a row made
+    before the last change to config/, brainmri/ or rules/ says `stale` (`make figures`)."""
+    last = figures.last_code_change()
+    for doc in figures.DOCS:
+        text = doc.read_text()
+        assert figures.problems(text, last) == [], doc
+        # Regenerating with no run at hand changes nothing: the document is in the generator's form.
+        assert figures.render(text, {}, last, doc) == text, doc
+    _, rows = figures.read_table((REPO / "README.md").read_text(), "runs")
+    assert {"demo", "cpu"} <= {r[0] for r in rows}
+    _, rows = figures.read_table((REPO / "docs" / "performance.md").read_text(), "throughput")
+    assert rows
 
 
 def test_a_run_becomes_a_row(figures, tmp_path):
@@ -74,23 +90,64 @@ def test_a_run_becomes_a_row(figures, tmp_path):
         "unet 0.675, deeplabv3plus n/a",
         "resnet10t, unet fold 0",
         "2.5 min wall; 1.5 min in 2 benchmarked jobs",
+        "0123456",
     ]
     assert len(row) == len(figures.RUN_COLUMNS)
+    dirty = fake_run(tmp_path / "d", commit="0123456789abcdef (with uncommitted changes)")
+    assert figures.run_row("demo", dirty)[-1] == "0123456+"
+
+
+def test_stale_rows_are_marked_and_unmarked_ones_fail_the_check(figures):
+    """A row from the repository's first commit predates the last code change: --check fails
+    until `make figures` marks it; a row from HEAD is fresh; a row without a commit fails."""
+    try:
+        first, head = (
+            git("rev-list", "--max-parents=0", "HEAD").split()[0][:7],
+            git("rev-parse", "--short=7", "HEAD"),
+        )
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    last = figures.last_code_change()
+    assert last is not None
+    cells = ["x", "synthetic / patient", "1", "1", "1", "1", "-", "none", "1 min"]
+    text = (
+        "<!-- figures:runs:begin -->\n"
+        + "\n".join(figures.header(figures.RUN_COLUMNS))
+        + "\n" + figures.row_line(["old", *cells[1:], first])
+        + "\n" + figures.row_line(["new", *cells[1:], head])
+        + "\n<!-- figures:runs:end -->\n"
+    )  # fmt: skip
+    found = figures.problems(text, last)
+    assert len(found) == 1 and "'old synthetic / patient' comes from" in found[0], found
+    marked = figures.render(text, {}, last)
+    assert figures.problems(marked, last) == []
+    _, rows = figures.read_table(marked, "runs")
+    assert [r[-1] for r in rows] == [f"{first}, stale", head]
+    # A rerun of the old run at HEAD clears the mark.
+    rerun = figures.render(marked, {"runs": [["old", *cells[1:], head]]}, last)
+    assert [r[-1] for r in figures.read_table(rerun, "runs")[1]] == [head, head]
+    no_commit = text.replace(f"| {first} |", "| 3.7 min |")
+    assert "has no commit" in " ".join(figures.problems(no_commit, last))
 
 
 def test_cli_replaces_its_rows_and_keeps_the_others(figures, tmp_path):
     readme = tmp_path / "README.md"
+    head = git("rev-parse", "--short=7", "HEAD")
     readme.write_text(
         "intro\n<!-- figures:runs:begin -->\n"
         + "\n".join(figures.header(figures.RUN_COLUMNS))
-        + "\n| demo | old | 1 | 0 | 0 | 0 | - | none | 9 min |\n"
-        + "| cpu | kept | 2 | 0 | 0 | 0 | - | none | 9 min |\n"
-        + "<!-- figures:runs:end -->\n<!-- figures:throughput:begin -->\n"
-        + "\n".join(figures.header(figures.THROUGHPUT_COLUMNS))
-        + "\n| real | classification | m | 1 | 1 | 1.00 | 1 | 1 | 1 | 1 % |\n"
-        + "<!-- figures:throughput:end -->\nend\n"
+        + f"\n| demo | old | 1 | 0 | 0 | 0 | - | none | 9 min | {head} |\n"
+        + f"| cpu | kept | 2 | 0 | 0 | 0 | - | none | 9 min | {head} |\n"
+        + "<!-- figures:runs:end -->\nend\n"
     )
-    run = fake_run(tmp_path / "demo")
+    perf = tmp_path / "performance.md"
+    perf.write_text(
+        "<!-- figures:throughput:begin -->\n"
+        + "\n".join(figures.header(figures.THROUGHPUT_COLUMNS))
+        + f"\n| real | classification | m | 1 | 1 | 1.00 | 1 | 1 | 1 | 1 % | {head} |\n"
+        + "<!-- figures:throughput:end -->\n"
+    )
+    run = fake_run(tmp_path / "demo", commit=git("rev-parse", "HEAD"))
     bench = tmp_path / "bench.json"
     entry = {
         "model": "U-Net",
@@ -100,11 +157,9 @@ def test_cli_replaces_its_rows_and_keeps_the_others(figures, tmp_path):
         "train_ratio": 0.9,
         "train_ratio_range": [0.85, 0.95],
     }
-    bench.write_text(json.dumps({"tasks": {"segmentation": entry}}))
-    import subprocess
-    import sys
-
-    command = [sys.executable, str(REPO / "tools" / "readme_figures.py"), "--readme", str(readme)]
+    bench.write_text(json.dumps({"tasks": {"segmentation": entry}, "git_commit": head}))
+    command = [sys.executable, str(REPO / "tools" / "readme_figures.py")]
+    command += ["--doc", str(readme), "--doc", str(perf)]
     runs = ["--run", f"demo={run}", "--run", f"cpu={tmp_path / 'absent'}"]
     subprocess.run(
         [*command, *runs, "--bench", f"real={bench}"],
@@ -115,8 +170,8 @@ def test_cli_replaces_its_rows_and_keeps_the_others(figures, tmp_path):
     assert text.startswith("intro\n") and text.endswith("end\n")
     _, runs = figures.read_table(text, "runs")
     assert [r[0] for r in runs] == ["demo", "cpu"]
-    assert runs[0][3] == "0.900" and runs[1][1] == "kept"
-    _, rows = figures.read_table(text, "throughput")
+    assert runs[0][3] == "0.900" and runs[1][1] == "kept" and runs[0][-1] == head
+    _, rows = figures.read_table(perf.read_text(), "throughput")
     assert rows[0][:2] == ["real", "classification"]  # not in the JSON: kept
     assert rows[1] == [
         "real",
@@ -129,6 +184,7 @@ def test_cli_replaces_its_rows_and_keeps_the_others(figures, tmp_path):
         "30.0",
         "33.0",
         "1.2 %",
+        head,
     ]
     assert subprocess.run([*command, "--check"], capture_output=True).returncode == 0
     readme.write_text(text.replace("| ensemble accuracy |", "| accuracy |"))
@@ -170,3 +226,30 @@ def test_every_rule_has_a_progress_stage():
     stages = _load("progress").STAGE_OF
     assert sorted(rules - set(stages)) == []
     assert sorted(set(stages) - rules) == []  # no label for a rule that is gone
+
+
+def test_readme_is_a_front_page_whose_layout_is_the_tree():
+    """About one screen: what it does, the two commands, a picture, the results, links; the
+    Layout block is what tools/readme_layout.py makes of the tree (`make figures`)."""
+    text = (REPO / "README.md").read_text()
+    assert len(text.splitlines()) <= 90
+    assert text.index("make demo") < text.index("make test") < text.index("## Results")
+    picture = re.search(r"!\[[^\]]+\]\(([^)]+\.png)\)", text)
+    assert picture and (REPO / picture[1]).is_file()
+    for section in ("## Results", "## Predicting new scans", "## Performance", "## Layout"):
+        assert section in text, section
+    for link in re.findall(r"\]\(([^)#]+\.md)", text):
+        assert (REPO / link).is_file(), link
+    layout = _load("readme_layout")
+    assert layout.render(text) == text, "Layout block differs from the tree: make figures"
+    for folder in ("rules/", "config/", "docs/"):
+        line = next(line for line in layout.layout().splitlines() if line.startswith(folder))
+        pattern = {"rules/": "*.smk", "config/": "*", "docs/": "*.md"}[folder]
+        assert line.split()[1:] == sorted(p.name for p in (REPO / folder).glob(pattern)), line
+
+
+def test_a_new_top_level_entry_needs_a_layout_description(monkeypatch):
+    layout = _load("readme_layout")
+    monkeypatch.setattr(layout, "tracked_top_level", lambda: ["Snakefile", "newthing/"])
+    with pytest.raises(SystemExit, match="no description for \\['newthing/'\\]"):
+        layout.layout()

@@ -1,9 +1,10 @@
-"""Regenerate the result tables of README.md from the runs' own files (`make figures`).
+"""Regenerate the result tables of README.md and docs/performance.md from the runs' own files
+(`make figures`).
 
-Each table sits between two markers in README.md:
+Each table sits between two markers, in one of the documents (--doc, repeatable):
 
-    <!-- figures:runs:begin --> ... <!-- figures:runs:end -->
-    <!-- figures:throughput:begin --> ... <!-- figures:throughput:end -->
+    <!-- figures:runs:begin --> ... <!-- figures:runs:end -->                (README.md)
+    <!-- figures:throughput:begin --> ... <!-- figures:throughput:end -->    (docs/performance.md)
 
 `runs`: one row per workflow run, from ``<results>/report/metrics.json`` (ensemble, segmentation,
 flagged models), the job benchmark files ``<results>/benchmarks/**/*.tsv`` and, where present,
@@ -12,14 +13,22 @@ row per task of a ``bench/run_benchmark.py`` JSON report. A row is replaced when
 files are here; rows of runs whose files are absent stay as they are, so that `make figures`
 on a machine with only the demo keeps the other rows.
 
+Every row ends with the commit its numbers came from (a run's report/metrics.json provenance;
+a benchmark JSON's `git_commit`; for an older row without one, the last commit that changed its
+line). A row whose commit does not contain the last change to config/, brainmri/ or rules/ is
+marked `stale` there (each `make figures` re-marks them), and `--check` fails on a row without
+its commit or with an unmarked stale one: a stale row stays visible until its run is redone.
+
   python tools/readme_figures.py --run demo=results/demo --bench real=results/bench/real.json
-  python tools/readme_figures.py --check   # exit 1 if README.md's tables are not in this form
+  python tools/readme_figures.py --check   # exit 1 if a table is not in this form, or stale
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,6 +45,7 @@ RUN_COLUMNS = [
     "fold-ensemble test Dice (tumor slices)",
     "flagged models",
     "time",
+    "commit",
 ]
 THROUGHPUT_COLUMNS = [
     "benchmark",
@@ -48,9 +58,15 @@ THROUGHPUT_COLUMNS = [
     "limit infer",
     "workflow infer",
     "data path share",
+    "commit",
 ]
 # Table name -> (columns, how many leading cells identify a row).
 TABLES = {"runs": (RUN_COLUMNS, 1), "throughput": (THROUGHPUT_COLUMNS, 2)}
+DOCS = [REPO / "README.md", REPO / "docs" / "performance.md"]
+# A change here can change any run's numbers.
+CODE = ("config", "brainmri", "rules")
+STALE = "stale"
+COMMIT = re.compile(r"^([0-9a-f]{7,40}|unknown)(\+)?(, stale)?$")
 RIGHT = {"test slices", "ensemble accuracy", "tumor F1", "ROC AUC", "time", "ratio"}
 RIGHT |= {c for c in THROUGHPUT_COLUMNS if c.startswith(("limit", "workflow", "data", "naive"))}
 
@@ -114,6 +130,7 @@ def run_row(name: str, results: Path) -> list[str]:
         dice,
         _flagged(metrics.get("checks")),
         time,
+        short_commit(metrics.get("provenance", {}).get("git_commit")),
     ]
 
 
@@ -145,9 +162,57 @@ def throughput_rows(name: str, report: dict[str, Any]) -> list[list[str]]:
                 _f(limit["infer_ips"], 1),
                 _f(flow["infer_ips"], 1),
                 "n/a" if share is None else f"{100 * share:.1f} %",
+                short_commit(report.get("git_commit")),
             ]
         )
     return rows
+
+
+def git(*args: str) -> str | None:
+    """A git command's output in this repository, or None (no git, not a repository)."""
+    try:
+        result = subprocess.run(
+            ["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=30
+        )
+    except OSError:
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def short_commit(commit: str | None) -> str:
+    """A provenance commit ("<sha>" or "<sha> (with uncommitted changes)") as `abc1234[+]`."""
+    match = re.match(r"([0-9a-f]{7,40})", commit or "")
+    if not match:
+        return "unknown"
+    return match[1][:7] + ("+" if "uncommitted" in (commit or "") else "")
+
+
+def last_code_change() -> str | None:
+    """The last commit that changed config/, brainmri/ or rules/ (None without git)."""
+    return git("log", "-1", "--format=%H", "--", *CODE) or None
+
+
+def is_stale(cell: str, last_change: str | None) -> bool:
+    """A row made at ``cell``'s commit predates ``last_change`` (not one of its ancestors'
+    descendants). Unknown commits are stale; without git nothing is."""
+    if last_change is None:
+        return False
+    match = COMMIT.match(cell)
+    if not match or match[1] == "unknown":
+        return True
+    return git("merge-base", "--is-ancestor", last_change, match[1]) is None
+
+
+def mark(cell: str, last_change: str | None) -> str:
+    """The commit cell with `, stale` set or cleared."""
+    bare = cell.removesuffix(", " + STALE)
+    return bare + (", " + STALE if is_stale(bare, last_change) else "")
+
+
+def commit_of_line(line: str, path: Path) -> str:
+    """The last commit that changed a line of ``path`` (a row from before the commit column)."""
+    found = git("log", "-1", "--format=%h", "-S", line, "--", str(path.relative_to(REPO)))
+    return (found or "unknown")[:7]
 
 
 def block(text: str, table: str) -> tuple[int, int]:
@@ -178,21 +243,41 @@ def merge(old: list[list[str]], new: list[list[str]], key: int) -> list[list[str
     return merged + list(fresh.values())
 
 
-def render(text: str, generated: dict[str, list[list[str]]]) -> str:
-    """README text with each table rewritten: the generator's header, merged rows."""
-    for table, (columns, key) in TABLES.items():
+def tables_in(text: str) -> list[str]:
+    return [table for table in TABLES if f"<!-- figures:{table}:begin -->" in text]
+
+
+def render(
+    text: str,
+    generated: dict[str, list[list[str]]],
+    last_change: str | None = None,
+    path: Path | None = None,
+) -> str:
+    """A document's text with each of its tables rewritten: the generator's header, merged rows,
+    every row's commit (an old row without one gets its line's last commit in ``path``) marked
+    stale or not against ``last_change``."""
+    for table in tables_in(text):
+        columns, key = TABLES[table]
         _, rows = read_table(text, table)
+        old = text[slice(*block(text, table))].splitlines()
+        for row in rows:
+            if len(row) == len(columns) - 1 and path is not None:
+                line = next(line for line in old if cells_of(line) == row)
+                row.append(commit_of_line(line, path))
         rows = merge(rows, generated.get(table, []), key)
+        rows = [[*r[:-1], mark(r[-1], last_change)] if len(r) == len(columns) else r for r in rows]
         start, stop = block(text, table)
         body = "\n".join(header(columns) + [row_line(r) for r in rows]) + "\n"
         text = text[:start] + body + text[stop:]
     return text
 
 
-def problems(text: str) -> list[str]:
-    """How README tables differ in form from what the generator writes."""
+def problems(text: str, last_change: str | None = None) -> list[str]:
+    """How a document's tables differ in form from what the generator writes, and their rows
+    without a commit or stale without the mark."""
     found = []
-    for table, (columns, _) in TABLES.items():
+    for table in tables_in(text):
+        columns, _ = TABLES[table]
         head, rows = read_table(text, table)
         if head != header(columns):
             found.append(f"table {table}: header is not {header(columns)[0]}")
@@ -203,6 +288,17 @@ def problems(text: str) -> list[str]:
         ]
         if not rows:
             found.append(f"table {table}: no rows")
+        for row in rows:
+            if len(row) != len(columns):
+                continue
+            if not COMMIT.match(row[-1]):
+                found.append(f"table {table}: row {row[0]!r} has no commit ({row[-1]!r})")
+            elif is_stale(row[-1], last_change) and not row[-1].endswith(", " + STALE):
+                found.append(
+                    f"table {table}: row {' '.join(row[:2])!r} comes from {row[-1]}, before the "
+                    f"last change to {', '.join(c + '/' for c in CODE)}: rerun its run and "
+                    "`make figures`, or `make figures` to mark it stale"
+                )
     return found
 
 
@@ -220,16 +316,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--readme", type=Path, default=REPO / "README.md")
+    parser.add_argument(
+        "--doc", action="append", type=Path, help="a document with tables (default: " + ", ".join(
+            str(p.relative_to(REPO)) for p in DOCS) + ")"
+    )  # fmt: skip
     parser.add_argument("--run", action="append", default=[], help="NAME=RESULTS_DIR")
     parser.add_argument("--bench", action="append", default=[], help="NAME=BENCHMARK.json")
-    parser.add_argument("--check", action="store_true", help="only check the tables' form")
+    parser.add_argument("--check", action="store_true", help="only check the tables")
     args = parser.parse_args()
-    text = args.readme.read_text()
+    docs = args.doc or DOCS
+    last_change = last_code_change()
     if args.check:
-        found = problems(text)
+        found = [
+            f"{doc}: {problem}"
+            for doc in docs
+            for problem in problems(doc.read_text(), last_change)
+        ]
         for problem in found:
-            print(f"{args.readme}: {problem}", file=sys.stderr)
+            print(problem, file=sys.stderr)
         sys.exit(1 if found else 0)
     generated: dict[str, list[list[str]]] = {"runs": [], "throughput": []}
     for name, results in _pairs(args.run, "--run"):
@@ -242,10 +346,15 @@ def main() -> None:
             generated["throughput"] += throughput_rows(name, json.loads(path.read_text()))
         else:
             print(f"{path} not found: throughput rows of {name!r} kept as they are")
-    new = render(text, generated)
-    if new != text:
-        args.readme.write_text(new)
-    print(f"{args.readme}: {'updated' if new != text else 'unchanged'}")
+    for doc in docs:
+        text = doc.read_text()
+        path = doc.resolve() if doc.resolve().is_relative_to(REPO) else None
+        new = render(text, generated, last_change, path)
+        if new != text:
+            doc.write_text(new)
+        print(f"{doc}: {'updated' if new != text else 'unchanged'}")
+        for problem in problems(new, last_change):
+            print(f"{doc}: {problem}")
 
 
 if __name__ == "__main__":
