@@ -27,10 +27,12 @@ lock: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(UV_COMPILE) -o requirements.lock
 
 # One progress line per job (tools/progress.py); Snakemake's whole output goes to the log.
+# --max-threads 1: CORES jobs of one thread each at once. The demo's models are tiny; with two
+# threads per job on a busy 2-core machine an epoch took 50x longer (docs/running.md).
 demo: $(STAMP)
 	@echo "make demo: synthetic data -> 3 classifiers -> 2 architectures x 2 folds -> report"
 	@set -o pipefail; $(BIN)/snakemake --resources gpu=1 --configfile config/demo.yaml \
-		--cores $(CORES) 2>&1 | $(BIN)/python tools/progress.py \
+		--cores $(CORES) --max-threads 1 2>&1 | $(BIN)/python tools/progress.py \
 		--log $(DEMO)/logs/snakemake.log --summary $(DEMO)/logs/run_time.json
 	@echo
 	@echo "Report: $(CURDIR)/$(DEMO)/report/report.html"
