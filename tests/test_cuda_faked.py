@@ -1,6 +1,7 @@
-"""The CUDA device code run on the CPU with CUDA faked (issue 22, items 1, 2, 11): several
-visible devices, the per-user lock folder and an unwritable lock file, a driver CUDA cannot use.
-Resume states saved on other GPUs (items 3, 4) are in tests/test_resume_devices.py."""
+"""The CUDA device code run on the CPU with CUDA faked (issue 22, items 1-4 and 11): several
+visible devices, the per-user lock folder and an unwritable lock file, a resume state saved on a
+4-GPU machine resumed on one GPU, an empty grad-scaler state resumed where the scaler is on, a
+driver CUDA cannot use."""
 
 from __future__ import annotations
 
@@ -14,12 +15,17 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import REPO
+from torch import nn
 
 import brainmri.devices as devices
 from brainmri.devices import release_gpus
 from brainmri.errors import InputError
 from brainmri.io import run_cli
+from brainmri.models import safe_torch_load
+from brainmri.training import loop
+from brainmri.training.loop import FitSettings, accuracy_per_sample, fit
 
 OLD_DRIVER = (
     "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023\n"
@@ -262,3 +268,102 @@ def test_device_cpu_and_device_cuda_are_obeyed(no_cuda, monkeypatch, locks):
     monkeypatch.setenv("BRAINMRI_DEVICE", "gpu")
     with pytest.raises(ValueError, match="BRAINMRI_DEVICE='gpu': must be one of auto, cuda, cpu"):
         devices.select_device()
+
+
+# --- item 3: the CUDA RNG state of the job's own device, resumed on any device ----------------
+
+
+def fake_cuda_rng(monkeypatch, count: int) -> list[tuple[int, torch.Tensor]]:
+    """``count`` fake GPUs whose RNG state is a byte tensor filled with the device index; a
+    device index beyond them raises as CUDA does. Returns the (index, state) pairs set."""
+    done: list[tuple[int, torch.Tensor]] = []
+
+    def index_of(device) -> int:
+        index = device if isinstance(device, int) else torch.device(device).index or 0
+        if index >= count:
+            raise IndexError(f"CUDA error: invalid device ordinal {index} (of {count})")
+        return index
+
+    def get_state(device="cuda"):
+        return torch.full((8,), index_of(device), dtype=torch.uint8)
+
+    def set_state(state, device="cuda"):
+        done.append((index_of(device), state.clone()))
+
+    fake_gpus(monkeypatch, count)
+    for module in (torch.cuda, torch.cuda.random):  # set_rng_state_all calls the second
+        monkeypatch.setattr(module, "get_rng_state", get_state)
+        monkeypatch.setattr(module, "set_rng_state", set_state)
+    monkeypatch.setattr(
+        torch.cuda, "get_rng_state_all", lambda: [get_state(i) for i in range(count)]
+    )
+    return done
+
+
+def test_the_cuda_rng_state_saved_is_that_of_the_jobs_device(monkeypatch, tmp_path):
+    fake_cuda_rng(monkeypatch, 4)
+    states = loop.rng_states(torch.device("cuda", 3))
+    assert torch.equal(states["cuda"], torch.full((8,), 3, dtype=torch.uint8))
+    torch.save(states, tmp_path / "state.pt")  # what the resume state holds, loaded safely
+    assert torch.equal(safe_torch_load(tmp_path / "state.pt")["cuda"], states["cuda"])
+
+
+def test_a_4_gpu_state_resumes_on_one_gpu(monkeypatch):
+    """Saved with one state per visible GPU (the older format) on a 4-GPU box, resumed under
+    SLURM with one GPU: the job's state goes to its one device, no IndexError."""
+    four = [torch.full((8,), i, dtype=torch.uint8) for i in range(4)]
+    fake_cuda_rng(monkeypatch, 4)
+    old_format = {**loop.rng_states(torch.device("cpu")), "cuda": four}
+    done = fake_cuda_rng(monkeypatch, 1)
+    loop.set_rng_states(old_format, torch.device("cuda", 0))
+    assert [(index, state.tolist()) for index, state in done] == [(0, [0] * 8)]
+    done.clear()
+    saved_on_3 = {**old_format, "cuda": four[3]}  # this format, saved on cuda:3
+    loop.set_rng_states(saved_on_3, torch.device("cuda", 0))
+    assert [(index, state.tolist()) for index, state in done] == [(0, [3] * 8)]
+    done.clear()
+    loop.set_rng_states(saved_on_3, torch.device("cpu"))  # resumed on the CPU: no CUDA call
+    assert done == []
+    done = fake_cuda_rng(monkeypatch, 4)  # the older format on its own box: cuda:2's entry
+    loop.set_rng_states(old_format, torch.device("cuda", 2))
+    assert [(index, state.tolist()) for index, state in done] == [(2, [2] * 8)]
+
+
+# --- item 4: an empty grad-scaler state (a disabled scaler) resumed where it is enabled -------
+
+REAL_SCALER = torch.amp.GradScaler
+
+
+def tiny_fit(tmp_path: Path, epochs: int, scaler_on: bool, monkeypatch) -> list[dict]:
+    """A linear classifier on 8 fixed samples, fp32 on the CPU; the grad scaler forced on (on the
+    CPU device, as an fp16 card would have it) or left as the CPU has it (off)."""
+
+    def scaler(*args, **kwargs):
+        made = REAL_SCALER("cpu", enabled=scaler_on, init_scale=256.0)
+        scalers.append(made)
+        return made
+
+    scalers: list[torch.amp.GradScaler] = []
+    monkeypatch.setattr(torch.amp, "GradScaler", scaler)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
+    images = torch.randn(8, 3, 2, 2, generator=torch.Generator().manual_seed(1))
+    labels = torch.arange(8) % 2
+    result = fit(
+        model, F.cross_entropy, accuracy_per_sample, lambda epoch: iter([(images, labels)]),
+        lambda: iter([(images, labels)]), FitSettings(epochs=epochs, lr=0.01),
+        torch.device("cpu"), tmp_path / "resume", "digest",
+    )  # fmt: skip
+    assert [made.is_enabled() for made in scalers] == [scaler_on]
+    return result.history
+
+
+@pytest.mark.parametrize(("first", "then"), [(False, True), (True, False), (True, True)])
+def test_a_resume_state_resumes_with_the_scaler_on_or_off(monkeypatch, tmp_path, first, then):
+    """Off then on (a bf16 or CPU state resumed on an fp16 card) raised before; on then off and
+    on then on load as they did."""
+    assert len(tiny_fit(tmp_path, 1, first, monkeypatch)) == 1
+    saved = torch.load(tmp_path / "resume" / "state.pt", weights_only=True)["scaler"]
+    assert bool(saved) == first  # a disabled scaler's state is {}
+    history = tiny_fit(tmp_path, 2, then, monkeypatch)
+    assert [row["epoch"] for row in history] == [1, 2]  # resumed after epoch 1
