@@ -116,11 +116,11 @@ def visible_devices() -> list[str] | None:
     text = os.environ.get("CUDA_VISIBLE_DEVICES")
     if text is None:
         return None
-    entries = [entry.strip() for entry in text.split(",")]
-    # CUDA stops at the first invalid entry; "-1" or "" hide every device.
+    # CUDA reads indices and GPU-/MIG- UUIDs up to the first other entry: "", "-1" or an old
+    # SLURM's "NoDevFiles" hide every device.
     visible = []
-    for entry in entries:
-        if not entry or entry.startswith("-"):
+    for entry in (part.strip() for part in text.split(",")):
+        if not (entry.isdigit() or entry.startswith(("GPU-", "MIG-"))):
             break
         visible.append(entry)
     return visible

@@ -84,6 +84,17 @@ def test_locks_name_the_physical_card_not_the_visible_index(monkeypatch, locks):
     assert (locks / f"gpu-{uuids[0]}.lock").is_file()
 
 
+def test_visible_devices_are_read_as_cuda_reads_them(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert devices.visible_devices() is None
+    for text, expected in (
+        ("0,1", ["0", "1"]), (" 2 , 3", ["2", "3"]), ("GPU-8f3a,MIG-1c", ["GPU-8f3a", "MIG-1c"]),
+        ("0,x,1", ["0"]), ("", []), ("-1", []), ("NoDevFiles", []),
+    ):  # fmt: skip
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", text)
+        assert devices.visible_devices() == expected, text
+
+
 def test_one_visible_device_is_shared_by_every_job(monkeypatch, locks):
     """SLURM's one GPU per job: every slot uses it, no lock is taken."""
     fake_gpus(monkeypatch, 1)
@@ -249,8 +260,9 @@ def test_no_driver_at_all_runs_auto_on_the_cpu(no_cuda, caplog):
 
 def test_hidden_devices_or_a_cpu_build_run_auto_on_the_cpu(no_cuda, monkeypatch):
     no_cuda.write_text(OLD_DRIVER)
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # what the tests do to force the CPU
-    assert devices.select_device(version_file=no_cuda) == torch.device("cpu")
+    for hidden in ("", "-1", "NoDevFiles"):  # "": what the tests do to force the CPU
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+        assert devices.select_device(version_file=no_cuda) == torch.device("cpu")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     monkeypatch.setattr(torch.version, "cuda", None)
     assert devices.select_device(version_file=no_cuda) == torch.device("cpu")
