@@ -165,6 +165,12 @@ def claim_gpu(
             except BlockingIOError:
                 handle.close()
                 continue
+            except OSError as error:  # e.g. ENOLCK: a network filesystem without flock
+                handle.close()
+                raise DeviceError(
+                    f"{directory / name}: cannot lock the GPU lock file ({error.strerror}); "
+                    f"{LOCK_HINT} on a local disk"
+                ) from None
             handle.seek(0)
             handle.truncate()
             handle.write(f"{os.getpid()}\n")

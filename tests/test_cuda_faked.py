@@ -5,6 +5,7 @@ driver CUDA cannot use."""
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -198,6 +199,15 @@ def test_an_unwritable_lock_file_is_one_clear_error(monkeypatch, locks, capsys):
         run_cli(lambda: devices.claim_gpu(2, timeout=1))
     assert stop.value.code == 1
     assert capsys.readouterr().err.startswith("error (DeviceError): ")
+
+
+def test_a_lock_folder_without_flock_is_one_clear_error(monkeypatch, locks):
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(devices.fcntl, "flock", no_locks)
+    with pytest.raises(InputError, match=r"gpu0.lock: cannot lock .*No locks available.*local"):
+        devices.claim_gpu(1, timeout=1)
 
 
 def test_an_unwritable_lock_folder_is_one_clear_error(monkeypatch, tmp_path):
