@@ -74,13 +74,15 @@ def _shell_literal(text: str) -> str:
 # Every shell command (bash) starts with this: strict mode, the repository on PYTHONPATH, and
 # the two shell variables the rules' commands use, $PYTHON (the interpreter) and $SCRIPTS
 # (workflow_scripts/). Shell variables, not {PYTHON}-style globals: `snakemake --lint` clean.
-# BRAINMRI_JOBS_PER_GPU: job slots per GPU (config gpu_jobs_per_device, brainmri/devices.py).
+# BRAINMRI_JOBS_PER_GPU: job slots per GPU (config gpu_jobs_per_device, brainmri/devices.py);
+# BRAINMRI_DEVICE: auto | cuda | cpu (config device).
 shell.prefix(
     "set -euo pipefail; "
     f"export PYTHONPATH={_shell_literal(str(REPO))}"
     "${{PYTHONPATH:+:$PYTHONPATH}}; "
     f"PYTHON={_shell_literal(_INTERPRETER)}; SCRIPTS={_shell_literal(str(SCRIPTS))}; "
     f"export BRAINMRI_JOBS_PER_GPU={int(config['gpu_jobs_per_device'])}; "
+    f"export BRAINMRI_DEVICE={config['device']}; "
 )
 
 BACKBONES = model_names(config, "classification")

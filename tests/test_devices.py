@@ -53,7 +53,7 @@ def test_all_gpus_taken_waits_then_times_out(tmp_path):
 
 
 def test_scheduler_visible_devices_skip_the_locks(monkeypatch):
-    fake_gpus(monkeypatch, 4)
+    fake_gpus(monkeypatch, 1)  # CUDA_VISIBLE_DEVICES=3: one visible device
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
     monkeypatch.setattr(devices, "claim_gpu", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
     assert devices.select_device() == torch.device("cuda", 0)
@@ -129,7 +129,7 @@ def test_one_big_gpu_shared_by_jobs_in_separate_processes(tmp_path):
 
 
 def test_scheduler_visible_devices_win_over_job_slots(monkeypatch):
-    fake_gpus(monkeypatch, 4)
+    fake_gpus(monkeypatch, 1)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2")
     monkeypatch.setenv("BRAINMRI_JOBS_PER_GPU", "4")
     monkeypatch.setattr(devices, "claim_gpu", lambda *a, **k: (_ for _ in ()).throw(AssertionError))

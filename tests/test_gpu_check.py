@@ -44,7 +44,9 @@ def test_gpu_check_runs_every_step_on_the_cpu(tmp_path):
         "workflow.log",
     ]  # fmt: skip
     summary = (out / "summary.md").read_text()
-    assert summary.count(": exit 0 after") == 4, summary
+    assert summary.count(": exit 0 after") == 5, summary
+    assert "- GPU tests (pytest -m gpu): exit 0 after" in summary  # all skipped without CUDA
+    assert "## GPU tests (pytest -m gpu, last 40 lines)" in summary and "skipped" in summary
     bench = json.loads((out / "bench.json").read_text())
     assert bench["data"]["batch_size"] == 4
     assert bench["tasks"]["segmentation"]["model"] == "Unet/resnet18"

@@ -127,7 +127,8 @@ def configure_torch(device: torch.device, threads: int) -> None:
 
 
 def rng_states(device: torch.device) -> dict[str, Any]:
-    """The global RNG states (python, numpy, torch, CUDA) as plain types and tensors."""
+    """The global RNG states (python, numpy, torch; CUDA: that of the job's device only, so a
+    job resumes with fewer visible GPUs) as plain types and tensors."""
     numpy_state = np.random.get_state(legacy=False)
     states: dict[str, Any] = {
         "python": random.getstate(),
@@ -141,12 +142,14 @@ def rng_states(device: torch.device) -> dict[str, Any]:
         "torch": torch.get_rng_state(),
     }
     if device.type == "cuda":
-        states["cuda"] = torch.cuda.get_rng_state_all()
+        states["cuda"] = torch.cuda.get_rng_state(device)
     return states
 
 
-def set_rng_states(states: dict[str, Any]) -> None:
-    """Restore what :func:`rng_states` saved."""
+def set_rng_states(states: dict[str, Any], device: torch.device) -> None:
+    """Restore what :func:`rng_states` saved; its CUDA state goes to ``device`` (not on the
+    CPU). An older state with one entry per visible GPU gives that of ``device``'s index (or
+    the first, where fewer GPUs were visible), never an IndexError."""
     version, internal, gauss = states["python"]
     random.setstate((version, tuple(internal), gauss))
     numpy_state = states["numpy"]
@@ -162,8 +165,12 @@ def set_rng_states(states: dict[str, Any]) -> None:
         }
     )
     torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    cuda_state = states.get("cuda")
+    if isinstance(cuda_state, list | tuple):  # the older format
+        index = device.index or 0
+        cuda_state = cuda_state[index if index < len(cuda_state) else 0] if cuda_state else None
+    if device.type == "cuda" and cuda_state is not None:
+        torch.cuda.set_rng_state(cuda_state, device)
 
 
 def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
@@ -260,12 +267,12 @@ def fit(
         history = list(state["history"])
         best_state, best_loss = state["best_state"], state["best_val_loss"]
         best_epoch, stale, start = state["best_epoch"], state["stale"], state["epoch"] + 1
-        if "scaler" in state:
+        if state.get("scaler"):  # {}: saved by a disabled scaler; an enabled one starts afresh
             scaler.load_state_dict(state["scaler"])
         if scheduler is not None and "scheduler" in state:
             scheduler.load_state_dict(state["scheduler"])
         if "rng" in state:
-            set_rng_states(state["rng"])
+            set_rng_states(state["rng"], device)
         best_score = state.get("best_score", -best_loss)
         log.info("Resuming after epoch %d (best val loss %.4f)", start, best_loss)
 
