@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from brainmri.devices import release_gpus
 from brainmri.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -232,6 +233,7 @@ class CompiledForward(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, backend: str, eval_batch: int) -> None:
         super().__init__()
+        self.model = model  # a submodule: train()/eval() of the wrapper reach the model
         self.compiled = torch.compile(model, backend=backend)
         self.eval_batch = eval_batch
 
@@ -248,6 +250,15 @@ class CompiledForward(torch.nn.Module):
                 else torch.contiguous_format
             )
         return self.compiled(images)[:count]
+
+
+def release_device(plan: AcceleratorPlan) -> None:
+    """Give the device back before a CPU-only phase: the cached blocks (CUDA) and the job slot
+    this process claimed (brainmri.devices), so that another GPU job can start meanwhile."""
+    if plan.cuda:
+        torch.cuda.empty_cache()
+    release_gpus()
+    log.info("Device %s released (the rest runs on the CPU)", plan.device)
 
 
 def configure_torch(plan: AcceleratorPlan | torch.device, threads: int) -> None:

@@ -21,7 +21,13 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from brainmri.accelerator import AcceleratorPlan, configure_torch, default_plan, make_plan
+from brainmri.accelerator import (
+    AcceleratorPlan,
+    configure_torch,
+    default_plan,
+    make_plan,
+    release_device,
+)
 from brainmri.devices import select_device
 from brainmri.errors import InputError
 from brainmri.inference.overlap import overlap_counts_on
@@ -186,17 +192,23 @@ def segment_and_count(
     """Stored probabilities of ``rows`` (LGG slices), their masks, and the overlap sums of the
     thresholded probabilities with the masks, computed on the inference device (the masks are
     put there like the images); only uint8 probabilities and the sums come back. ``threshold``
-    None: no sums (the caller post-processes the masks first and counts on the host)."""
+    None: no sums (the caller post-processes the masks first and counts on the host). The
+    device's job slot is released before returning: what follows (HD, ASSD) runs on the CPU, so
+    another GPU job may take the slot meanwhile."""
     device = select_device()
     configure_torch(device, threads)
     pictures = gather(images, rows)
     truth = gather(masks, rows).astype(bool)
     stored, checkpoint = stored_probabilities(checkpoints, pictures, device, tta, rows)
-    if threshold is None:
-        return ScoredSlices(stored.cpu().numpy(), truth, None, checkpoint)
-    on_device = truth
-    plan = default_plan(device)
-    if plan.resident:
-        on_device = make_resident([truth], plan, "inference masks")[0]
-    counts = overlap_counts_on(stored, on_device, threshold)
-    return ScoredSlices(stored.cpu().numpy(), truth, counts, checkpoint)
+    counts = None
+    if threshold is not None:
+        on_device = truth
+        plan = default_plan(device)
+        if plan.resident:
+            on_device = make_resident([truth], plan, "inference masks")[0]
+        counts = overlap_counts_on(stored, on_device, threshold)
+        del on_device
+    host = stored.cpu().numpy()
+    del stored
+    release_device(default_plan(device))
+    return ScoredSlices(host, truth, counts, checkpoint)

@@ -50,7 +50,7 @@ class SegmentationLoss:
         probabilities = F.logsigmoid(logits).exp().double()
         truth = masks.double()
         bce = (
-            F.binary_cross_entropy_with_logits(logits, masks, reduction="sum").double()
+            F.binary_cross_entropy_with_logits(logits.double(), truth, reduction="sum")
             if self.name == "dice_bce"
             else truth.new_zeros(())
         )
