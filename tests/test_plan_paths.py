@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import json
 
 import numpy as np
 import pytest
@@ -132,7 +133,7 @@ def test_fp16_with_the_grad_scaler_trains_like_fp32(fake_cuda, tmp_path):
         settings = FitSettings(epochs=2, lr=1e-2, metric_name="dice")
         result = fit(
             model, segmentation_loss({"dice_smooth": 1.0}), segmentation_metrics,
-            lambda epoch: data.epoch(None, epoch_generator(0, epoch)), data.epoch,
+            lambda epoch, d=data: d.epoch(None, epoch_generator(0, epoch)), data.epoch,
             settings, CPU, tmp_path / plan.precision, "d", plan,
         )  # fmt: skip
         histories[plan.grad_scaler] = result.history
@@ -307,3 +308,19 @@ def test_segment_and_count_frees_the_gpu_slot_before_the_cpu_metrics(
     with open(lock_dir / "gpu0.lock", "a+") as handle:  # free again: another job may take it
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     assert not devices._held_locks
+
+
+def test_device_json_carries_the_plan_and_the_report_shows_its_precision(tmp_path):
+    from brainmri.reporting.report import training_devices
+
+    job = jobs.TrainJob(
+        settings={}, manifest=tmp_path, splits=tmp_path, images={}, masks=None, weights=None,
+        seed=0, threads=1, checkpoint=tmp_path / "m" / "model.pt", history=tmp_path / "h.csv",
+        device_json=tmp_path / "device.json",
+    )  # fmt: skip
+    plan = dataclasses.replace(FP32, precision="bf16", channels_last=True)
+    jobs._finish(job, CPU, plan)
+    record = json.loads((tmp_path / "device.json").read_text())
+    assert record["type"] == "cpu" and record["plan"]["precision"] == "bf16"
+    assert record["plan"]["channels_last"] and record["plan"]["eval_batch"] == 8
+    assert training_devices([tmp_path / "device.json"]) == ["CPU (cpu, bf16)"]
