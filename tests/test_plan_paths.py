@@ -324,3 +324,57 @@ def test_device_json_carries_the_plan_and_the_report_shows_its_precision(tmp_pat
     assert record["type"] == "cpu" and record["plan"]["precision"] == "bf16"
     assert record["plan"]["channels_last"] and record["plan"]["eval_batch"] == 8
     assert training_devices([tmp_path / "device.json"]) == ["CPU (cpu, bf16)"]
+
+
+def test_inference_on_the_cuda_plan_equals_the_fp32_host_path(
+    fake_cuda, monkeypatch, preprocessed_data, tmp_path
+):
+    """segment_and_count with the CUDA plan's resident images and masks and pinned batches
+    (on the CPU): the same stored probabilities and overlap sums; the slot released."""
+    from brainmri.inference import segment
+    from brainmri.models import save_checkpoint
+
+    settings = {**SEGMENTER, "slice_context": 0, "modality_dropout": 0.0, "input_size": 64}
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "model.pt"
+    save_checkpoint(checkpoint, build_segmenter(settings), "segmentation", settings)
+    table = load_table(preprocessed_data.manifest, preprocessed_data.splits)
+    rows = table[table["source"] == "lgg"].iloc[:20]
+    args = (
+        [checkpoint], rows, {"lgg": preprocessed_data.lgg_images},
+        {"lgg": preprocessed_data.lgg_masks}, 1, 0.5,
+    )  # fmt: skip
+    host = segment.segment_and_count(*args)
+    cuda = dataclasses.replace(CUDA_FP32, eval_batch=8)
+    monkeypatch.setattr(segment, "default_plan", lambda device, eval_batch=32: cuda)
+    monkeypatch.setattr(segment, "inference_plan", lambda device, checkpoint: cuda)
+    placed = []
+    real = segment.make_resident
+    monkeypatch.setattr(
+        segment, "make_resident", lambda *a, **k: placed.append(a[2]) or real(*a, **k)
+    )
+    fake_cuda.clear()
+    device = segment.segment_and_count(*args)
+    assert placed == ["inference images", "inference masks"]
+    assert "empty_cache" in fake_cuda  # released before the CPU phase
+    assert np.array_equal(host.stored, device.stored)
+    assert np.array_equal(host.counts, device.counts)
+
+
+def test_configure_torch_sets_the_cuda_flags_of_a_cuda_plan():
+    from brainmri.accelerator import configure_torch
+
+    flags = [
+        (torch.backends.cudnn, "benchmark"),
+        (torch.backends.cuda.matmul, "allow_tf32"),
+        (torch.backends.cudnn, "allow_tf32"),
+    ]
+    saved = [getattr(module, name) for module, name in flags]
+    try:
+        for module, name in flags:
+            setattr(module, name, False)
+        configure_torch(CUDA_FP32, torch.get_num_threads())
+        assert all(getattr(module, name) for module, name in flags)
+    finally:
+        for (module, name), value in zip(flags, saved, strict=True):
+            setattr(module, name, value)
