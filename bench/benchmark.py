@@ -3,7 +3,9 @@
 For one classifier and one segmenter at one image size it measures, in images/s:
 
 * the *limit*: forward + backward + optimizer step (training) and forward (inference) on random
-  tensors already on the device, after warm-up;
+  tensors already on the device, after warm-up, with the job's accelerator plan (precision,
+  channels_last, compilation: brainmri.accelerator), and the *fp32 eager* limit (the same
+  model in fp32, contiguous, not compiled: what the workflow ran before the plan);
 * the *workflow*: :func:`brainmri.training.loop.fit` fed by the workflow's data path
   (:class:`brainmri.training.batches.Batches` over the preprocessed uint8 arrays, batched
   augmentation), set up by :func:`brainmri.training.setup.build_training_setup`, the builder
@@ -40,6 +42,7 @@ import torch
 import yaml
 from PIL import Image
 
+from brainmri.accelerator import AcceleratorPlan, make_plan
 from brainmri.config import training_settings
 from brainmri.errors import InputError
 from brainmri.evaluation.segmentation import distance_metrics, overlap_metrics, per_slice_metrics
@@ -47,7 +50,7 @@ from brainmri.io import write_csv
 from brainmri.models import check_classifier_config, check_segmenter_config
 from brainmri.tables import load_table
 from brainmri.training.batches import Augment
-from brainmri.training.evaluate import autocast, predict_logits
+from brainmri.training.evaluate import predict_logits
 from brainmri.training.loop import FitSettings, compiled, configure_torch, fit, seed_everything
 from brainmri.training.setup import (
     TASKS,
@@ -100,6 +103,7 @@ class BenchOptions:
     images_per_class: int = 24
     folds: int = 3
     metric_slices: int = 1024  # about the LGG test set (20% of 3,929 slices)
+    clock: str = "wall"  # wall | process (CPU seconds of this process: a shared machine)
 
 
 # --- machine and timing helpers -------------------------------------------------------------
@@ -138,6 +142,17 @@ def machine_info(device: torch.device | None, threads: int) -> dict[str, Any]:
     return info
 
 
+# The clock of the throughput loops: wall time, or (``--clock process``) the CPU seconds of
+# this process, which a machine shared with other jobs disturbs far less (use one thread).
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+_now = time.perf_counter
+
+
+def use_clock(name: str) -> None:
+    global _now
+    _now = CLOCKS[name]
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -156,22 +171,22 @@ class Phase:
 
 def timed(batches: Iterable, phase: Phase, device: torch.device) -> Iterator:
     """Yield from ``batches``, adding the time spent producing each batch to ``phase``."""
-    began = time.perf_counter()
+    began = _now()
     iterator = iter(batches)
     while True:
         _sync(device)
-        start = time.perf_counter()
+        start = _now()
         try:
             item = next(iterator)
         except StopIteration:
             break
         _sync(device)
-        phase.data += time.perf_counter() - start
+        phase.data += _now() - start
         phase.batches += 1
         phase.images += int(item[0].shape[0])
         yield item
     _sync(device)
-    phase.seconds = time.perf_counter() - began
+    phase.seconds = _now() - began
 
 
 class TimedAugment:
@@ -181,12 +196,12 @@ class TimedAugment:
         self.augment, self.device = augment, device
         self.phase = Phase()
 
-    def __call__(self, images, masks, generator):
+    def __call__(self, images, masks, generator, pin=False):
         _sync(self.device)
-        start = time.perf_counter()
-        out = self.augment(images, masks, generator)
+        start = _now()
+        out = self.augment(images, masks, generator, pin)
         _sync(self.device)
-        self.phase.augment += time.perf_counter() - start
+        self.phase.augment += _now() - start
         return out
 
 
@@ -343,6 +358,16 @@ def build(task: str, settings: dict[str, Any], seed: int) -> torch.nn.Module:
 # --- 1. the limit ---------------------------------------------------------------------------
 
 
+def job_plan(settings: dict[str, Any], device: torch.device) -> AcceleratorPlan:
+    """The accelerator plan a training job of ``settings`` gets on ``device``."""
+    return make_plan(device, settings, settings["batch_size"])
+
+
+def fp32_eager_plan(device: torch.device, batch: int) -> AcceleratorPlan:
+    """fp32, contiguous, not compiled: the limit of the workflow before the plan."""
+    return AcceleratorPlan(device=device, cuda=device.type == "cuda", eval_batch=batch)
+
+
 def limit_throughput(
     task: str,
     settings: dict[str, Any],
@@ -350,9 +375,13 @@ def limit_throughput(
     warmup: int,
     batches: int,
     seed: int,
+    plan: AcceleratorPlan | None = None,
 ) -> dict[str, float]:
-    """Training and inference images/s on one random batch that stays on the device."""
-    model = build(task, settings, seed).to(device)
+    """Training and inference images/s on one random batch that stays on the device, with
+    ``plan`` (default: the job's); compiled when the plan compiles (a fresh dynamo cache)."""
+    plan = plan or job_plan(settings, device)
+    torch._dynamo.reset()
+    model = plan.prepare_model(build(task, settings, seed))
     loss_fn, _, _ = loss_and_metric(task, settings)
     batch, size = settings["batch_size"], settings["input_size"]
     generator = torch.Generator().manual_seed(seed)
@@ -361,22 +390,21 @@ def limit_throughput(
         targets = torch.randint(0, 2, (batch,), generator=generator).to(device)
     else:
         targets = (torch.rand(batch, 1, size, size, generator=generator) > 0.8).float().to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    if plan.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings["lr"])
-    forward = compiled(model, settings.get("compile", False))
+    forward = compiled(model, plan.compile, plan)
 
     def train_step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with autocast(device):
+        with plan.autocast():
             loss = loss_fn(forward(images).float(), targets)
         loss.backward()
         optimizer.step()
 
     @torch.no_grad()
     def infer_step() -> None:
-        with autocast(device):
+        with plan.autocast():
             forward(images)
 
     model.train()
@@ -392,14 +420,17 @@ def limit_throughput(
 
 
 def _time_loop(step: Callable[[], None], device: torch.device, warmup: int, n: int) -> float:
+    """Seconds of ``n`` steps after ``warmup``, synchronised around every step as
+    :func:`timed` synchronises around every batch of the workflow (the same timing)."""
     for _ in range(warmup):
         step()
     _sync(device)
-    start = time.perf_counter()
+    start = _now()
     for _ in range(n):
+        _sync(device)
         step()
-    _sync(device)
-    return time.perf_counter() - start
+        _sync(device)
+    return _now() - start
 
 
 # --- 2./3. the workflow's loops -------------------------------------------------------------
@@ -449,9 +480,11 @@ def workflow_throughput(
     train, val, test = _task_rows(task, table, data.splits)
     batch = settings["batch_size"]
     seed_everything(seed)
+    torch._dynamo.reset()  # the workflow's model compiles into its own cache (not the limit's)
     setup = build_training_setup(
-        task, settings, folder_loader(data.data_dir), train, val, device, seed, resident=resident
-    )
+        task, settings, folder_loader(data.data_dir), train, val, device, seed,
+        resident=resident, plan=job_plan(settings, device), test=test,
+    )  # fmt: skip
     augment = TimedAugment(setup.train_data.augment, device)
     train_data, val_data = setup.train_data, setup.val_data
     train_data.augment = augment
@@ -491,6 +524,7 @@ def workflow_throughput(
             device,
             Path(resume),
             "benchmark",
+            setup.plan,
         )
     epoch_s = float(result.history[1]["seconds"])
     trained, evaluated = train_phases[1], val_phases[1]
@@ -508,22 +542,25 @@ def workflow_throughput(
         "data_share": trained.data / trained.seconds if trained.seconds > 0 else float("nan"),
     }
 
-    # Inference as predict_logits runs it over the test rows (a warm-up pass, then timed).
+    # Inference as predict_logits runs it over the test rows (a warm-up pass, then timed),
+    # compiled when the plan compiles (as the limit's inference is).
     infer_count = batches * batch
-    predict_logits(
-        model, test_data.epoch(_cycle(np.arange(len(test_data)), warmup * batch)), device
-    )
+    forward = compiled(model, setup.plan.compile, setup.plan)
+    warm = test_data.epoch(_cycle(np.arange(len(test_data)), warmup * batch))
+    predict_logits(forward, warm, device, setup.plan)
     inferred = Phase()
     _sync(device)
-    start = time.perf_counter()
+    start = _now()
     predict_logits(
-        model,
+        forward,
         timed(test_data.epoch(_cycle(np.arange(len(test_data)), infer_count)), inferred, device),
         device,
+        setup.plan,
     )
     _sync(device)
-    infer_s = time.perf_counter() - start
+    infer_s = _now() - start
     return {
+        "plan": setup.plan.describe(),
         "resident": train_data.resident,
         "eval_batch": setup.eval_batch,
         "train_images": trained.images,
@@ -629,7 +666,8 @@ def naive_throughput(
         generator=generator,
         pin_memory=device.type == "cuda",
     )
-    model = build(task, settings, seed).to(device)
+    plan = job_plan(settings, device)
+    model = plan.prepare_model(build(task, settings, seed))
     loss_fn, _, _ = loss_and_metric(task, settings)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings["lr"])
     model.train()
@@ -643,9 +681,11 @@ def naive_throughput(
         fetch = time.perf_counter()
         images, targets = next(iterator)
         images, targets = images.to(device), targets.to(device)
+        if plan.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         waited += time.perf_counter() - fetch
         optimizer.zero_grad(set_to_none=True)
-        with autocast(device):
+        with plan.autocast():
             loss = loss_fn(model(images).float(), targets)
         loss.backward()
         optimizer.step()
@@ -771,13 +811,17 @@ def measure_task(
     for index in range(options.repeats):
         log.info("%s %s: round %d/%d", task, label, index + 1, options.repeats)
         args = (task, settings, device, options.warmup, options.batches, options.seed)
+        fp32 = limit_throughput(*args, fp32_eager_plan(device, settings["batch_size"]))
         limit = limit_throughput(*args)
         flow = workflow_throughput(task, settings, data, *args[2:], options.resident)
         one: dict[str, Any] = {
+            "limit_fp32": fp32,
             "limit": limit,
             "workflow": flow,
             "train_ratio": flow["train_ips"] / limit["train_ips"],
             "infer_ratio": flow["infer_ips"] / limit["infer_ips"],
+            "train_vs_fp32": flow["train_ips"] / fp32["train_ips"],
+            "infer_vs_fp32": flow["infer_ips"] / fp32["infer_ips"],
         }
         if options.naive and naive:
             naive = naive_throughput(task, settings, data, *args[2:], options.threads)
@@ -786,7 +830,7 @@ def measure_task(
         rounds.append(one)
     entry = median_of(rounds)
     entry["model"] = label
-    for key in ("train_ratio", "infer_ratio", "speedup_vs_naive"):
+    for key in ("train_ratio", "infer_ratio", "train_vs_fp32", "infer_vs_fp32", "speedup_vs_naive"):
         if key in entry:
             values = [one[key] for one in rounds]
             entry[key + "_range"] = [min(values), max(values)]
@@ -801,6 +845,7 @@ def run_benchmark(options: BenchOptions, workdir: Path | None = None) -> dict[st
             raise ValueError(f"--{name.replace('_', '-')}: must be positive")
     if any(size < 1 for size in options.more_batch_sizes):
         raise ValueError("--batch-size: must be positive")
+    use_clock(options.clock)
     device = resolve_device(options.device)
     cuda = device.type == "cuda"
     configure_torch(device, options.threads)
@@ -1010,20 +1055,33 @@ def format_markdown(report: dict[str, Any]) -> str:
             "",
             "## Throughput (images/s)",
             "",
-            "| task | model | batch | data | limit train | workflow train | ratio | naive train | "
-            "workflow / naive | limit infer | workflow infer | ratio |",
-            "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "fp32 eager: the model alone in fp32, contiguous, not compiled (the workflow before "
+            "its accelerator plan); limit: the model alone with the plan the workflow runs "
+            "(below); workflow / limit: the workflow's own overhead.",
+            "",
+            "| task | model | batch | data | fp32 eager train | limit train | workflow train | "
+            "workflow / fp32 eager | workflow / limit | naive train | workflow / naive | "
+            "fp32 eager infer | limit infer | workflow infer | workflow / fp32 eager | "
+            "workflow / limit |",
+            "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+            "| ---: | ---: | ---: | ---: |",
         ]
         for batch, task, entry in _runs(report):
             limit, flow, naive = entry["limit"], entry["workflow"], entry.get("naive") or {}
+            fp32 = entry.get("limit_fp32") or {}
             where = "device" if flow.get("resident") else "host"
             lines.append(
-                f"| {task} | {entry['model']} | {batch} | {where} | {_f(limit['train_ips'])} | "
-                f"{_f(flow['train_ips'])} | {_ratio(entry, 'train_ratio')} | "
+                f"| {task} | {entry['model']} | {batch} | {where} | "
+                f"{_f(fp32.get('train_ips'))} | {_f(limit['train_ips'])} | "
+                f"{_f(flow['train_ips'])} | {_ratio(entry, 'train_vs_fp32')} | "
+                f"{_ratio(entry, 'train_ratio')} | "
                 f"{_f(naive.get('train_ips'))} | {_ratio(entry, 'speedup_vs_naive')} | "
-                f"{_f(limit['infer_ips'])} | {_f(flow['infer_ips'])} | "
+                f"{_f(fp32.get('infer_ips'))} | {_f(limit['infer_ips'])} | "
+                f"{_f(flow['infer_ips'])} | {_ratio(entry, 'infer_vs_fp32')} | "
                 f"{_ratio(entry, 'infer_ratio')} |"
             )
+        plans = {entry["workflow"].get("plan") for _, _, entry in _runs(report)}
+        lines += ["", *(f"- {plan}" for plan in sorted(p for p in plans if p))]
         lines += [
             "",
             "## Where the time of the workflow's timed epoch goes (seconds)",

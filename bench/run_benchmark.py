@@ -60,6 +60,13 @@ def main() -> None:
         "device/host: force the device-resident or the host (pinned batches) path",
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the models")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "process"],
+        default="wall",
+        help="throughput loops timed by wall time or by this process's CPU seconds (a shared "
+        "machine; with --threads 1)",
+    )
     parser.add_argument("--warmup", type=int, default=defaults.warmup, help="warm-up batches")
     parser.add_argument("--batches", type=int, default=defaults.batches, help="timed batches")
     parser.add_argument(
@@ -107,6 +114,7 @@ def main() -> None:
             arch=args.arch,
             encoder=args.encoder,
             image_size=args.image_size,
+            clock=args.clock,
             batch_size=args.batch_size[0] if args.batch_size else None,
             more_batch_sizes=tuple(args.batch_size[1:]) if args.batch_size else (),
             resident={"auto": None, "device": True, "host": False}[args.data_path],

@@ -26,6 +26,7 @@ _COMMON_KEYS = (
     "eval_batch_size",
     "val_every",
     "compile",
+    "precision",
     "resident_share",
 )
 STAGE_KEYS = {

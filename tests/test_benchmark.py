@@ -205,3 +205,61 @@ def test_median_of_takes_the_median_of_every_number_and_keeps_the_rest():
         {"ips": 20.0, "images": 8, "name": "c", "parts": {"step_s": 2.0}},
     ]
     assert median_of(rounds) == {"ips": 20.0, "images": 8, "name": "a", "parts": {"step_s": 2.0}}
+
+
+def test_the_limit_and_the_workflow_loop_are_synchronised_alike(monkeypatch):
+    """Item 9: both loops synchronise before and after every step / batch (before: only the
+    workflow's batches were, which biased the ratios against the workflow on a GPU)."""
+    from bench import benchmark
+
+    calls = []
+    monkeypatch.setattr(benchmark, "_sync", lambda device: calls.append("sync"))
+    benchmark._time_loop(lambda: calls.append("step"), torch.device("cpu"), 1, 3)
+    limit = calls[calls.index("step", 1) :]  # after the warm-up step
+    calls.clear()
+    phase = Phase()
+    batches = [(torch.zeros(1), None)] * 3
+    for _ in timed(batches, phase, torch.device("cpu")):
+        calls.append("step")
+    assert limit.count("step") == calls.count("step") == 3
+    for trace in (limit, calls):
+        steps = [i for i, c in enumerate(trace) if c == "step"]
+        assert all(trace[i - 1] == "sync" for i in steps)  # a sync right before every step
+
+
+def test_the_limit_compiles_in_its_own_cache_when_the_plan_compiles(monkeypatch):
+    """Item 9: with --compile the limit and the workflow compile alike, each model into a fresh
+    dynamo cache (before: one cache for every model, silently falling back to eager)."""
+    from bench import benchmark
+    from brainmri.accelerator import AcceleratorPlan
+
+    resets = []
+    real_reset = torch._dynamo.reset
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: (resets.append(1), real_reset()))
+    settings = {
+        "backbone": "resnet10t", "pretrained": False, "input_size": 32, "batch_size": 2,
+        "lr": 1e-3, "augment": {},
+    }  # fmt: skip
+    cpu = torch.device("cpu")
+    plan = AcceleratorPlan(device=cpu, compile=True, compile_backend="eager", eval_batch=2)
+    from torch._dynamo.utils import counters
+
+    before = int(counters["frames"]["ok"])
+    result = benchmark.limit_throughput("classification", settings, cpu, 1, 1, 0, plan)
+    assert resets and int(counters["frames"]["ok"]) > before  # compiled, in a fresh cache
+    assert result["train_ips"] > 0 and result["infer_ips"] > 0
+    eager = benchmark.fp32_eager_plan(cpu, 2)
+    assert not eager.compile and eager.precision == "fp32" and not eager.channels_last
+
+
+def test_the_process_clock_counts_cpu_seconds_not_waiting():
+    from bench import benchmark
+
+    try:
+        benchmark.use_clock("process")
+        phase = Phase()
+        for _ in timed([(torch.zeros(1), None)], phase, torch.device("cpu")):
+            time.sleep(0.2)  # waiting (another job's turn on a shared machine) costs no CPU
+        assert phase.seconds < 0.1
+    finally:
+        benchmark.use_clock("wall")

@@ -26,6 +26,9 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
+from brainmri.accelerator import configure_torch
 from brainmri.devices import select_device
 from brainmri.evaluation.postprocess import PostProcess
 from brainmri.inference.predict import array_size
@@ -92,6 +95,7 @@ def main() -> None:
     log = setup_logging()
     size = array_size([*args.classifiers, *args.segmenters])
     device = select_device(log)
+    configure_torch(device, torch.get_num_threads())  # cuDNN / determinism flags as in training
     models = EnsembleModels(
         args.classifiers, args.segmenters, args.method, args.classifier_threshold, device, args.tta
     )

@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from brainmri.accelerator import configure_torch
 from brainmri.data.preprocess import (
     gray_to_rgb,
     open_image,
@@ -203,6 +204,7 @@ def predict_folder(
     if not prepared:
         raise InputError(f"{input_dir}: none of the {len(files)} file(s) is a readable image")
     device = select_device(log)
+    configure_torch(device, torch.get_num_threads())  # cuDNN / determinism flags as in training
     with atomic_path(masks_dir) as tmp_masks, atomic_path(overlays_dir) as tmp_overlays:
         tmp_masks.mkdir()
         tmp_overlays.mkdir()

@@ -1,7 +1,8 @@
 """Batched inference shared by evaluation, the fold ensemble and predict.
 
-Large batches (the checkpoint's ``eval_batch_size``, else sized for the device), bf16 autocast
-and channels_last on CUDA as in training, the images resident on the GPU when they fit, and the
+Large batches (the checkpoint's ``eval_batch_size``, else sized for the device), precision and
+channels_last from the accelerator plan of the checkpoint's settings (as in training), the
+images resident on the GPU when they fit, and the
 sigmoid/resize done on the device per batch: no per-slice Python work. The models' mean
 probability is accumulated and quantized to the stored uint8 form on the device, and the overlap
 sums of evaluation are taken there too (brainmri.inference.overlap), so one byte per pixel
@@ -10,6 +11,7 @@ crosses to the host.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,13 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from brainmri.accelerator import (
+    AcceleratorPlan,
+    configure_torch,
+    default_plan,
+    make_plan,
+    release_device,
+)
 from brainmri.devices import select_device
 from brainmri.errors import InputError
 from brainmri.inference.overlap import overlap_counts_on
@@ -27,35 +36,42 @@ from brainmri.models import load_checkpoint
 from brainmri.tables import ArrayFiles, gather
 from brainmri.training.batches import Batches, make_resident
 from brainmri.training.context import with_context
-from brainmri.training.evaluate import autocast
-from brainmri.training.loop import configure_torch
-from brainmri.training.setup import CPU_INFERENCE_BATCH, eval_batch_size
+from brainmri.training.setup import CPU_INFERENCE_BATCH
 
-RESIDENT_SHARE = 0.5  # of the free GPU memory, for inference inputs
+log = logging.getLogger(__name__)
+
+
+def inference_plan(device: torch.device, checkpoint: dict[str, Any]) -> AcceleratorPlan:
+    """The accelerator plan of a checkpoint's settings on ``device`` (its precision, its
+    ``eval_batch_size`` or one sized for the device; 32 on the CPU)."""
+    return make_plan(device, checkpoint["settings"], CPU_INFERENCE_BATCH)
 
 
 def load_for_inference(path: Path, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """A checkpoint's model in eval mode on ``device`` (channels_last on CUDA)."""
+    """A checkpoint's model in eval mode on ``device`` (channels_last where its plan says)."""
     model, checkpoint = load_checkpoint(path, device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    inference_plan(device, checkpoint).prepare_model(model)
     return model, checkpoint
 
 
 def place(images: np.ndarray, device: torch.device) -> tuple[Any, Any]:
-    """Images (and dummy targets) for :func:`inference_batches`: on the GPU when they fit."""
-    if device.type != "cuda":
+    """Images (and dummy targets) for :func:`inference_batches`: on the device when the plan
+    places data there and they fit its share."""
+    plan = default_plan(device)
+    if not plan.resident:
         return images, np.zeros(len(images))
-    placed = make_resident([images], device, RESIDENT_SHARE, "inference images")[0]
+    placed = make_resident([images], plan, "inference images")[0]
     dummy = torch.zeros(len(images), device=device) if isinstance(placed, torch.Tensor) else None
     return placed, dummy if dummy is not None else np.zeros(len(images))
 
 
 def inference_batches(placed: tuple[Any, Any], checkpoint: dict, device: torch.device) -> Batches:
-    batch = eval_batch_size(checkpoint["settings"], device, CPU_INFERENCE_BATCH)
+    plan = inference_plan(device, checkpoint)
     images, targets = placed
     size = checkpoint["input_size"]
-    return Batches(images, targets, batch, device, size, None, device.type == "cuda")
+    return Batches(
+        images, targets, plan.eval_batch, device, size, None, plan.channels_last, plan.pin_memory
+    )
 
 
 def quantize_on(probabilities: torch.Tensor) -> torch.Tensor:
@@ -97,8 +113,10 @@ def _model_probabilities(
                 )
             inputs = place(with_context(images, rows, context), device)
         offset = 0
+        plan = inference_plan(device, checkpoint)
+        log.info("%s: %s", path.name, plan.describe())
         for batch, _ in inference_batches(inputs, checkpoint, device).epoch():
-            with autocast(device):
+            with plan.autocast():
                 logits = model(batch)
             logits = logits.float()
             if logits.shape[-1] != size:
@@ -174,16 +192,23 @@ def segment_and_count(
     """Stored probabilities of ``rows`` (LGG slices), their masks, and the overlap sums of the
     thresholded probabilities with the masks, computed on the inference device (the masks are
     put there like the images); only uint8 probabilities and the sums come back. ``threshold``
-    None: no sums (the caller post-processes the masks first and counts on the host)."""
+    None: no sums (the caller post-processes the masks first and counts on the host). The
+    device's job slot is released before returning: what follows (HD, ASSD) runs on the CPU, so
+    another GPU job may take the slot meanwhile."""
     device = select_device()
     configure_torch(device, threads)
     pictures = gather(images, rows)
     truth = gather(masks, rows).astype(bool)
     stored, checkpoint = stored_probabilities(checkpoints, pictures, device, tta, rows)
-    if threshold is None:
-        return ScoredSlices(stored.cpu().numpy(), truth, None, checkpoint)
-    on_device = truth
-    if device.type == "cuda":
-        on_device = make_resident([truth], device, RESIDENT_SHARE, "inference masks")[0]
-    counts = overlap_counts_on(stored, on_device, threshold)
-    return ScoredSlices(stored.cpu().numpy(), truth, counts, checkpoint)
+    counts = None
+    if threshold is not None:
+        on_device = truth
+        plan = default_plan(device)
+        if plan.resident:
+            on_device = make_resident([truth], plan, "inference masks")[0]
+        counts = overlap_counts_on(stored, on_device, threshold)
+        del on_device
+    host = stored.cpu().numpy()
+    del stored
+    release_device(default_plan(device))
+    return ScoredSlices(host, truth, counts, checkpoint)

@@ -198,7 +198,9 @@ def training_devices(paths: list[Path]) -> list[str]:
         record = read_json(path)
         if not isinstance(record, dict) or "name" not in record:
             raise InputError(f"{path}: not a device record (expected a JSON object with 'name')")
-        devices.add(f"{record['name']} ({record.get('type', '?')})")
+        plan = record.get("plan") if isinstance(record.get("plan"), dict) else {}
+        precision = f", {plan['precision']}" if "precision" in plan else ""
+        devices.add(f"{record['name']} ({record.get('type', '?')}{precision})")
     return sorted(devices)
 
 

@@ -1,11 +1,12 @@
 """The fast data path: uint8 arrays loaded once per job, batched augmentation on the device.
 
 Images stay uint8 (N, S, S, 3) in memory (memory-mapped ``.npy`` files written by
-preprocessing) until a batch is gathered, pinned (CUDA), moved with ``non_blocking`` and turned
-into float [0, 1] on the device. On CUDA the whole uint8 arrays of a job are put on the GPU
-once when they fit a share of its free memory (:func:`make_resident`); batches are then
-gathered there too. Augmentation is one ``affine_grid`` + ``grid_sample`` per batch,
-drawn from a seeded generator, so it costs little next to a training step and is identical
+preprocessing) until a batch is gathered, pinned (the plan's ``pin_memory``), moved with
+``non_blocking`` and turned into float [0, 1] on the device. Where the accelerator plan says so
+the whole uint8 arrays of a job are put on the device once (:func:`make_resident`); batches are
+then gathered there too. Augmentation is one ``affine_grid`` + ``grid_sample`` per batch, its
+parameters drawn from a seeded generator on the host and sent in one pinned non-blocking copy,
+so it costs little next to a training step, never waits for the device, and is identical
 whether a job ran straight through or was resumed.
 """
 
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from brainmri.accelerator import AcceleratorPlan
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +45,14 @@ class Augment:
         return cls(**{k: v for k, v in (settings.get("augment") or {}).items() if k in fields})
 
     def __call__(
-        self, images: torch.Tensor, masks: torch.Tensor | None, generator: torch.Generator
+        self,
+        images: torch.Tensor,
+        masks: torch.Tensor | None,
+        generator: torch.Generator,
+        pin: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Augment a batch; the per-batch parameters go to the device in one copy (``pin``:
+        from pinned memory, non-blocking, so the host never waits for the device)."""
         batch = images.shape[0]
         draw = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
         angle = (draw(batch) * 2 - 1) * math.radians(self.rotation_deg)
@@ -52,15 +61,19 @@ class Augment:
         flip_y = torch.where((draw(batch) < 0.5) & self.vflip, -1.0, 1.0)
         bright = (draw(batch) * 2 - 1) * self.brightness
         contrast = 1 + (draw(batch) * 2 - 1) * self.contrast
+        drawn = torch.stack([angle, shift[:, 0], shift[:, 1], flip_x, flip_y, bright, contrast])
+        angle, shift_x, shift_y, flip_x, flip_y, bright, contrast = host_to_device(
+            drawn, images.device, pin
+        ).unbind()
         if self.rotation_deg or self.shift_fraction or self.hflip or self.vflip:
             cos, sin = torch.cos(angle), torch.sin(angle)
             theta = torch.stack(
                 [
-                    torch.stack([cos * flip_x, -sin * flip_y, shift[:, 0]], dim=1),
-                    torch.stack([sin * flip_x, cos * flip_y, shift[:, 1]], dim=1),
+                    torch.stack([cos * flip_x, -sin * flip_y, shift_x], dim=1),
+                    torch.stack([sin * flip_x, cos * flip_y, shift_y], dim=1),
                 ],
                 dim=1,
-            ).to(images.device, images.dtype)
+            ).to(images.dtype)
             grid = F.affine_grid(theta, list(images.shape), align_corners=False)
             images = F.grid_sample(images, grid, mode="bilinear", align_corners=False)
             if masks is not None:
@@ -68,8 +81,8 @@ class Augment:
         if self.brightness or self.contrast:
             view = (batch, 1, 1, 1)
             mean = images.mean(dim=(1, 2, 3), keepdim=True)
-            contrast = contrast.to(images.device).view(view)
-            bright = bright.to(images.device).view(view)
+            contrast = contrast.view(view)
+            bright = bright.view(view)
             images = ((images - mean) * contrast + mean + bright).clamp(0, 1)
         return images, masks
 
@@ -79,12 +92,14 @@ def to_device(
     device: torch.device,
     size: int,
     channels_last: bool = False,
+    pin: bool = False,
 ) -> torch.Tensor:
     """uint8 (B, S, S, 3) -> float (B, 3, size, size) in [0, 1] on ``device``.
 
-    A NumPy batch is pinned and copied (CUDA); a tensor already on the device is used as is.
+    A NumPy batch is copied (``pin``: from pinned memory, non-blocking); a tensor already on
+    the device is used as is.
     """
-    tensor = _on_device(images, device)
+    tensor = _on_device(images, device, pin)
     tensor = tensor.permute(0, 3, 1, 2).float().div_(255)
     if tensor.shape[-1] != size:
         tensor = F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True)
@@ -94,10 +109,10 @@ def to_device(
 
 
 def targets_to_device(
-    targets: np.ndarray | torch.Tensor, device: torch.device, size: int
+    targets: np.ndarray | torch.Tensor, device: torch.device, size: int, pin: bool = False
 ) -> torch.Tensor:
     """Labels (B,) -> long; masks (B, S, S) uint8 0/1 -> float (B, 1, size, size)."""
-    tensor = _on_device(targets, device)
+    tensor = _on_device(targets, device, pin)
     if tensor.ndim == 1:
         return tensor.long()
     tensor = tensor.unsqueeze(1).float()
@@ -106,47 +121,67 @@ def targets_to_device(
     return tensor
 
 
-def _on_device(array: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+def pinned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in page-locked host memory (a seam: the CPU tests stub it)."""
+    return tensor.pin_memory()
+
+
+def host_to_device(tensor: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
+    """A host tensor on ``device``: pinned and non-blocking with ``pin``, else a plain copy
+    (nothing on the CPU)."""
+    if pin:
+        return pinned(tensor).to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def _on_device(array: np.ndarray | torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
     if isinstance(array, torch.Tensor):
         return array.to(device, non_blocking=True)
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
-    if device.type == "cuda":
-        tensor = tensor.pin_memory().to(device, non_blocking=True)
-    return tensor
+    return host_to_device(torch.from_numpy(np.ascontiguousarray(array)), device, pin)
 
 
-def resident_fits(nbytes: int, device: torch.device, share: float) -> tuple[bool, int]:
-    """Whether ``nbytes`` fit ``share`` of the device's free memory; and the free bytes."""
-    if device.type != "cuda":
+def resident_fits(
+    nbytes: int, plan: AcceleratorPlan, share: float | None = None
+) -> tuple[bool, int]:
+    """Whether ``nbytes`` fit the device for ``plan``: at most ``share`` (default the plan's
+    ``memory_share``, already divided among the job slots of a GPU) of its total memory and
+    no more than is free now; and the free bytes. Not on a CUDA plan: always."""
+    if not plan.cuda:
         return True, 0
-    free, _ = torch.cuda.mem_get_info(device)
-    return nbytes <= share * free, int(free)
+    free, total = torch.cuda.mem_get_info(plan.device)
+    share = plan.memory_share if share is None else share
+    return nbytes <= min(share * total, free), int(free)
 
 
 def make_resident(
-    arrays: list[np.ndarray], device: torch.device, share: float, what: str = "data"
+    arrays: list[np.ndarray],
+    plan: AcceleratorPlan,
+    what: str = "data",
+    share: float | None = None,
+    decided: bool = False,
 ) -> list[np.ndarray | torch.Tensor]:
-    """The job's uint8 arrays as tensors on ``device`` when they fit ``share`` of its free
-    memory (gathered, augmented and normalised there, no host work per batch); else as they
-    are, for the host path (background gather, pinned batches), with a log line saying why."""
+    """The job's uint8 arrays as tensors on the plan's device when they fit (gathered,
+    augmented and normalised there, no host work per batch; ``decided``: the caller already
+    checked, see brainmri.training.setup); else as they are, for the host path (background
+    gather, pinned batches), with a log line saying why."""
     nbytes = sum(int(np.asarray(a).nbytes) for a in arrays)
-    fits, free = resident_fits(nbytes, device, share)
+    fits, free = (True, 0) if decided else resident_fits(nbytes, plan, share)
     if not fits:
         log.info(
-            "%s: %.2f GB do not fit %.0f %% of the %.2f GB free on %s: pinned host batches",
+            "%s: %.2f GB do not fit the job's %.0f %% of the memory of %s (%.2f GB free): "
+            "pinned host batches",
             what,
             nbytes / 1e9,
-            100 * share,
+            100 * (plan.memory_share if share is None else share),
+            plan.device,
             free / 1e9,
-            device,
         )
         return list(arrays)
     # np.require copies only read-only or strided arrays (torch wants writable memory).
+    device = plan.device
     tensors = [torch.from_numpy(np.require(a, requirements="CW")).to(device) for a in arrays]
-    if device.type == "cuda":
-        log.info(
-            "%s: %.2f GB resident on %s (%.2f GB were free)", what, nbytes / 1e9, device, free / 1e9
-        )
+    if plan.cuda:
+        log.info("%s: %.2f GB resident on %s", what, nbytes / 1e9, device)
     return tensors
 
 
@@ -167,12 +202,13 @@ class Batches:
         size: int,
         augment: Augment | None = None,
         channels_last: bool = False,
+        pin: bool = False,
     ) -> None:
         if len(images) != len(targets):
             raise ValueError("images and targets differ in length")
         self.images, self.targets = images, targets
         self.batch_size, self.device, self.size = batch_size, device, size
-        self.augment, self.channels_last = augment, channels_last
+        self.augment, self.channels_last, self.pin = augment, channels_last, pin
 
     def __len__(self) -> int:
         return len(self.images)
@@ -201,15 +237,15 @@ class Batches:
             # A training batch of one breaks batch norm (e.g. DeepLabV3+'s ASPP pooling).
             chunks[-2:] = [np.sort(np.concatenate(chunks[-2:]))]
         if self.resident:
-            raw = (_gather_resident(self.images, self.targets, chunk) for chunk in chunks)
+            raw = (_gather_resident(self.images, self.targets, c, self.pin) for c in chunks)
         else:
             raw = _prefetch(self.images, self.targets, chunks)
         for raw_images, raw_targets in raw:
-            images = to_device(raw_images, self.device, self.size)
-            targets = targets_to_device(raw_targets, self.device, self.size)
+            images = to_device(raw_images, self.device, self.size, pin=self.pin)
+            targets = targets_to_device(raw_targets, self.device, self.size, self.pin)
             if self.augment is not None and generator is not None:
                 masks = targets if targets.ndim == 4 else None
-                images, masks = self.augment(images, masks, generator)
+                images, masks = self.augment(images, masks, generator, self.pin)
                 if masks is not None:
                     targets = masks
             if self.channels_last:
@@ -218,9 +254,9 @@ class Batches:
 
 
 def _gather_resident(
-    images: torch.Tensor, targets: torch.Tensor, chunk: np.ndarray
+    images: torch.Tensor, targets: torch.Tensor, chunk: np.ndarray, pin: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    index = torch.from_numpy(chunk).to(images.device, non_blocking=True)
+    index = host_to_device(torch.from_numpy(chunk), images.device, pin)
     return images.index_select(0, index), targets.index_select(0, index)
 
 

@@ -7,12 +7,13 @@ batch on a GPU); on the CPU the numbers are the same as adding Python floats bat
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 from torch import nn
 
+from brainmri.accelerator import AcceleratorPlan, default_plan
 from brainmri.errors import InputError
 
 MetricFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -22,12 +23,11 @@ class Preempted(RuntimeError):
     """SIGTERM arrived; the job stops (exit 143) and resumes from its last epoch next time."""
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA where supported (else fp16), nothing on the CPU."""
-    if device.type != "cuda":
-        return nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+def autocast(plan: AcceleratorPlan | torch.device) -> AbstractContextManager:
+    """The plan's autocast (a device: its default plan's)."""
+    if isinstance(plan, torch.device):
+        plan = default_plan(plan)
+    return plan.autocast()
 
 
 class MetricSums:
@@ -67,41 +67,56 @@ def evaluate_all(
     device: torch.device,
     stop: Callable[[], bool] | None = None,
     name: str = "metric",
+    plan: AcceleratorPlan | None = None,
 ) -> tuple[float, dict[str, float]]:
-    """Mean loss (weighted by batch size) and the mean of each metric over ``batches``.
+    """The loss over the whole of ``batches`` and the mean of each metric per sample.
 
-    ``model`` may be a compiled forward of the module (it is put in eval mode by the caller
-    then). ``stop`` (checked before each batch) returning true raises :class:`Preempted`.
+    A loss with ``sums``/``from_sums`` (the segmentation losses, brainmri.training.losses) is
+    computed from its sums over every batch, as one batch of the whole set: the same whatever
+    the evaluation batch size. Any other loss (cross-entropy: a mean per sample) is the mean of
+    the batch losses weighted by batch size. ``model`` may be a compiled forward of the module
+    (it is put in eval mode by the caller then). ``stop`` (checked before each batch) returning
+    true raises :class:`Preempted`.
     """
     if isinstance(model, nn.Module):
         model.eval()
+    plan = plan or default_plan(device)
+    summed = hasattr(loss_fn, "sums")
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     metrics = MetricSums(name)
     count = 0
     for images, targets in batches:
         if stop is not None and stop():
             raise Preempted("stopped by SIGTERM during validation")
-        with autocast(device):
+        with plan.autocast():
             logits = model(images)
         logits = logits.float()
         n = images.shape[0]
-        total_loss += loss_fn(logits, targets).double() * n
+        if summed:
+            total_loss = total_loss + loss_fn.sums(logits, targets)
+        else:
+            total_loss += loss_fn(logits, targets).double() * n
         metrics.add(metric_fn(logits, targets))
         count += n
     if not count:
         raise InputError("the validation split is empty")
-    return float(total_loss) / count, metrics.means()
+    loss = float(loss_fn.from_sums(total_loss)) if summed else float(total_loss) / count
+    return loss, metrics.means()
 
 
 @torch.no_grad()
 def predict_logits(
-    model: nn.Module, batches: Iterator[tuple[torch.Tensor, Any]], device: torch.device
+    model: nn.Module,
+    batches: Iterator[tuple[torch.Tensor, Any]],
+    device: torch.device,
+    plan: AcceleratorPlan | None = None,
 ) -> torch.Tensor:
     """Concatenated float logits (on the CPU) of ``model`` over ``batches``."""
     model.eval()
+    plan = plan or default_plan(device)
     outputs = []
     for images, _ in batches:
-        with autocast(device):
+        with plan.autocast():
             outputs.append(model(images).float())
     return torch.cat(outputs).cpu()
 

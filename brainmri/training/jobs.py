@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from brainmri.accelerator import AcceleratorPlan, configure_torch
 from brainmri.devices import device_record, select_device
 from brainmri.errors import ConfigError, InputError
 from brainmri.io import write_csv, write_json
@@ -22,8 +23,8 @@ from brainmri.models import check_classifier_config, check_segmenter_config, sav
 from brainmri.tables import ArrayFiles, load_table
 from brainmri.training.evaluate import Preempted, predict_logits
 from brainmri.training.loop import (
+    EvaluationOutOfMemory,
     FitSettings,
-    configure_torch,
     finish_resume,
     fit,
     out_of_memory_message,
@@ -81,10 +82,11 @@ def _start(job: TrainJob) -> torch.device:
     return device
 
 
-def _finish(job: TrainJob, device: torch.device) -> None:
-    """After the outputs: record the device in ``job.device_json``; drop the resume state."""
+def _finish(job: TrainJob, device: torch.device, plan: AcceleratorPlan) -> None:
+    """After the outputs: record the device and the accelerator plan in ``job.device_json``;
+    drop the resume state."""
     if job.device_json is not None:
-        write_json(job.device_json, device_record(device))
+        write_json(job.device_json, {**device_record(device), "plan": plan.record()})
     finish_resume(job.resume_dir)
 
 
@@ -100,12 +102,16 @@ def _preprocessing(array_size: int) -> dict[str, Any]:
 
 
 @contextmanager
-def _oom_hint(stage: str, batch_size: int) -> Iterator[None]:
-    """Turn CUDA out-of-memory into one line that names the batch_size knob."""
+def _oom_hint(stage: str, setup: TrainingSetup, evaluation: bool = False) -> Iterator[None]:
+    """Turn CUDA out-of-memory into one line that names the knob: batch_size in training,
+    eval_batch_size in validation and test inference, gpu_jobs_per_device on a shared GPU."""
     try:
         yield
+    except EvaluationOutOfMemory:
+        raise InputError(out_of_memory_message(stage, setup.plan, evaluation=True)) from None
     except torch.OutOfMemoryError:
-        raise InputError(out_of_memory_message(stage, batch_size)) from None
+        message = out_of_memory_message(stage, setup.plan, evaluation, setup.settings)
+        raise InputError(message) from None
 
 
 def _run_fit(job: TrainJob, stage: str, setup: TrainingSetup, device: torch.device):
@@ -113,7 +119,7 @@ def _run_fit(job: TrainJob, stage: str, setup: TrainingSetup, device: torch.devi
     if stage == "segmentation":
         fit_settings.select_on = selection_column(job.settings)
     digest = settings_digest({"settings": job.settings, "seed": job.seed, "stage": stage})
-    with _oom_hint(stage, job.settings["batch_size"]):
+    with _oom_hint(stage, setup):
         return fit(
             setup.model,
             setup.loss_fn,
@@ -124,6 +130,7 @@ def _run_fit(job: TrainJob, stage: str, setup: TrainingSetup, device: torch.devi
             device,
             job.resume_dir,
             digest,
+            setup.plan,
         )
 
 
@@ -153,13 +160,13 @@ def train_classifier(job: TrainJob, predictions: Path) -> None:
     )
     load = array_loader(job.images, job.masks)
     setup = build_training_setup(
-        "classification", settings, load, train, val, device, job.seed, job.weights
+        "classification", settings, load, train, val, device, job.seed, job.weights, test=test
     )
     result = _run_fit(job, "classification", setup, device)
     model = setup.model
     model.load_state_dict(result.best_state)
-    with _oom_hint("classification", setup.eval_batch):
-        logits = predict_logits(model, setup.batches(test).epoch(), device)
+    with _oom_hint("classification", setup, evaluation=True):
+        logits = predict_logits(model, setup.batches(test).epoch(), device, setup.plan)
     probabilities = torch.softmax(logits, dim=1)[:, 1]
     prob = probabilities.numpy().astype(np.float64)
     frame = pd.DataFrame(
@@ -181,7 +188,7 @@ def train_classifier(job: TrainJob, predictions: Path) -> None:
         epoch=result.best_epoch + 1,
         val_loss=result.best_val_loss,
     )
-    _finish(job, device)
+    _finish(job, device, setup.plan)
     log.info("Test predictions of %s: %d slices (scored by evaluate_classifier)", name, len(frame))
 
 
@@ -237,7 +244,7 @@ def train_segmenter(job: TrainJob, fold: int) -> None:
         epoch=result.best_epoch + 1,
         val_loss=result.best_val_loss,
     )
-    _finish(job, device)
+    _finish(job, device, setup.plan)
 
 
 def best_epoch_of(history: Path) -> int:
@@ -314,7 +321,7 @@ def train_final_segmenter(job: TrainJob, epochs: int) -> None:
         val_loss=None,
         training_patients=int(train["patient"].nunique()),
     )
-    _finish(job, device)
+    _finish(job, device, setup.plan)
 
 
 __all__ = [

@@ -1,8 +1,8 @@
 """The training loop shared by classification and segmentation.
 
 Adam (constant learning rate, or cosine annealing over the epochs), early stopping on validation
-loss, best-validation-loss weights, a per-epoch history; on
-CUDA mixed precision (bf16 where supported), channels_last and cudnn benchmark. Every epoch the
+loss, best-validation-loss weights, a per-epoch history; precision, channels_last, the grad
+scaler and compilation as the job's accelerator plan says (brainmri.accelerator). Every epoch the
 whole state (model, optimizer, grad scaler, best weights, early-stopping counter, history, the
 global python/numpy/torch/CUDA RNG states) is saved atomically to ``<resume_dir>/state.pt`` (the
 previous one kept as ``state.prev.pt``); a killed job started again resumes from the last
@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from brainmri.accelerator import AcceleratorPlan, CompiledForward, configure_torch, default_plan
 from brainmri.errors import InputError
 from brainmri.io import atomic_path
 from brainmri.models import safe_torch_load
@@ -55,6 +56,7 @@ __all__ = [
     "Preempted",
     "accuracy_per_sample",
     "autocast",
+    "configure_torch",
     "dice_per_sample",
     "fit",
     "predict_logits",
@@ -106,24 +108,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def configure_torch(device: torch.device, threads: int) -> None:
-    """Threads; deterministic algorithms on the CPU; cudnn benchmark on CUDA. Logs the choice."""
-    torch.set_num_threads(max(1, threads))
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16 + GradScaler"
-        log.info(
-            "Threads: %d; CUDA: %s autocast, channels_last, cudnn.benchmark (not bit-reproducible)",
-            torch.get_num_threads(),
-            precision,
-        )
-    else:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        log.info("Threads: %d; CPU: deterministic algorithms", torch.get_num_threads())
 
 
 def rng_states(device: torch.device) -> dict[str, Any]:
@@ -240,21 +224,20 @@ def fit(
     device: torch.device,
     resume_dir: Path,
     digest: str,
+    plan: AcceleratorPlan | None = None,
 ) -> FitResult:
     """Train ``model``; ``metric_fn`` returns the per-sample metric (summed into the history).
 
     ``val_batches`` None (a final model on every training patient): no validation, no val_*
-    history columns, every epoch counts as the best, so the last one is kept."""
-    model.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    history columns, every epoch counts as the best, so the last one is kept. ``plan``: the
+    job's accelerator plan (None: :func:`brainmri.accelerator.default_plan` of ``device``)."""
+    plan = plan or default_plan(device)
+    plan.prepare_model(model)
     optimizer = torch.optim.Adam(
         model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
     )
     scheduler = make_scheduler(optimizer, settings)
-    scaler = torch.amp.GradScaler(
-        "cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported()
-    )
+    scaler = plan.scaler()
     history: list[dict[str, Any]] = []
     best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
     best_loss, best_epoch, stale, start = float("inf"), -1, 0, 0
@@ -277,7 +260,7 @@ def fit(
         log.info("Resuming after epoch %d (best val loss %.4f)", start, best_loss)
 
     name = settings.metric_name
-    forward = compiled(model, settings.compile)
+    forward = compiled(model, settings.compile or plan.compile, plan)
     with _TermFlag() as term:
         for epoch in range(start, settings.epochs):
             if settings.patience is not None and stale >= settings.patience:
@@ -292,7 +275,7 @@ def fit(
                 if term.raised:
                     raise Preempted(f"stopped by SIGTERM during epoch {epoch + 1}")
                 optimizer.zero_grad(set_to_none=True)
-                with autocast(device):
+                with plan.autocast():
                     logits = forward(images)
                     loss = loss_fn(logits.float(), targets)
                 scaler.scale(loss).backward()
@@ -311,10 +294,13 @@ def fit(
             else:
                 val_metrics = dict.fromkeys(train_means, float("nan"))
                 if (epoch + 1) % settings.val_every == 0 or epoch + 1 == settings.epochs:
-                    val_loss, val_metrics = evaluate_all(
-                        forward, loss_fn, metric_fn, val_batches(), device, lambda: term.raised,
-                        name,
-                    )  # fmt: skip
+                    try:
+                        val_loss, val_metrics = evaluate_all(
+                            forward, loss_fn, metric_fn, val_batches(), device,
+                            lambda: term.raised, name, plan,
+                        )  # fmt: skip
+                    except torch.OutOfMemoryError as error:
+                        raise EvaluationOutOfMemory(str(error)) from error
                 row["val_loss"] = val_loss
                 row.update({f"val_{k}": v for k, v in val_metrics.items()})
                 # Never improved on an epoch without validation (NaN scores -inf).
@@ -374,13 +360,15 @@ def fit(
     return FitResult(best_state, best_epoch, best_loss, history)
 
 
-def compiled(model: nn.Module, enabled: bool) -> nn.Module:
-    """``torch.compile(model)`` when ``enabled`` (the module itself keeps the weights, so
-    checkpoints and resume states are those of the plain model), else ``model``."""
+def compiled(model: nn.Module, enabled: bool, plan: AcceleratorPlan | None = None) -> nn.Module:
+    """The forward pass compiled (:class:`brainmri.accelerator.CompiledForward`: one graph for
+    training, one for evaluation) when ``enabled``, else ``model``; the module itself keeps
+    the weights, so checkpoints and resume states are those of the plain model."""
     if not enabled:
         return model
-    log.info("torch.compile: the first batches of each shape compile (seconds to minutes)")
-    return torch.compile(model)
+    log.info("torch.compile: the first training and evaluation batches compile (seconds)")
+    plan = plan or default_plan(next(model.parameters()).device)
+    return CompiledForward(model, plan.compile_backend, plan.eval_batch)
 
 
 def finish_resume(resume_dir: Path) -> None:
@@ -388,8 +376,32 @@ def finish_resume(resume_dir: Path) -> None:
     shutil.rmtree(resume_dir, ignore_errors=True)
 
 
-def out_of_memory_message(stage: str, batch_size: int) -> str:
-    return (
-        f"CUDA ran out of memory with batch size {batch_size}: lower {stage}.batch_size in the "
-        f"config (or the model's own batch_size override) and run again"
-    )
+class EvaluationOutOfMemory(torch.OutOfMemoryError):
+    """Out of device memory during validation (its knob is eval_batch_size, not batch_size)."""
+
+
+def out_of_memory_message(
+    stage: str,
+    plan: AcceleratorPlan,
+    evaluation: bool = False,
+    settings: dict[str, Any] | None = None,
+) -> str:
+    """The one line of a CUDA out-of-memory error: the knob of where it happened."""
+    if evaluation:
+        text = (
+            f"CUDA ran out of memory in evaluation with evaluation batch {plan.eval_batch}: set "
+            f"{stage}.eval_batch_size lower (null sizes it for the card) and run again"
+        )
+    else:
+        batch = (settings or {}).get("batch_size", "?")
+        text = (
+            f"CUDA ran out of memory in training with batch size {batch}: lower "
+            f"{stage}.batch_size in the config (or the model's own batch_size override) and "
+            "run again"
+        )
+    if plan.job_slots > 1:
+        text += (
+            f"; {plan.job_slots} jobs share this GPU (gpu_jobs_per_device: {plan.job_slots}): "
+            "fewer give each job more memory"
+        )
+    return text

@@ -4,8 +4,9 @@ and the table rows. Used by the training jobs (brainmri.training.jobs) and the b
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +15,14 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from brainmri.accelerator import AcceleratorPlan, make_plan
 from brainmri.models import build_classifier, build_segmenter
 from brainmri.tables import ArrayFiles, gather
 from brainmri.training.batches import (
     Augment,
     Batches,
     make_resident,
+    resident_fits,
     segmentation_training_indices,
 )
 from brainmri.training.context import with_context
@@ -28,6 +31,8 @@ from brainmri.training.loop import epoch_generator
 from brainmri.training.losses import segmentation_loss
 from brainmri.training.modality import with_modality_dropout
 
+log = logging.getLogger(__name__)
+
 TASKS = ("classification", "segmentation")
 # Arrays of table rows: load(rows, "images") -> uint8 (N, S, S, 3); load(rows, "masks") ->
 # uint8 (N, S, S). The jobs and the benchmark say where the arrays are by passing one.
@@ -35,19 +40,6 @@ Loader = Callable[[pd.DataFrame, str], np.ndarray]
 # Evaluation batch on the CPU: the training batch (classification, validation) or this
 # (segmentation inference), as before eval_batch_size existed, so CPU results stay the same.
 CPU_INFERENCE_BATCH = 32
-
-
-def default_eval_batch(device: torch.device, fallback: int) -> int:
-    """``eval_batch_size: null``: ``fallback`` on the CPU; on CUDA 256 from 40 GB of device
-    memory, else 64 (inference keeps no activations, so it fits far larger batches)."""
-    if device.type != "cuda":
-        return fallback
-    total = torch.cuda.get_device_properties(device).total_memory
-    return 256 if total >= 40e9 else 64
-
-
-def eval_batch_size(settings: dict[str, Any], device: torch.device, fallback: int) -> int:
-    return settings.get("eval_batch_size") or default_eval_batch(device, fallback)
 
 
 def loss_and_metric(task: str, settings: dict[str, Any]) -> tuple[Callable, Callable, str]:
@@ -99,8 +91,16 @@ class TrainingSetup:
     has_tumor: np.ndarray
     load: Loader
     device: torch.device
-    resident: bool | None
-    eval_batch: int
+    plan: AcceleratorPlan
+    test_counted: bool = False  # the plan's residency decision counted the test rows
+
+    @property
+    def resident(self) -> bool:
+        return self.plan.resident
+
+    @property
+    def eval_batch(self) -> int:
+        return self.plan.eval_batch
 
     def epoch_indices(self, epoch: int) -> tuple[np.ndarray, torch.Generator]:
         """The training slices of ``epoch`` in order, and the generator that augments them."""
@@ -126,40 +126,63 @@ class TrainingSetup:
         return self.val_data.epoch()
 
     def batches(self, rows: pd.DataFrame, what: str = "test") -> Batches:
-        """Unaugmented evaluation batches of other rows (e.g. the test split)."""
+        """Unaugmented evaluation batches of other rows (e.g. the test split): on the device
+        when the plan's one residency decision (which counted the test rows) said so, placed
+        after the training's cached blocks were freed."""
+        arrays = task_arrays(self.task, self.settings, self.load, rows)
+        if self.plan.resident and self.plan.cuda:
+            torch.cuda.empty_cache()
         return data_batches(
-            self.task, self.settings, self.load, rows, self.device, self.eval_batch,
-            None, self.resident, what,
-        )  # fmt: skip
+            self.settings, arrays, self.plan, self.eval_batch, None, what, self.test_counted
+        )
 
 
-def data_batches(
-    task: str,
-    settings: dict[str, Any],
-    load: Loader,
-    rows: pd.DataFrame,
-    device: torch.device,
-    batch_size: int,
-    augment: Augment | None,
-    resident: bool | None,
-    what: str,
-) -> Batches:
-    """:class:`Batches` of ``rows``; on the device when ``resident`` (None: on CUDA when the
-    arrays fit ``settings["resident_share"]`` of the free memory, never on the CPU)."""
+def task_arrays(
+    task: str, settings: dict[str, Any], load: Loader, rows: pd.DataFrame
+) -> list[np.ndarray]:
+    """[uint8 images (2.5D: with their neighbours' channels), targets] of ``rows``."""
     images, targets = load(rows, "images"), targets_of(task, load, rows)
     if task == "segmentation":  # 2.5D: neighbouring slices' channels (slice_context)
         images = with_context(images, rows, settings.get("slice_context", 0))
-    if resident is None:
-        resident = device.type == "cuda"
-        share = settings.get("resident_share", 0.5)
-    else:
-        share = float("inf") if resident else 0.0
-    if resident:
-        images, targets = make_resident([images, targets], device, share, f"{task} {what} data")
+    return [images, targets]
+
+
+def data_batches(
+    settings: dict[str, Any],
+    arrays: list[np.ndarray],
+    plan: AcceleratorPlan,
+    batch_size: int,
+    augment: Augment | None,
+    what: str,
+    decided: bool = True,
+) -> Batches:
+    """:class:`Batches` of ``arrays``, on the device where ``plan.resident`` (``decided``:
+    the plan's decision covered them, else they are checked against the plan's share)."""
+    if plan.resident:
+        arrays = make_resident(arrays, plan, f"{what} data", decided=decided)
     return Batches(
-        images, targets, batch_size, device, settings["input_size"], augment,
-        device.type == "cuda",
+        arrays[0], arrays[1], batch_size, plan.device, settings["input_size"], augment,
+        plan.channels_last, plan.pin_memory,
     )  # fmt: skip
+
+
+def decide_residency(
+    plan: AcceleratorPlan, nbytes: int, forced: bool | None, what: str
+) -> AcceleratorPlan:
+    """One decision for all of a job's arrays (``nbytes``: train, validation and test
+    together): on the device when the plan places data there and they fit its share of the
+    device (brainmri.training.batches.resident_fits); ``forced`` True/False overrides."""
+    if forced is not None:
+        return replace(plan, resident=forced)
+    if not plan.resident:
+        return plan
+    fits, free = resident_fits(nbytes, plan)
+    if not fits:
+        log.info(
+            "%s: %.2f GB do not fit %.0f %% of %s's memory (%.2f GB free): pinned host batches",
+            what, nbytes / 1e9, 100 * plan.memory_share, plan.device, free / 1e9,
+        )  # fmt: skip
+    return replace(plan, resident=fits)
 
 
 def build_training_setup(
@@ -172,19 +195,30 @@ def build_training_setup(
     epoch_seed: int,
     weights: str | None = None,
     resident: bool | None = None,
+    plan: AcceleratorPlan | None = None,
+    test: pd.DataFrame | None = None,
 ) -> TrainingSetup:
     """Model, loss, metric, training and validation batches of one job, as the jobs train.
 
-    ``val`` None: no validation batches (``val_data`` None, a final model). ``resident``: None
-    chooses (CUDA: the arrays on the device if they fit); True/False forces the device-resident
-    or the host path (tests, benchmark).
+    ``val`` None: no validation batches (``val_data`` None, a final model). ``plan``: the job's
+    accelerator plan (None: :func:`brainmri.accelerator.make_plan` of ``device`` and the
+    settings); its residency is decided here once for the train, validation and ``test`` rows
+    together. ``resident`` True/False forces the device-resident or the host path (tests,
+    benchmark).
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}")
     batch = settings["batch_size"]
-    evaluation = eval_batch_size(settings, device, batch)
+    plan = plan or make_plan(device, settings, batch)
     loss_fn, metric_fn, metric_name = loss_and_metric(task, settings)
     augment = Augment.from_settings(settings)
+    train_arrays = task_arrays(task, settings, load, train)
+    val_arrays = None if val is None else task_arrays(task, settings, load, val)
+    nbytes = sum(int(a.nbytes) for a in [*train_arrays, *(val_arrays or [])])
+    if test is not None and len(train):  # the test rows hold as many bytes per row
+        nbytes += round(nbytes / (len(train) + len(val if val is not None else [])) * len(test))
+    plan = decide_residency(plan, nbytes, resident, f"{task} data")
+    log.info("%s", plan.describe())
     return TrainingSetup(
         task=task,
         settings=settings,
@@ -192,18 +226,14 @@ def build_training_setup(
         loss_fn=loss_fn,
         metric_fn=metric_fn,
         metric_name=metric_name,
-        train_data=data_batches(
-            task, settings, load, train, device, batch, augment, resident, "train"
-        ),
+        train_data=data_batches(settings, train_arrays, plan, batch, augment, f"{task} train"),
         val_data=None
-        if val is None
-        else data_batches(
-            task, settings, load, val, device, evaluation, None, resident, "validation"
-        ),
+        if val_arrays is None
+        else data_batches(settings, val_arrays, plan, plan.eval_batch, None, f"{task} validation"),
         epoch_seed=epoch_seed,
         has_tumor=train["has_tumor"].to_numpy().astype(bool),
         load=load,
         device=device,
-        resident=resident,
-        eval_batch=evaluation,
+        plan=plan,
+        test_counted=test is not None or resident is not None,
     )
