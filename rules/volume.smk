@@ -46,9 +46,9 @@ rule predict_patient_volumes:
         " --classifiers {input.classifiers} --segmenters {input.segmenters}"
         " --method {params.method} --classifier-threshold {params.classifier_threshold}"
         " --segmentation-threshold {params.segmentation_threshold} --axis {params.axis}"
-        " {params.tta} --postprocess {params.postprocess:q} --limits {params.limits:q}"
-        " --dicom-series {params.dicom_series:q}"
-        " --csv {output.csv} --patients-dir {output.patients} > {log} 2>&1"
+        " {params.tta} --postprocess {params.postprocess:q}"
+        " --csv {output.csv} --patients-dir {output.patients}"
+        " --limits {params.limits:q} --dicom-series {params.dicom_series:q} > {log} 2>&1"
 
 
 rule predict_volume:

@@ -245,7 +245,7 @@ def test_caps_are_configurable_and_name_the_key(tmp_path):
     kaggle.mkdir()
     for n in range(1, 13):
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(kaggle / f"{kaggle.name}_{n}.tif")
-    with pytest.raises(InputError, match=r"0101: 12 slices, more than the cap of 10"):
+    with pytest.raises(InputError, match=r"0101: holds 12 slices, more than the cap of 10"):
         read_input(kaggle, "axial", small)
     with pytest.raises(InputError, match=r"0101: slices claim 8 x 8 x 12 voxels"):
         read_input(kaggle, "axial", Limits(max_bytes=2000))

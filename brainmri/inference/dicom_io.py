@@ -31,6 +31,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
@@ -50,6 +51,7 @@ DEFAULT_RULES: tuple[tuple[str, str], ...] = (
     ("pre-contrast", r"t1"),
 )
 SeriesRules = tuple[tuple[str, str], ...]
+SEQUENCES = ("pre-contrast", "FLAIR", "post-contrast")  # the channels, as in the LGG TIFFs
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 POSITION_TOLERANCE = 0.01  # of the slice spacing: how even the slice positions must be
 GRID_TOLERANCE_MM = 0.01
@@ -274,8 +276,10 @@ def decode(series: DicomSeries) -> np.ndarray:
 
 def read_study(
     folder: Path, rules: SeriesRules = DEFAULT_RULES, limits: Limits = DEFAULT_LIMITS
-) -> tuple[dict[str, np.ndarray], dict[str, DicomSeries]]:
-    """The sequences' voxels (each ``(columns, rows, slices)``, FLAIR's grid) and their series."""
+) -> tuple[nib.Nifti1Image, np.ndarray, list[str], dict[str, DicomSeries]]:
+    """The study as a NIfTI would give it: an image with FLAIR's grid and affine (no voxels),
+    the sequences' voxels ``(columns, rows, slices, 3)`` (a missing one replaced by FLAIR), the
+    missing sequences, and the series found."""
     series = find_series(folder, rules, limits)
     flair = series["FLAIR"]
     for sequence, other in series.items():
@@ -288,4 +292,12 @@ def read_study(
                 f"FLAIR series' grid ({other.shape} vs {flair.shape} voxels, or another position "
                 "or orientation); resample it onto the FLAIR series first"
             )
-    return {s: decode(other) for s, other in series.items()}, series
+    channels = {s: decode(other) for s, other in series.items()}
+    stacked = np.stack([channels.get(s, channels["FLAIR"]) for s in SEQUENCES], axis=-1)
+    header = nib.Nifti1Header()
+    header.set_xyzt_units("mm")
+    empty = np.broadcast_to(np.uint8(0), flair.shape)  # the grid only; no voxels are stored
+    reference = nib.Nifti1Image(empty, flair.affine, header)
+    reference.set_qform(flair.affine, code=1)
+    reference.set_sform(flair.affine, code=1)
+    return reference, stacked, [s for s in SEQUENCES if s not in channels], series

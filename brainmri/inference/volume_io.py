@@ -29,6 +29,7 @@ from brainmri.data.preprocess import _missing_modalities, open_image, to_uint8_g
 from brainmri.errors import InputError
 from brainmri.inference.dicom_io import (
     DEFAULT_RULES,
+    SEQUENCES,
     DicomSeries,
     SeriesRules,
     has_dicom,
@@ -37,7 +38,6 @@ from brainmri.inference.dicom_io import (
 
 log = logging.getLogger(__name__)
 
-SEQUENCES = ("pre-contrast", "FLAIR", "post-contrast")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 KAGGLE_SLICE = re.compile(r"^(?P<patient>.+)_(?P<n>\d+)\.tiff?$", re.IGNORECASE)
 # A sequence file in a patient folder: <anything>[_-.]pre|flair|post.nii[.gz] (case-insensitive).
@@ -148,11 +148,7 @@ def read_kaggle_folder(folder: Path, limits: Limits = DEFAULT_LIMITS) -> Volume:
     if len(patients) > 1:
         raise InputError(f"{folder}: slices of several patients ({', '.join(sorted(patients))})")
     numbers = sorted(numbered)
-    if len(numbers) > limits.max_slices:
-        raise InputError(
-            f"{folder}: {len(numbers)} slices, more than the cap of {limits.max_slices} "
-            "(predict.limits.max_slices)"
-        )
+    check_volume(folder, 1, 1, len(numbers), 0, limits, "holds")  # before any slice is read
     if len(numbers) < 2:
         raise InputError(f"{numbered[numbers[0]]}: a single slice where a volume is expected")
     gaps = sorted(set(range(numbers[0], numbers[-1] + 1)) - set(numbers))
@@ -215,17 +211,8 @@ def read_dicom_folder(
 ) -> Volume:
     """A folder of DICOM files (:mod:`brainmri.inference.dicom_io`), sliced and oriented exactly as
     a NIfTI with the same voxels and affine would be."""
-    channels, series = read_study(folder, rules or DEFAULT_RULES, limits)
-    flair = channels["FLAIR"]
-    stacked = np.stack([channels.get(s, flair) for s in SEQUENCES], axis=-1)
-    missing = [s for s in SEQUENCES if s not in channels]
-    header = nib.Nifti1Header()
-    header.set_xyzt_units("mm")
-    empty = np.broadcast_to(np.uint8(0), flair.shape)  # the grid only; no voxels are stored
-    reference = nib.Nifti1Image(empty, series["FLAIR"].affine, header)
-    reference.set_qform(series["FLAIR"].affine, code=1)
-    reference.set_sform(series["FLAIR"].affine, code=1)
-    form = f"dicom-{len(channels)}-series"
+    reference, stacked, missing, series = read_study(folder, rules or DEFAULT_RULES, limits)
+    form = f"dicom-{3 - len(missing)}-series"
     volume = _from_nifti(reference, stacked, axis, folder.name, str(folder), form, missing)
     volume.dicom = series
     return volume
