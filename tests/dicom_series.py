@@ -22,6 +22,16 @@ def lps_affine(origin, row_dir, col_dir, spacing, step) -> np.ndarray:
     return affine
 
 
+def array_affine(count, origin, row_dir, col_dir, spacing, thickness, reverse=False):
+    """The LPS affine of voxel (i, j, k) of the array write_series is given."""
+    row_dir, col_dir = np.asarray(row_dir, float), np.asarray(col_dir, float)
+    step = np.cross(row_dir, col_dir) * thickness
+    origin = np.asarray(origin, float)
+    if reverse:
+        origin, step = origin + (count - 1) * step, -step
+    return lps_affine(origin, row_dir, col_dir, spacing, step)
+
+
 def write_series(
     folder: Path,
     voxels: np.ndarray,
@@ -35,10 +45,12 @@ def write_series(
     seed=0,
     series_number=1,
     bits=16,
+    reverse=False,
 ) -> tuple[str, np.ndarray]:
     """Slices ``voxels[:, :, k]`` ((columns, rows, slices)) at ``origin + k * thickness *
-    normal``, in files with shuffled names and shuffled InstanceNumbers; -> (series UID, the
-    LPS affine of voxel (i, j, k))."""
+    normal`` (``reverse``: at ``origin + (n - 1 - k) * thickness * normal``), in files with
+    shuffled names and shuffled InstanceNumbers; -> (series UID, the LPS affine of voxel
+    (i, j, k) of ``voxels``)."""
     folder.mkdir(parents=True, exist_ok=True)
     row_dir, col_dir = np.asarray(row_dir, float), np.asarray(col_dir, float)
     normal = np.cross(row_dir, col_dir)
@@ -65,7 +77,8 @@ def write_series(
         ds.SeriesDescription, ds.SeriesNumber = description, series_number
         ds.InstanceNumber = int(instances[k])
         ds.ImageOrientationPatient = [float(v) for v in (*row_dir, *col_dir)]
-        ds.ImagePositionPatient = [float(v) for v in np.asarray(origin, float) + k * step]
+        place = count - 1 - k if reverse else k
+        ds.ImagePositionPatient = [float(v) for v in np.asarray(origin, float) + place * step]
         ds.PixelSpacing = [float(spacing[0]), float(spacing[1])]
         ds.SliceThickness = float(thickness)
         ds.Rows, ds.Columns = voxels.shape[1], voxels.shape[0]
@@ -74,4 +87,5 @@ def write_series(
         ds.PixelRepresentation = 0
         ds.PixelData = np.ascontiguousarray(voxels[:, :, k].T.astype(dtype)).tobytes()
         ds.save_as(folder / f"IM{names[k]:04d}", enforce_file_format=True)
-    return series, lps_affine(origin, row_dir, col_dir, spacing, step)
+    affine = array_affine(count, origin, row_dir, col_dir, spacing, thickness, reverse)
+    return series, affine

@@ -25,6 +25,7 @@ file and the problem.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections import defaultdict
@@ -132,7 +133,9 @@ def _header(path: Path, limits: Limits) -> Dataset | None:
 
 
 def _first_line(error: Exception) -> str:
-    return str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+    """The error's text on one line (at most 200 characters)."""
+    text = " ".join(str(error).split())
+    return text[:200] if text else type(error).__name__
 
 
 def _describe(header: Dataset) -> str:
@@ -248,6 +251,17 @@ def _geometry(sequence: str, members: list[tuple[Path, Dataset]], limits: Limits
     )
 
 
+@contextlib.contextmanager
+def _quiet(name: str):
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def decode(series: DicomSeries) -> np.ndarray:
     """The series' voxels as float32 ``(columns, rows, slices)``, rescaled where the headers say."""
     out = np.empty(series.shape, dtype=np.float32)
@@ -258,7 +272,8 @@ def decode(series: DicomSeries) -> np.ndarray:
         except Exception as error:
             raise InputError(f"{path}: unreadable DICOM file ({_first_line(error)})") from None
         try:
-            pixels = dataset.pixel_array
+            with _quiet("pydicom"):  # its decoders log each plugin's traceback
+                pixels = dataset.pixel_array
         except Exception as error:  # no decoder for the transfer syntax, or corrupt pixel data
             raise InputError(
                 f"{path}: cannot decode its pixel data (transfer syntax {syntax.name}: "
@@ -287,10 +302,14 @@ def read_study(
             other.affine, flair.affine, atol=GRID_TOLERANCE_MM
         )
         if not same:
+            how = (
+                f"{other.shape} voxels, FLAIR {flair.shape}"
+                if other.shape != flair.shape
+                else "the same size, another position or orientation"
+            )
             raise InputError(
                 f"{other.files[0]}: the {sequence} series {other.description!r} is not on the "
-                f"FLAIR series' grid ({other.shape} vs {flair.shape} voxels, or another position "
-                "or orientation); resample it onto the FLAIR series first"
+                f"FLAIR series' grid ({how}); resample it onto the FLAIR series first"
             )
     channels = {s: decode(other) for s, other in series.items()}
     stacked = np.stack([channels.get(s, channels["FLAIR"]) for s in SEQUENCES], axis=-1)
