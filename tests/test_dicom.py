@@ -265,3 +265,38 @@ def test_real_sample_patient_as_dicom_gives_the_slice_folders_mask(models, tmp_p
     for n in range(1, count + 1):
         png = np.asarray(Image.open(masks / "masks" / f"{patient}_{n}_mask.png")) > 0
         np.testing.assert_array_equal(from_dicom[:, :, n - 1].T.astype(bool), png)
+
+
+def test_rule_passes_the_limits_and_series_rules_from_the_config(tmp_path):
+    import json
+
+    import yaml
+    from helpers import snakemake
+
+    rules = [{"sequence": "FLAIR", "pattern": "dark.fluid"}]
+    extra = tmp_path / "extra.yaml"
+    extra.write_text(
+        yaml.safe_dump(
+            {
+                "results_dir": str(tmp_path / "results"),
+                "predict": {
+                    "volumes": [str(tmp_path)],
+                    "limits": {"max_slices": 300},
+                    "dicom": {"series": rules},
+                },
+            }
+        )
+    )
+    dry = snakemake(
+        *("-n", "-p", "--cores", "1", "--configfile", "config/demo.yaml", str(extra)),
+        *("--", "predict_volume"),
+    )
+    line = " ".join(next(ln for ln in dry.stdout.splitlines() if "predict_volume.py" in ln).split())
+    limits = {
+        "max_bytes": 1 << 30,
+        "max_image_pixels": 4096 * 4096,
+        "max_in_plane": 1024,
+        "max_slices": 300,
+    }
+    assert f"--limits '{json.dumps(limits, sort_keys=True)}'" in line
+    assert f"--dicom-series '{json.dumps(rules, sort_keys=True)}'" in line

@@ -143,7 +143,7 @@ def read_kaggle_folder(folder: Path, limits: Limits = DEFAULT_LIMITS) -> Volume:
         patients.add(match["patient"])
     if not numbered:
         raise InputError(
-            f"{folder}: no slices; expected <patient>_<n>.tif files or sequence NIfTI files"
+            f"{folder}: no slices; expected <patient>_<n>.tif, sequence NIfTI or DICOM files"
         )
     if len(patients) > 1:
         raise InputError(f"{folder}: slices of several patients ({', '.join(sorted(patients))})")
