@@ -259,3 +259,16 @@ def test_dicom_series_of_too_many_slices_is_refused_before_decoding(tmp_path):
     write_series(tmp_path / "p", np.zeros((8, 8, 12), np.uint16), "AX FLAIR")
     with pytest.raises(InputError, match=r"its series claims 12 slices, more than the cap of 10"):
         read_input(tmp_path / "p", "axial", Limits(max_slices=10))
+    with pytest.raises(InputError, match=r"p: holds 12 files, more than 10 x predict.limits"):
+        read_input(tmp_path / "p", "axial", Limits(max_slices=1))
+
+
+def test_two_dimensional_nifti_is_checked_too(tmp_path):
+    header = nib.Nifti1Header()
+    header.set_data_shape((30000, 30000))
+    header.set_data_dtype(np.uint8)
+    header["vox_offset"] = 352
+    path = tmp_path / "flat.nii.gz"
+    path.write_bytes(gzip.compress(header.binaryblock + b"\0" * 4 + bytes(1000)))
+    with pytest.raises(InputError, match=r"flat\.nii\.gz: header claims slices of 30000 x 30000"):
+        read_input(path, "axial")

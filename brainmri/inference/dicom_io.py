@@ -56,6 +56,7 @@ SEQUENCES = ("pre-contrast", "FLAIR", "post-contrast")  # the channels, as in th
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 POSITION_TOLERANCE = 0.01  # of the slice spacing: how even the slice positions must be
 GRID_TOLERANCE_MM = 0.01
+FILES_PER_SLICE_CAP = 10  # a study folder holds at most 10 x max_slices files (other series too)
 
 
 @dataclass
@@ -152,7 +153,14 @@ def classify(description: str, rules: SeriesRules) -> str | None:
 def find_series(folder: Path, rules: SeriesRules, limits: Limits) -> dict[str, DicomSeries]:
     """The sequences' series found in ``folder`` (geometry checked, pixels not yet decoded)."""
     groups: dict[str, list[tuple[Path, Dataset]]] = defaultdict(list)
-    for path in _files(folder):
+    files = _files(folder)
+    if len(files) > FILES_PER_SLICE_CAP * limits.max_slices:
+        raise InputError(
+            f"{folder}: holds {len(files)} files, more than {FILES_PER_SLICE_CAP} x "
+            f"predict.limits.max_slices ({FILES_PER_SLICE_CAP * limits.max_slices}); give the "
+            "patient's study folder"
+        )
+    for path in files:
         header = _header(path, limits)
         if header is not None:
             groups[str(header.SeriesInstanceUID)].append((path, header))

@@ -237,12 +237,13 @@ def load_nifti(
     if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
         raise InputError(f"{path}: not a NIfTI image ({type(image).__name__})")
     shape = tuple(int(d) for d in image.header.get_data_shape())
+    slice_axis = 2  # a 2-D image: its two axes are in-plane (and refused later)
     if len(shape) >= 3:
         try:
             slice_axis = display_transform(image.affine, axis)[1]
         except InputError as error:
             raise InputError(f"{path}: {error}") from None
-        check_nifti_header(path, shape, image.header.get_data_dtype().itemsize, slice_axis, limits)
+    check_nifti_header(path, shape, image.header.get_data_dtype().itemsize, slice_axis, limits)
     try:
         data = np.asanyarray(image.dataobj).astype(np.float32)
     except Exception as error:
