@@ -47,6 +47,10 @@ class FoldsOnly:
         return ones, ones.astype(float), ones
 
 
+BINS = [0, 0.05, 0.1, 0.2, 0.3, 0.51]  # std bins of the voxel-level table
+VOXELS: list[pd.DataFrame] = []  # per patient and bin: voxels, wrong voxels
+
+
 def slice_table(folder: Path, models, size: int, post: PostProcess) -> pd.DataFrame:
     volume = read_kaggle_folder(folder)
     result = predict_volume(volume, models, size, 0.5, post)
@@ -59,6 +63,19 @@ def slice_table(folder: Path, models, size: int, post: PostProcess) -> pd.DataFr
     pred = result.mask
     spread = result.folds.disagreement.astype(float) / 255
     seen = result.folds.probability >= 26  # ensemble probability >= 0.1
+    region = pred | truth | (spread > 0.02)  # voxels any model or the truth calls tumor
+    bins = np.digitize(spread[region], BINS[1:-1])
+    wrong = (pred != truth)[region]
+    VOXELS.append(
+        pd.DataFrame(
+            {
+                "patient": volume.name,
+                "bin": np.arange(len(BINS) - 1),
+                "voxels": np.bincount(bins, minlength=len(BINS) - 1),
+                "wrong": np.bincount(bins, weights=wrong, minlength=len(BINS) - 1).astype(int),
+            }
+        )
+    )
     inter = (pred & truth).reshape(len(pred), -1).sum(1)
     sizes = pred.reshape(len(pred), -1).sum(1) + truth.reshape(len(pred), -1).sum(1)
     seen_count = seen.reshape(len(pred), -1).sum(1)
@@ -117,12 +134,22 @@ def main() -> None:
         f"Test patients: {len(test)} ({', '.join(test)}); {len(table)} slices, {len(tumor)} with "
         f"tumor (true or predicted); {len(args.segmenters)} fold models.",
         "",
-        "| disagreement | Spearman rho with slice Dice | 95 % CI (bootstrap over patients) |",
-        "| --- | --- | --- |",
+        "| disagreement, slices | Spearman rho with slice Dice | 95 % CI (bootstrap over "
+        "patients) | rho within each patient |",
+        "| --- | --- | --- | --- |",
     ]
-    for column in ("disagreement_in_tumor", "disagreement_where_seen"):
-        rho, low, high = bootstrap(tumor, column, args.rounds)
-        lines.append(f"| {column} | {rho:.3f} | {low:.3f} to {high:.3f} |")
+    predicted = tumor[tumor["pred_voxels"] > 0]
+    for name, subset in (("tumor slices", tumor), ("slices with predicted tumor", predicted)):
+        for column in ("disagreement_in_tumor", "disagreement_where_seen"):
+            rho, low, high = bootstrap(subset, column, args.rounds)
+            within = ", ".join(
+                f"{p[-13:]}: {spearmanr(g[column], g['dice']).statistic:.2f}"
+                for p, g in subset.groupby("patient")
+            )
+            lines.append(
+                f"| {column}, {name} ({len(subset)}) | {rho:.3f} | {low:.3f} to {high:.3f} | "
+                f"{within} |"
+            )
     tumor["tercile"] = pd.qcut(
         tumor["disagreement_where_seen"].rank(method="first"), 3, labels=["low", "mid", "high"]
     )
@@ -143,6 +170,15 @@ def main() -> None:
             f"| {name} | {row['slices']} | {row['disagreement']:.3f} | {row['mean_dice']:.3f} | "
             f"{row['missed']} |"
         )
+    voxels = pd.concat(VOXELS).groupby("bin")[["voxels", "wrong"]].sum()
+    lines += [
+        "",
+        "| voxel disagreement (std) | voxels | wrong (mask differs from the truth) |",
+        "| --- | --- | --- |",
+    ]
+    for b, row in voxels.iterrows():
+        share = row["wrong"] / row["voxels"] if row["voxels"] else float("nan")
+        lines.append(f"| {BINS[b]:.2f} to {BINS[b + 1]:.2f} | {row['voxels']} | {share:.3f} |")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text("\n".join(lines) + "\n")
     table.to_csv(args.output.with_suffix(".csv"), index=False)
