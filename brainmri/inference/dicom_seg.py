@@ -8,6 +8,7 @@ derived from the source series' UID (the same input gives the same file).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import highdicom as hd
@@ -17,6 +18,8 @@ from pydicom.uid import generate_uid
 
 from brainmri import __version__
 from brainmri.inference.dicom_io import DicomSeries
+
+logging.getLogger("highdicom").setLevel(logging.WARNING)  # it logs every module it copies
 
 
 def segmentation(series: DicomSeries, mask: np.ndarray) -> hd.seg.Segmentation:
