@@ -39,13 +39,16 @@ rule predict_patient_volumes:
         axis=config["predict"]["volume_axis"],
         tta="--tta" if config["segmentation"]["tta"] else "",
         postprocess=as_json(config["segmentation"]["postprocess"]),
+        limits=as_json(config["predict"]["limits"]),
+        dicom_series=as_json(config["predict"]["dicom"]["series"]),
     shell:
         "$PYTHON $SCRIPTS/predict_volume.py --inputs {input.volumes:q}"
         " --classifiers {input.classifiers} --segmenters {input.segmenters}"
         " --method {params.method} --classifier-threshold {params.classifier_threshold}"
         " --segmentation-threshold {params.segmentation_threshold} --axis {params.axis}"
         " {params.tta} --postprocess {params.postprocess:q}"
-        " --csv {output.csv} --patients-dir {output.patients} > {log} 2>&1"
+        " --csv {output.csv} --patients-dir {output.patients}"
+        " --limits {params.limits:q} --dicom-series {params.dicom_series:q} > {log} 2>&1"
 
 
 rule predict_volume:

@@ -3,8 +3,10 @@ decision, a 3-D mask in the input's geometry, the tumor volume and an overview m
 
 A patient is a Kaggle-layout folder (<patient>_<n>.tif), a folder of NIfTI files named
 <...>_pre, <...>_flair, <...>_post (.nii/.nii.gz; FLAIR required, a missing one is replaced by
-FLAIR), or one NIfTI with the three sequences along a 4th dimension. Bad patients are reported
-and skipped; the exit status is then 1.
+FLAIR), one NIfTI with the three sequences along a 4th dimension, or a folder of DICOM files (any
+nesting; series found by SeriesDescription, --dicom-series). Every input's header is checked
+against the size caps (--limits) before its data are decoded. Bad patients are reported and
+skipped; the exit status is then 1.
 
   python workflow_scripts/predict_volume.py --inputs patient1/ patient2.nii.gz \\
       --classifiers results/classification/*/model.pt \\
@@ -29,8 +31,10 @@ from pathlib import Path
 import torch
 
 from brainmri.accelerator import configure_torch
+from brainmri.data.limits import Limits
 from brainmri.devices import select_device
 from brainmri.evaluation.postprocess import PostProcess
+from brainmri.inference.dicom_io import rules_from_settings
 from brainmri.inference.predict import array_size
 from brainmri.inference.volume import EnsembleModels, predict_volumes
 from brainmri.inference.volume_io import AXES, read_input, read_nifti_files
@@ -56,6 +60,27 @@ def postprocess_arg(text: str) -> PostProcess:
     return PostProcess.from_settings(settings)
 
 
+def limits_arg(text: str) -> Limits:
+    """--limits: a JSON object of predict.limits (missing keys keep their defaults)."""
+    try:
+        return Limits.from_json(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def dicom_series_arg(text: str):
+    """--dicom-series: predict.dicom.series as JSON, [{"sequence": ..., "pattern": ...}, ...]."""
+    try:
+        settings = json.loads(text)
+        if not isinstance(settings, list) or not all(
+            isinstance(i, dict) and set(i) == {"sequence", "pattern"} for i in settings
+        ):
+            raise ValueError(f'expected [{{"sequence": ..., "pattern": ...}}, ...], not {text}')
+        return rules_from_settings(settings)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -78,17 +103,34 @@ def main() -> None:
         default="{}",
         help="JSON of segmentation.postprocess (per patient volume, 3-D; {} = off)",
     )
+    parser.add_argument(
+        "--limits",
+        type=limits_arg,
+        default="{}",
+        help="JSON of predict.limits: size caps checked on headers before decoding",
+    )
+    parser.add_argument(
+        "--dicom-series",
+        type=dicom_series_arg,
+        default="[]",
+        help="JSON of predict.dicom.series: [{sequence, pattern}, ...] ([] = the built-in rules)",
+    )
     parser.add_argument("--csv", type=Path, required=True, help="one row per patient")
     parser.add_argument("--patients-dir", type=Path, required=True, help="one folder per patient")
     args = parser.parse_args()
     if (args.pre or args.post or args.name) and not args.flair:
         parser.error("--pre, --post and --name go with --flair")
-    readers = [(str(p), functools.partial(read_input, p, args.axis)) for p in args.inputs]
+    readers = [
+        (str(p), functools.partial(read_input, p, args.axis, args.limits, args.dicom_series))
+        for p in args.inputs
+    ]
     if args.flair:
         files = {"FLAIR": args.flair, "pre-contrast": args.pre, "post-contrast": args.post}
         files = {k: v for k, v in files.items() if v is not None}
         name = args.name or args.flair.resolve().parent.name
-        read = functools.partial(read_nifti_files, files, args.axis, name, str(args.flair))
+        read = functools.partial(
+            read_nifti_files, files, args.axis, name, str(args.flair), args.limits
+        )
         readers.append((str(args.flair), read))
     if not readers:
         parser.error("give --inputs and/or --flair")

@@ -22,6 +22,8 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from brainmri.data.layout import LggSlice, compare_copies, find_lgg_slices, naming_the_source
+from brainmri.data.limits import DEFAULT as DEFAULT_LIMITS
+from brainmri.data.limits import Limits, check_image, check_volume
 from brainmri.errors import InputError
 from brainmri.io import atomic_path
 
@@ -51,15 +53,23 @@ MANIFEST_COLUMNS = [
 ]
 
 
-def open_image(path: Path) -> Image.Image:
-    """Open and fully decode an image; a clear InputError for empty, corrupt or non-image files."""
+def open_image(path: Path, limits: Limits = DEFAULT_LIMITS, in_plane: bool = False) -> Image.Image:
+    """Open and fully decode an image; a clear InputError for empty, corrupt or non-image files,
+    and for images whose header claims more pixels than ``limits.max_image_pixels`` (or, with
+    ``in_plane``, a side over ``limits.max_in_plane``), refused before decoding."""
     if path.stat().st_size == 0:
         raise InputError(f"{path}: empty file (0 bytes)")
     try:
         image = Image.open(path)
+        width, height = image.size
+        check_image(path, width, height, limits)
+        if in_plane:
+            check_volume(path, height, width, 1, len(image.getbands()), limits)
         image.load()
     except UnidentifiedImageError:
         raise InputError(f"{path}: not an image file Pillow can read") from None
+    except Image.DecompressionBombError as error:
+        raise InputError(f"{path}: refused as a decompression bomb ({error})") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise InputError(f"{path}: corrupt or truncated image ({error})") from None
     return image

@@ -34,12 +34,22 @@ from brainmri.errors import InputError
 from brainmri.evaluation.classification import decide, vote
 from brainmri.evaluation.masks import binarize, mean_probabilities
 from brainmri.evaluation.postprocess import PostProcess, clean_volume
+from brainmri.inference.dicom_seg import write_segmentation
 from brainmri.inference.predict import Prepared, restore_mask
 from brainmri.inference.segment import (
     inference_batches,
     load_for_inference,
     place,
     stored_probabilities,
+)
+from brainmri.inference.uncertainty import (
+    FoldSummary,
+    fold_probabilities,
+    patient_columns,
+    shade,
+    slice_disagreement,
+    summarize_folds,
+    write_maps,
 )
 from brainmri.inference.volume_io import Volume, mask_to_input
 from brainmri.io import atomic_path, write_csv
@@ -55,6 +65,7 @@ SLICE_COLUMNS = [
     "segmentation_max_probability",
     "segmentation_decision",
     "tumor_voxels",
+    "disagreement",
 ]
 PATIENT_COLUMNS = [
     "patient",
@@ -74,7 +85,16 @@ PATIENT_COLUMNS = [
     "min_component_voxels",
     "keep_largest",
     "postprocess_removed_voxels",
+    "fold_models",
+    "mean_disagreement",
+    "fold_tumor_voxels_min",
+    "fold_tumor_voxels_max",
+    "fold_tumor_ml_min",
+    "fold_tumor_ml_max",
     "mask",
+    "probability",
+    "uncertainty",
+    "dicom_seg",
     "overview",
     "error",
 ]
@@ -112,16 +132,19 @@ class EnsembleModels:
             preds.append(decide(prob, self.cutoff))
         return vote(np.stack(preds), np.stack(probs), self.method, self.cutoff)
 
+    def segment_folds(self, images: np.ndarray, rows: pd.DataFrame) -> list[np.ndarray]:
+        """Each fold model's stored (uint8) tumor probability (N, S, S) of a patient's slices
+        (``rows``: patient, slice_index, for 2.5D models)."""
+        return [
+            stored_probabilities([path], images, self.device, self.tta, rows)[0].cpu().numpy()
+            for path in self.segmenters
+        ]
+
     def segment(self, images: np.ndarray, rows: pd.DataFrame) -> np.ndarray:
-        """The fold ensemble's stored (uint8) tumor probability (N, S, S) of a patient's slices
-        (``rows``: patient, slice_index, for 2.5D models): each fold model's probabilities
-        quantized, then averaged, as the fold ensemble averages the stored test probabilities."""
-        return mean_probabilities(
-            [
-                stored_probabilities([path], images, self.device, self.tta, rows)[0].cpu().numpy()
-                for path in self.segmenters
-            ]
-        )
+        """The fold ensemble's stored (uint8) tumor probability (N, S, S): each fold model's
+        probabilities quantized, then averaged, as the fold ensemble averages the stored test
+        probabilities."""
+        return mean_probabilities(self.segment_folds(images, rows))
 
 
 @dataclass
@@ -129,6 +152,7 @@ class VolumeResult:
     per_slice: pd.DataFrame
     mask: np.ndarray  # (Z, H, W) bool, display orientation, the slices' own size
     summary: dict
+    folds: FoldSummary | None = None  # probability and disagreement maps (uncertainty.py)
 
 
 def model_inputs(slices: np.ndarray, size: int) -> tuple[np.ndarray, tuple[int, int, int]]:
@@ -161,7 +185,8 @@ def predict_volume(
     post = post or PostProcess()
     images, pad = model_inputs(volume.slices, size)
     decision, probability, votes = models.classify(images)
-    stored = models.segment(images, slice_rows(volume))
+    folds = fold_probabilities(models, images, slice_rows(volume))
+    stored = mean_probabilities(folds)
     seg_max = stored.reshape(len(images), -1).max(axis=1) / 255
     raw = binarize(stored, threshold)
     cleaned = clean_volume(raw, post)
@@ -177,6 +202,7 @@ def predict_volume(
         before = sum(int(restore_mask(m, p).sum()) for m, p in zip(raw & gate, places, strict=True))
         removed = before - int(mask.sum())
     voxels = mask.reshape(len(mask), -1).sum(axis=1)
+    spread = summarize_folds(folds, gate, threshold, post, places)
     per_slice = pd.DataFrame(
         {
             "slice": volume.slice_numbers,
@@ -186,6 +212,7 @@ def predict_volume(
             "segmentation_max_probability": np.round(seg_max.astype(float), 6),
             "segmentation_decision": np.where(seg_called, "tumor", "no_tumor"),
             "tumor_voxels": voxels.astype(int),
+            "disagreement": np.round(slice_disagreement(spread, mask), 6),
         },
         columns=SLICE_COLUMNS,
     )
@@ -210,8 +237,8 @@ def predict_volume(
         "keep_largest": post.keep_largest,
         "postprocess_removed_voxels": removed,
         "error": "",
-    }
-    return VolumeResult(per_slice, mask, summary)
+    } | patient_columns(spread, mask, volume.voxel_ml)
+    return VolumeResult(per_slice, mask, summary, spread)
 
 
 def _input_shape(volume: Volume) -> tuple[int, ...]:
@@ -240,8 +267,15 @@ def write_patient(volume: Volume, result: VolumeResult, folder: Path) -> dict[st
             stem = path.name.rsplit(".", 1)[0]
             Image.fromarray(mask.astype(np.uint8) * 255).save(folder / "masks" / f"{stem}_mask.png")
         mask_name = "masks"
+    names = {"mask": mask_name}
+    if result.folds is not None:
+        names |= write_maps(volume, result.folds, folder)
+    if volume.dicom:
+        seg_mask = mask_to_input(volume, result.mask)
+        write_segmentation(volume.dicom["FLAIR"], seg_mask, folder / "seg.dcm")
+        names["dicom_seg"] = "seg.dcm"
     overview(volume, result).save(folder / "overview.png")
-    return {"mask": mask_name, "overview": "overview.png"}
+    return names | {"overview": "overview.png"}
 
 
 def _outline(mask: np.ndarray) -> np.ndarray:
@@ -267,6 +301,9 @@ def overview(volume: Volume, result: VolumeResult) -> Image.Image:
     draw = ImageDraw.Draw(sheet)
     for k, i in enumerate(chosen):
         tile = np.asarray(Image.fromarray(volume.slices[i]).resize(size, Image.BILINEAR)).copy()
+        if result.folds is not None:
+            spread = Image.fromarray(result.folds.disagreement[i]).resize(size, Image.BILINEAR)
+            tile = shade(tile, np.asarray(spread))
         small = np.asarray(
             Image.fromarray(result.mask[i].astype(np.uint8) * 255).resize(size, Image.NEAREST)
         )
@@ -275,6 +312,8 @@ def overview(volume: Volume, result: VolumeResult) -> Image.Image:
         sheet.paste(Image.fromarray(tile), (x, y + 14))
         probability = result.per_slice["tumor_probability"].iloc[i]
         label = f"slice {volume.slice_numbers[i]}  p={probability:.2f}"
+        if result.folds is not None and result.folds.fold_models > 1:
+            label += f"  u={result.per_slice['disagreement'].iloc[i]:.2f}"
         draw.text((x + 2, y + 1), label, fill="white")
     return sheet
 
@@ -328,6 +367,9 @@ def predict_volumes(
         "true_tumor_voxels",
         "min_component_voxels",
         "postprocess_removed_voxels",
+        "fold_models",
+        "fold_tumor_voxels_min",
+        "fold_tumor_voxels_max",
     ]
     write_csv(csv_path, frame.astype(dict.fromkeys(integers, "Int64")))
     return failures

@@ -23,12 +23,21 @@ import nibabel as nib
 import numpy as np
 from nibabel.orientations import aff2axcodes, apply_orientation, axcodes2ornt, ornt_transform
 
+from brainmri.data.limits import DEFAULT as DEFAULT_LIMITS
+from brainmri.data.limits import Limits, check_nifti_header, check_volume
 from brainmri.data.preprocess import _missing_modalities, open_image, to_uint8_gray
 from brainmri.errors import InputError
+from brainmri.inference.dicom_io import (
+    DEFAULT_RULES,
+    SEQUENCES,
+    DicomSeries,
+    SeriesRules,
+    has_dicom,
+    read_study,
+)
 
 log = logging.getLogger(__name__)
 
-SEQUENCES = ("pre-contrast", "FLAIR", "post-contrast")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 KAGGLE_SLICE = re.compile(r"^(?P<patient>.+)_(?P<n>\d+)\.tiff?$", re.IGNORECASE)
 # A sequence file in a patient folder: <anything>[_-.]pre|flair|post.nii[.gz] (case-insensitive).
@@ -59,6 +68,7 @@ class Volume:
     to_input: np.ndarray | None = None  # NIfTI: orientation transform display -> input voxels
     slice_files: list[Path] = field(default_factory=list)  # folder: the TIFF of each slice
     true_voxels: int | None = None  # folder: tumor pixels of its _mask.tif files, when all exist
+    dicom: dict[str, DicomSeries] = field(default_factory=dict)  # DICOM: the source series
 
 
 def is_nifti(path: Path) -> bool:
@@ -73,17 +83,23 @@ def nifti_stem(path: Path) -> str:
     return path.stem
 
 
-def read_input(path: Path, axis: str) -> Volume:
-    """A patient given as one path: a slice folder, a folder of sequence NIfTIs, or a 4-D NIfTI."""
+def read_input(
+    path: Path, axis: str, limits: Limits = DEFAULT_LIMITS, dicom: SeriesRules | None = None
+) -> Volume:
+    """A patient given as one path: a slice folder, a folder of sequence NIfTIs, a folder of
+    DICOM files (any nesting), or a 4-D NIfTI. ``limits``: the size caps, checked on headers."""
     if path.is_dir():
         niftis = sorted(p for p in path.iterdir() if p.is_file() and is_nifti(p))
         if niftis:
-            return read_nifti_files(_sequence_files(path, niftis), axis, path.name, str(path))
-        return read_kaggle_folder(path)
+            files = _sequence_files(path, niftis)
+            return read_nifti_files(files, axis, path.name, str(path), limits)
+        if not any(KAGGLE_SLICE.match(p.name) for p in path.iterdir()) and has_dicom(path):
+            return read_dicom_folder(path, axis, limits, dicom)
+        return read_kaggle_folder(path, limits)
     if not path.exists():
         raise InputError(f"{path}: not found")
     if is_nifti(path):
-        return read_nifti_one_file(path, axis)
+        return read_nifti_one_file(path, axis, limits)
     raise InputError(
         f"{path}: expected a patient folder (<patient>_<n>.tif slices or sequence NIfTI files) "
         "or a .nii/.nii.gz file"
@@ -111,7 +127,7 @@ def _sequence_files(folder: Path, niftis: list[Path]) -> dict[str, Path]:
 # --- Kaggle slice folder -----------------------------------------------------------------------
 
 
-def read_kaggle_folder(folder: Path) -> Volume:
+def read_kaggle_folder(folder: Path, limits: Limits = DEFAULT_LIMITS) -> Volume:
     """``<patient>_<n>.tif`` RGB slices, ordered by ``n``; the ``_mask.tif`` files, when every
     slice has one, give the true tumor volume for comparison."""
     numbered: dict[int, Path] = {}
@@ -127,11 +143,12 @@ def read_kaggle_folder(folder: Path) -> Volume:
         patients.add(match["patient"])
     if not numbered:
         raise InputError(
-            f"{folder}: no slices; expected <patient>_<n>.tif files or sequence NIfTI files"
+            f"{folder}: no slices; expected <patient>_<n>.tif, sequence NIfTI or DICOM files"
         )
     if len(patients) > 1:
         raise InputError(f"{folder}: slices of several patients ({', '.join(sorted(patients))})")
     numbers = sorted(numbered)
+    check_volume(folder, 1, 1, len(numbers), 0, limits, "holds")  # before any slice is read
     if len(numbers) < 2:
         raise InputError(f"{numbered[numbers[0]]}: a single slice where a volume is expected")
     gaps = sorted(set(range(numbers[0], numbers[-1] + 1)) - set(numbers))
@@ -140,7 +157,10 @@ def read_kaggle_folder(folder: Path) -> Volume:
     slices = []
     for number in numbers:
         path = numbered[number]
-        image = open_image(path)
+        image = open_image(path, limits, in_plane=True)  # one slice: at most max_in_plane**2
+        if not slices:  # every slice must have the first one's size: the volume is count x that
+            width, height = image.size
+            check_volume(folder, height, width, len(numbers), 3, limits, "slices claim")
         if image.mode != "RGB":
             raise InputError(
                 f"{path}: expected a 3-channel RGB TIFF (pre-contrast, FLAIR, post-contrast), "
@@ -183,29 +203,61 @@ def equal_to_flair(slices: np.ndarray) -> list[str]:
     return missing.split(";") if missing else []
 
 
+# --- DICOM ------------------------------------------------------------------------------------
+
+
+def read_dicom_folder(
+    folder: Path, axis: str, limits: Limits = DEFAULT_LIMITS, rules: SeriesRules | None = None
+) -> Volume:
+    """A folder of DICOM files (:mod:`brainmri.inference.dicom_io`), sliced and oriented exactly as
+    a NIfTI with the same voxels and affine would be."""
+    reference, stacked, missing, series = read_study(folder, rules or DEFAULT_RULES, limits)
+    form = f"dicom-{3 - len(missing)}-series"
+    volume = _from_nifti(reference, stacked, axis, folder.name, str(folder), form, missing)
+    volume.dicom = series
+    return volume
+
+
 # --- NIfTI -------------------------------------------------------------------------------------
 
 
-def load_nifti(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
-    """The image and its voxels as float; InputError for unreadable, empty or NaN files."""
+def load_nifti(
+    path: Path, axis: str, limits: Limits = DEFAULT_LIMITS
+) -> tuple[nib.Nifti1Image, np.ndarray]:
+    """The image and its voxels as float; InputError for unreadable, empty or NaN files, and for
+    headers whose shape and data type pass ``limits`` (checked before the data are read)."""
     if not path.is_file():
         raise InputError(f"{path}: not found")
     if path.stat().st_size == 0:
         raise InputError(f"{path}: empty file (0 bytes)")
     try:
-        image = nib.load(path)
-        data = np.asanyarray(image.dataobj).astype(np.float32)
+        image = nib.load(path)  # the header only; the data stay on disk
     except Exception as error:  # nibabel raises many types for corrupt files
-        first = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
-        raise InputError(f"{path}: not a readable NIfTI file ({first})") from None
+        raise InputError(f"{path}: not a readable NIfTI file ({_first_line(error)})") from None
     if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
         raise InputError(f"{path}: not a NIfTI image ({type(image).__name__})")
+    shape = tuple(int(d) for d in image.header.get_data_shape())
+    slice_axis = 2  # a 2-D image: its two axes are in-plane (and refused later)
+    if len(shape) >= 3:
+        try:
+            slice_axis = display_transform(image.affine, axis)[1]
+        except InputError as error:
+            raise InputError(f"{path}: {error}") from None
+    check_nifti_header(path, shape, image.header.get_data_dtype().itemsize, slice_axis, limits)
+    try:
+        data = np.asanyarray(image.dataobj).astype(np.float32)
+    except Exception as error:
+        raise InputError(f"{path}: not a readable NIfTI file ({_first_line(error)})") from None
     if data.size == 0:
         raise InputError(f"{path}: empty image (shape {data.shape})")
     bad = int((~np.isfinite(data)).sum())
     if bad:
         raise InputError(f"{path}: {bad} NaN or infinite voxel(s)")
     return image, data
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).splitlines()[0][:200] if str(error) else type(error).__name__
 
 
 def _check_3d(path: Path, data: np.ndarray) -> np.ndarray:
@@ -219,16 +271,18 @@ def _check_3d(path: Path, data: np.ndarray) -> np.ndarray:
     return data
 
 
-def read_nifti_files(files: dict[str, Path], axis: str, name: str, source: str) -> Volume:
+def read_nifti_files(
+    files: dict[str, Path], axis: str, name: str, source: str, limits: Limits = DEFAULT_LIMITS
+) -> Volume:
     """Three (or fewer) NIfTI files, one per sequence; FLAIR is required."""
-    flair_image, flair = load_nifti(files["FLAIR"])
+    flair_image, flair = load_nifti(files["FLAIR"], axis, limits)
     flair = _check_3d(files["FLAIR"], flair)
     channels = {"FLAIR": flair}
     for sequence in ("pre-contrast", "post-contrast"):
         if sequence not in files:
             continue
         path = files[sequence]
-        image, data = load_nifti(path)
+        image, data = load_nifti(path, axis, limits)
         data = _check_3d(path, data)
         if data.shape != flair.shape:
             raise InputError(
@@ -243,9 +297,9 @@ def read_nifti_files(files: dict[str, Path], axis: str, name: str, source: str) 
     return _from_nifti(flair_image, stacked, axis, name, source, form, missing)
 
 
-def read_nifti_one_file(path: Path, axis: str) -> Volume:
+def read_nifti_one_file(path: Path, axis: str, limits: Limits = DEFAULT_LIMITS) -> Volume:
     """One NIfTI with the three sequences along a 4th (or 5th, NIfTI vector) dimension."""
-    image, data = load_nifti(path)
+    image, data = load_nifti(path, axis, limits)
     if data.ndim == 5 and data.shape[3] == 1:
         data = data[:, :, :, 0, :]
     if data.ndim < 3 or (data.ndim == 3 and min(data.shape) < 2):

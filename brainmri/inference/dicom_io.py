@@ -1,0 +1,330 @@
+"""A patient as a folder of DICOM files: the three sequences as voxel arrays on one grid, with the
+affine (RAS, as NIfTI) that puts a mask back onto the DICOM grid.
+
+The rule, in order:
+
+1. Every file under the folder (any nesting; names starting with ``.`` are skipped as the
+   operating system's) must be DICOM; a ``DICOMDIR`` is skipped. Headers are read without pixel
+   data and checked against the size caps (``predict.limits``) before anything is decoded.
+2. Files are grouped into series by ``SeriesInstanceUID``. Each series' ``SeriesDescription``
+   (else ``ProtocolName``) is matched against the ordered rules ``predict.dicom.series`` (regular
+   expressions, case-insensitive; the first rule that matches names the sequence); series no
+   rule matches (localizers, DWI, ...) are ignored and listed in the log. FLAIR is required; a
+   missing pre- or post-contrast series is replaced by FLAIR, as for NIfTI.
+3. A series' slices are ordered by their position along the slice normal (``ImagePositionPatient``
+   · the cross product of the two ``ImageOrientationPatient`` directions), never by file name or
+   ``InstanceNumber``; their spacing must be even.
+4. Voxel ``(i, j, k)`` is column ``i``, row ``j`` of slice ``k``; the affine maps it to LPS
+   millimetres from the DICOM geometry and is flipped to RAS (NIfTI's convention). The
+   sequences must share FLAIR's grid (the models see the three sequences of one voxel together).
+
+Bad input (a non-DICOM file, mixed slice sizes in a series, missing spacing or orientation, an
+undecodable transfer syntax, two series for one sequence) raises :class:`InputError` naming the
+file and the problem.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from brainmri.data.limits import DEFAULT as DEFAULT_LIMITS
+from brainmri.data.limits import Limits, check_file_size, check_volume
+from brainmri.errors import InputError
+
+log = logging.getLogger(__name__)
+
+# (sequence, pattern) in order; the first match names a series. Config: predict.dicom.series.
+DEFAULT_RULES: tuple[tuple[str, str], ...] = (
+    ("FLAIR", r"flair"),
+    ("pre-contrast", r"\bpre\b|pre[-_ ]?(contrast|gd|gad)|native|\bnon[-_ ]?contrast"),
+    ("post-contrast", r"post|\+ ?c\b|\bgd\b|gad|contrast|\bce\b|\bc\+"),
+    ("pre-contrast", r"t1"),
+)
+SeriesRules = tuple[tuple[str, str], ...]
+SEQUENCES = ("pre-contrast", "FLAIR", "post-contrast")  # the channels, as in the LGG TIFFs
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+POSITION_TOLERANCE = 0.01  # of the slice spacing: how even the slice positions must be
+GRID_TOLERANCE_MM = 0.01
+FILES_PER_SLICE_CAP = 10  # a study folder holds at most 10 x max_slices files (other series too)
+
+
+@dataclass
+class DicomSeries:
+    """One sequence's series: the headers (no pixel data) in slice order, and its grid."""
+
+    sequence: str
+    uid: str
+    description: str
+    files: list[Path]  # in slice order
+    headers: list[Dataset]  # in slice order, without pixel data
+    affine: np.ndarray  # voxel (column, row, slice) -> RAS mm
+    shape: tuple[int, int, int]  # columns, rows, slices
+
+
+def rules_from_settings(settings: list[dict] | None) -> SeriesRules:
+    """``predict.dicom.series`` ([{sequence, pattern}, ...]) as rules; each pattern compiled."""
+    if not settings:
+        return DEFAULT_RULES
+    rules = []
+    for item in settings:
+        sequence, pattern = item["sequence"], item["pattern"]
+        if sequence not in ("pre-contrast", "FLAIR", "post-contrast"):
+            raise ValueError(f"unknown sequence {sequence!r} in predict.dicom.series")
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ValueError(f"bad pattern {pattern!r} in predict.dicom.series ({error})") from None
+        rules.append((sequence, pattern))
+    return tuple(rules)
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def is_dicom_file(path: Path) -> bool:
+    """The DICOM preamble's ``DICM`` marker at byte 128 (Part 10 files)."""
+    try:
+        with path.open("rb") as handle:
+            return handle.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def has_dicom(folder: Path) -> bool:
+    return any(is_dicom_file(p) for p in _files(folder))
+
+
+def _header(path: Path, limits: Limits) -> Dataset | None:
+    """The header of one file (None for a DICOMDIR), checked against the caps."""
+    check_file_size(path, limits)
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+    except InvalidDicomError:
+        raise InputError(f"{path}: not a DICOM file (no DICM marker); remove it") from None
+    except Exception as error:  # truncated or corrupt headers raise many types
+        raise InputError(f"{path}: unreadable DICOM header ({_first_line(error)})") from None
+    meta = getattr(header, "file_meta", None)
+    if meta is not None and meta.get("MediaStorageSOPClassUID") == MEDIA_STORAGE_DIRECTORY:
+        return None
+    for keyword in ("SeriesInstanceUID", "Rows", "Columns"):
+        if keyword not in header:
+            raise InputError(f"{path}: no {keyword} (not an image slice)")
+    frames = int(header.get("NumberOfFrames", 1) or 1)
+    bits = int(header.get("BitsAllocated", 16) or 16)
+    samples = int(header.get("SamplesPerPixel", 1) or 1)
+    check_volume(path, int(header.Rows), int(header.Columns), frames, bits / 8 * samples, limits)
+    if frames > 1:
+        raise InputError(
+            f"{path}: a multi-frame (enhanced) image of {frames} frames; give the series as "
+            "classic single-frame files"
+        )
+    return header
+
+
+def _first_line(error: Exception) -> str:
+    """The error's text on one line (at most 200 characters)."""
+    text = " ".join(str(error).split())
+    return text[:200] if text else type(error).__name__
+
+
+def _describe(header: Dataset) -> str:
+    return str(header.get("SeriesDescription", "") or header.get("ProtocolName", "") or "")
+
+
+def classify(description: str, rules: SeriesRules) -> str | None:
+    for sequence, pattern in rules:
+        if re.search(pattern, description, re.IGNORECASE):
+            return sequence
+    return None
+
+
+def find_series(folder: Path, rules: SeriesRules, limits: Limits) -> dict[str, DicomSeries]:
+    """The sequences' series found in ``folder`` (geometry checked, pixels not yet decoded)."""
+    groups: dict[str, list[tuple[Path, Dataset]]] = defaultdict(list)
+    files = _files(folder)
+    if len(files) > FILES_PER_SLICE_CAP * limits.max_slices:
+        raise InputError(
+            f"{folder}: holds {len(files)} files, more than {FILES_PER_SLICE_CAP} x "
+            f"predict.limits.max_slices ({FILES_PER_SLICE_CAP * limits.max_slices}); give the "
+            "patient's study folder"
+        )
+    for path in files:
+        header = _header(path, limits)
+        if header is not None:
+            groups[str(header.SeriesInstanceUID)].append((path, header))
+    if not groups:
+        raise InputError(f"{folder}: no DICOM image files")
+    chosen: dict[str, list[tuple[Path, Dataset]]] = {}
+    ignored = []
+    for uid, members in groups.items():
+        description = _describe(members[0][1])
+        sequence = classify(description, rules)
+        if sequence is None:
+            ignored.append(description or uid)
+            continue
+        if sequence in chosen:
+            other = _describe(chosen[sequence][0][1])
+            raise InputError(
+                f"{members[0][0]}: a second {sequence} series ({description!r}; first: "
+                f"{other!r} in {chosen[sequence][0][0]}); keep one, or make predict.dicom.series "
+                "more specific"
+            )
+        chosen[sequence] = members
+    if ignored:
+        log.info("%s: series no predict.dicom.series rule matches, ignored: %s", folder, ignored)
+    if "FLAIR" not in chosen:
+        found = sorted(_describe(m[0][1]) or uid for uid, m in groups.items())
+        raise InputError(f"{folder}: no FLAIR series (SeriesDescription) among {found}")
+    return {s: _geometry(s, members, limits) for s, members in chosen.items()}
+
+
+def _vector(path: Path, header: Dataset, keyword: str, size: int) -> np.ndarray:
+    value = header.get(keyword)
+    try:
+        vector = np.asarray([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError):
+        vector = np.zeros(0)
+    if vector.shape != (size,) or not np.isfinite(vector).all():
+        raise InputError(f"{path}: no valid {keyword} (needed for the slice geometry)")
+    return vector
+
+
+def _geometry(sequence: str, members: list[tuple[Path, Dataset]], limits: Limits) -> DicomSeries:
+    first_path, first = members[0]
+    rows, columns = int(first.Rows), int(first.Columns)
+    bits = int(first.get("BitsAllocated", 16) or 16)
+    check_volume(first_path, rows, columns, len(members), bits / 8, limits, "its series claims")
+    if len(members) < 2:
+        raise InputError(f"{first_path}: the {sequence} series has a single slice")
+    orientation = _vector(first_path, first, "ImageOrientationPatient", 6)
+    spacing = _vector(first_path, first, "PixelSpacing", 2)
+    if (spacing <= 0).any():
+        raise InputError(f"{first_path}: PixelSpacing {list(spacing)} is not positive")
+    row_dir, col_dir = orientation[:3], orientation[3:]
+    normal = np.cross(row_dir, col_dir)
+    positions = []
+    for path, header in members:
+        if (int(header.Rows), int(header.Columns)) != (rows, columns):
+            raise InputError(
+                f"{path}: {header.Rows} x {header.Columns} pixels where the rest of its series "
+                f"({first_path.name}) has {rows} x {columns}"
+            )
+        if not np.allclose(
+            _vector(path, header, "ImageOrientationPatient", 6), orientation, atol=1e-4
+        ):
+            raise InputError(f"{path}: ImageOrientationPatient differs from {first_path.name}'s")
+        if not np.allclose(_vector(path, header, "PixelSpacing", 2), spacing, atol=1e-4):
+            raise InputError(f"{path}: PixelSpacing differs from {first_path.name}'s")
+        positions.append(_vector(path, header, "ImagePositionPatient", 3))
+    along = np.array([p @ normal for p in positions])
+    order = np.argsort(along, kind="stable")
+    steps = np.diff(along[order])
+    if (steps < 1e-3).any():
+        k = int(np.flatnonzero(steps < 1e-3)[0])
+        raise InputError(
+            f"{members[order[k + 1]][0]}: at the same slice position as {members[order[k]][0]}"
+        )
+    step = float(np.median(steps))
+    if np.abs(steps - step).max() > POSITION_TOLERANCE * step + 1e-3:
+        raise InputError(
+            f"{first_path}: uneven slice spacing in its series ({steps.min():.3g} to "
+            f"{steps.max():.3g} mm); a slice may be missing"
+        )
+    origin = positions[order[0]]
+    lps = np.eye(4)
+    lps[:3, 0] = row_dir * spacing[1]  # along a row: the column index i, spacing between columns
+    lps[:3, 1] = col_dir * spacing[0]  # down a column: the row index j
+    lps[:3, 2] = (positions[order[-1]] - origin) / (len(members) - 1)
+    lps[:3, 3] = origin
+    return DicomSeries(
+        sequence=sequence,
+        uid=str(first.SeriesInstanceUID),
+        description=_describe(first),
+        files=[members[k][0] for k in order],
+        headers=[members[k][1] for k in order],
+        affine=np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps,
+        shape=(columns, rows, len(members)),
+    )
+
+
+@contextlib.contextmanager
+def _quiet(name: str):
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def decode(series: DicomSeries) -> np.ndarray:
+    """The series' voxels as float32 ``(columns, rows, slices)``, rescaled where the headers say."""
+    out = np.empty(series.shape, dtype=np.float32)
+    for k, path in enumerate(series.files):
+        try:
+            dataset = pydicom.dcmread(path)
+            syntax = dataset.file_meta.TransferSyntaxUID
+        except Exception as error:
+            raise InputError(f"{path}: unreadable DICOM file ({_first_line(error)})") from None
+        try:
+            with _quiet("pydicom"):  # its decoders log each plugin's traceback
+                pixels = dataset.pixel_array
+        except Exception as error:  # no decoder for the transfer syntax, or corrupt pixel data
+            raise InputError(
+                f"{path}: cannot decode its pixel data (transfer syntax {syntax.name}: "
+                f"{_first_line(error)})"
+            ) from None
+        if pixels.shape != series.shape[1::-1]:
+            raise InputError(f"{path}: pixel data of shape {pixels.shape}, not one gray slice")
+        slope = float(dataset.get("RescaleSlope", 1) or 1)
+        intercept = float(dataset.get("RescaleIntercept", 0) or 0)
+        out[:, :, k] = pixels.T.astype(np.float32) * slope + intercept
+    if not np.isfinite(out).all():
+        raise InputError(f"{series.files[0]}: NaN or infinite voxels in its series")
+    return out
+
+
+def read_study(
+    folder: Path, rules: SeriesRules = DEFAULT_RULES, limits: Limits = DEFAULT_LIMITS
+) -> tuple[nib.Nifti1Image, np.ndarray, list[str], dict[str, DicomSeries]]:
+    """The study as a NIfTI would give it: an image with FLAIR's grid and affine (no voxels),
+    the sequences' voxels ``(columns, rows, slices, 3)`` (a missing one replaced by FLAIR), the
+    missing sequences, and the series found."""
+    series = find_series(folder, rules, limits)
+    flair = series["FLAIR"]
+    for sequence, other in series.items():
+        same = other.shape == flair.shape and np.allclose(
+            other.affine, flair.affine, atol=GRID_TOLERANCE_MM
+        )
+        if not same:
+            how = (
+                f"{other.shape} voxels, FLAIR {flair.shape}"
+                if other.shape != flair.shape
+                else "the same size, another position or orientation"
+            )
+            raise InputError(
+                f"{other.files[0]}: the {sequence} series {other.description!r} is not on the "
+                f"FLAIR series' grid ({how}); resample it onto the FLAIR series first"
+            )
+    channels = {s: decode(other) for s, other in series.items()}
+    stacked = np.stack([channels.get(s, channels["FLAIR"]) for s in SEQUENCES], axis=-1)
+    header = nib.Nifti1Header()
+    header.set_xyzt_units("mm")
+    empty = np.broadcast_to(np.uint8(0), flair.shape)  # the grid only; no voxels are stored
+    reference = nib.Nifti1Image(empty, flair.affine, header)
+    reference.set_qform(flair.affine, code=1)
+    reference.set_sform(flair.affine, code=1)
+    return reference, stacked, [s for s in SEQUENCES if s not in channels], series
