@@ -83,8 +83,8 @@ THRESHOLDS += ["--segmentation-threshold", "0.5"]
 
 
 def test_readme_predict_commands_work_after_a_demo(workflow_run, tmp_path):
-    """docs/predicting.md's commands as written, with the tiny config and its results standing in for
-    config/demo.yaml and results/demo, and this environment's interpreter for .venv/bin/."""
+    """docs/predicting.md's commands as written, with the tiny config and its results standing
+    in for config/demo.yaml and results/demo, and this environment's interpreter for .venv/bin/."""
     commands = readme_predict_commands()
     assert len(commands) == 2 and "config/demo.yaml" in commands[0]
     assert "results/demo/segmentation/unet/fold*/model.pt" in commands[1]
