@@ -91,22 +91,65 @@ def exact_fp32():
     no_tf32()
 
 
-# --- PLAN: the accelerator plan's places (adapt at the merge of branch accel) -----------------
-# Today the loop asks the device: autocast bf16 where torch.cuda.is_bf16_supported(), else fp16
-# with a GradScaler. With the plan: card_precision() is make_plan(device, {}, 32).precision, and
-# train() passes plan=make_plan(device, {"precision": ...}, batch, native_bf16=...) to fit.
+# --- PLAN: the accelerator plan's places ------------------------------------------------------
+# Written for both sides of the merge of branch accel (brainmri.accelerator): with the plan,
+# the job's plan says the precision, residency and pinning; before it, the loop asked the device
+# (bf16 autocast where torch.cuda.is_bf16_supported(), else fp16 with a GradScaler) and the
+# precision is forced by patching that question. Once merged, the fallbacks can go.
+try:
+    from brainmri.accelerator import AcceleratorPlan, make_plan
+except ImportError:  # before the plan
+    AcceleratorPlan = make_plan = None
 
 
 def card_precision() -> str:
     """The autocast precision the workflow picks on this card: bf16 or fp16."""
+    if make_plan is not None:
+        return make_plan(torch.device("cuda", 0), {}, 32).precision
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def job_plan(device: torch.device, precision: str, settings: dict | None = None, batch: int = 32):
+    """The plan of a job in ``precision`` (fp32 | bf16 | fp16; the CPU: fp32); None before
+    the plan."""
+    if make_plan is None:
+        return None
+    if device.type != "cuda":
+        precision = "fp32"
+    if precision == "fp16":  # what a pre-Ampere card gets
+        return make_plan(
+            device, {**(settings or {}), "precision": "auto"}, batch, native_bf16=False
+        )
+    return make_plan(device, {**(settings or {}), "precision": precision}, batch)
+
+
+def plan_arguments(plan) -> dict:
+    return {} if plan is None else {"plan": plan}
+
+
+def resident(arrays: list[np.ndarray], device: torch.device) -> list:
+    """The arrays on ``device`` (the device-resident path), whatever the free memory."""
+    if AcceleratorPlan is None:
+        return make_resident(arrays, device, 1.0)
+    cuda = device.type == "cuda"
+    return make_resident(arrays, AcceleratorPlan(device=device, cuda=cuda, memory_share=1.0))
+
+
+def host_batches(images, targets, batch: int, device: torch.device, size: int, augment=None):
+    """The host path: batches gathered on the host, pinned and copied on CUDA."""
+    if AcceleratorPlan is None:
+        return Batches(images, targets, batch, device, size, augment)
+    return Batches(images, targets, batch, device, size, augment, pin=device.type == "cuda")
 
 
 @contextlib.contextmanager
 def forced_precision(precision: str):
-    """The workflow's training in ``precision`` (fp32 | bf16 | fp16) on this card."""
+    """Before the plan: the loop's training and evaluation in ``precision`` on this card (with
+    the plan, the plan passed says it, and this does nothing)."""
     with pytest.MonkeyPatch.context() as patch:
-        if precision == "fp32":
+        if make_plan is not None:
+            pass
+        elif precision == "fp32":
             patch.setattr(loop, "autocast", lambda device: contextlib.nullcontext())
             patch.setattr(evaluate_module, "autocast", lambda device: contextlib.nullcontext())
             patch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # no scaler
@@ -115,12 +158,34 @@ def forced_precision(precision: str):
         yield
 
 
-def train(
-    setup, device: torch.device, resume: Path, precision: str = "fp32", exact: bool = False,
-    **options,
+def evaluate(model, batches, device: torch.device, precision: str = "fp32"):
+    """evaluate_all of a classifier (cross-entropy, accuracy) in ``precision``."""
+    plan = job_plan(device, precision)
+    args = (F.cross_entropy, evaluate_module.accuracy_per_sample, batches, device, None, "metric")
+    with forced_precision(precision):
+        return evaluate_module.evaluate_all(model, *args, **plan_arguments(plan))
+
+
+def make_setup(
+    preprocessed_data, task: str, device: torch.device, resident: bool, precision: str = "fp32",
+    **settings,
 ):  # fmt: skip
-    """One job's fit (``FitSettings`` fields in ``options``) in ``precision``; ``exact``: fp32
-    without TF32."""
+    """A job's training setup (model, batches; with the plan, its plan) in ``precision``."""
+    train_rows, val_rows = splits(preprocessed_data, task)
+    settings = {**SETTINGS[task], **settings}
+    plan = job_plan(device, precision, settings, settings["batch_size"])
+    torch.manual_seed(0)  # the same initial weights on every device
+    setup = build_training_setup(
+        task, settings, folder_loader(preprocessed_data.data_dir), train_rows, val_rows, device,
+        7, resident=resident, **plan_arguments(plan),
+    )  # fmt: skip
+    setup.precision = precision  # before the plan: forced around fit (train)
+    return setup
+
+
+def train(setup, device: torch.device, resume: Path, exact: bool = False, **options):
+    """One job's fit (``FitSettings`` fields in ``options``) in the setup's precision;
+    ``exact``: fp32 without TF32."""
     # As in a job's process, which configures only its own device: no deterministic mode left
     # over from a CPU reference run on CUDA.
     torch.use_deterministic_algorithms(False)
@@ -130,10 +195,11 @@ def train(
     settings = FitSettings.from_settings(setup.settings, 7, setup.metric_name)
     for key, value in options.items():
         setattr(settings, key, value)
-    with forced_precision(precision):
+    with forced_precision(setup.precision):
         return fit(
             setup.model, setup.loss_fn, setup.metric_fn, setup.train_batches,
             setup.val_batches, settings, device, resume, "digest",
+            **plan_arguments(getattr(setup, "plan", None)),
         )  # fmt: skip
 
 
@@ -146,15 +212,6 @@ def splits(preprocessed_data, task: str):
         return table[table["cls_split"] == "train"], table[table["cls_split"] == "val"]
     lgg = table[table["seg_split"] == "train"]
     return lgg[lgg["fold"] != 0], lgg[lgg["fold"] == 0]
-
-
-def make_setup(preprocessed_data, task: str, device: torch.device, resident: bool, **settings):
-    train_rows, val_rows = splits(preprocessed_data, task)
-    torch.manual_seed(0)  # the same initial weights on every device
-    return build_training_setup(
-        task, {**SETTINGS[task], **settings}, folder_loader(preprocessed_data.data_dir),
-        train_rows, val_rows, device, 7, resident=resident,
-    )  # fmt: skip
 
 
 @cuda_only
@@ -199,8 +256,8 @@ def test_resident_batches_match_the_cpu_host_batches(device):
     order = np.random.default_rng(1).permutation(21)
     paths = {
         "cpu": Batches(images, masks, 8, CPU, 32, augment),
-        "host": Batches(images, masks, 8, device, 32, augment),
-        "resident": Batches(*make_resident([images, masks], device, 1.0), 8, device, 32, augment),
+        "host": host_batches(images, masks, 8, device, 32, augment),
+        "resident": Batches(*resident([images, masks], device), 8, device, 32, augment),
     }
     assert paths["resident"].resident and not paths["host"].resident
     batches = {name: list(data.epoch(order, epoch_generator(0, 3))) for name, data in paths.items()}
@@ -213,7 +270,8 @@ def test_resident_batches_match_the_cpu_host_batches(device):
 
 @pytest.mark.parametrize("task", ["classification", "segmentation"])
 def test_an_fp32_epoch_matches_the_cpu(task, device, preprocessed_data, tmp_path):
-    cpu = train(make_setup(preprocessed_data, task, CPU, False), CPU, tmp_path / "cpu", epochs=1)
+    cpu_setup = make_setup(preprocessed_data, task, CPU, False)
+    cpu = train(cpu_setup, CPU, tmp_path / "cpu", epochs=1)
     setup = make_setup(preprocessed_data, task, device, True)
     got = train(setup, device, tmp_path / "gpu", exact=True, epochs=1)
     for column in ("train_loss", "val_loss"):
@@ -230,10 +288,8 @@ def test_mixed_precision_trains(precision, device, preprocessed_data, tmp_path):
     reference = train(
         make_setup(preprocessed_data, task, device, True), device, tmp_path / "fp32", epochs=1
     )
-    got = train(
-        make_setup(preprocessed_data, task, device, True), device, tmp_path / precision,
-        precision, epochs=1,
-    )  # fmt: skip
+    setup = make_setup(preprocessed_data, task, device, True, precision)
+    got = train(setup, device, tmp_path / precision, epochs=1)
     row, expected = got.history[0], reference.history[0]
     assert np.isfinite(row["train_loss"]) and np.isfinite(row["val_loss"])
     assert row["val_loss"] == pytest.approx(expected["val_loss"], rel=MIXED_LOSS_RTOL)
@@ -271,11 +327,11 @@ def test_training_epoch_makes_no_per_batch_synchronisation(
     the batch loop (``.item()``, a blocking host copy, ``nonzero``) raises here, named in the
     error. On an fp16 card the GradScaler's found-inf check would be one (unless the optimizer
     handles it on the device)."""
-    setup = make_setup(preprocessed_data, task, device, True)
+    precision = card_precision() if device.type == "cuda" else "fp32"
+    setup = make_setup(preprocessed_data, task, device, True, precision)
     strict = StrictBatches(setup.train_batches)
     setup.train_batches = strict
-    precision = card_precision() if device.type == "cuda" else "fp32"
-    result = train(setup, device, tmp_path / "resume", precision, epochs=2, val_every=2)
+    result = train(setup, device, tmp_path / "resume", epochs=2, val_every=2)
     assert len(result.history) == 2
     assert strict.checked >= (0 if DRY else 2)  # several batches ran under the check
 
@@ -305,10 +361,12 @@ def test_compile_recompilations_are_bounded(device, preprocessed_data, tmp_path,
     """Training batches of 8 and a smaller last one, evaluation batches of 16 and a smaller
     last one, two epochs: at most MAX_GRAPHS graphs."""
     counter = count_graphs(monkeypatch)
-    setup = make_setup(preprocessed_data, "classification", device, True, eval_batch_size=16)
-    assert len(setup.train_data) % 8 and len(setup.val_data) % 16  # partial last batches
     precision = card_precision() if device.type == "cuda" else "fp32"
-    train(setup, device, tmp_path / "resume", precision, epochs=2, compile=True)
+    setup = make_setup(
+        preprocessed_data, "classification", device, True, precision, eval_batch_size=16
+    )
+    assert len(setup.train_data) % 8 and len(setup.val_data) % 16  # partial last batches
+    train(setup, device, tmp_path / "resume", epochs=2, compile=True)
     print(f"torch.compile: {counter.frame_count} graphs, {counter.op_count} ops")
     assert 1 <= counter.frame_count <= MAX_GRAPHS
 
@@ -321,13 +379,9 @@ def test_evaluation_on_the_device_matches_the_cpu(device, exact_fp32):
     labels = np.arange(37) % 2
     torch.manual_seed(0)
     model = build_classifier({"backbone": "resnet10t", "pretrained": False}).eval()
-    args = (F.cross_entropy, evaluate_module.accuracy_per_sample)
-    expected = evaluate_module.evaluate_all(
-        model, *args, Batches(images, labels, 8, CPU, 32).epoch(), CPU
-    )
+    expected = evaluate(model, Batches(images, labels, 8, CPU, 32).epoch(), CPU)
     model.to(device)
-    data = Batches(*make_resident([images, labels], device, 1.0), 8, device, 32)
-    with forced_precision("fp32"):
-        got = evaluate_module.evaluate_all(model, *args, data.epoch(), device)
+    data = Batches(*resident([images, labels], device), 8, device, 32)
+    got = evaluate(model, data.epoch(), device)
     assert got[0] == pytest.approx(expected[0], rel=FORWARD_TOLERANCE["rtol"])
     assert got[1] == pytest.approx(expected[1], abs=1 / 37)  # at most one tie flipped
