@@ -51,7 +51,8 @@ from brainmri.models import check_classifier_config, check_segmenter_config
 from brainmri.tables import load_table
 from brainmri.training.batches import Augment
 from brainmri.training.evaluate import predict_logits
-from brainmri.training.loop import FitSettings, compiled, configure_torch, fit, seed_everything
+from brainmri.training.loop import FitSettings, compiled, configure_torch, fit
+from brainmri.training.resume import seed_everything
 from brainmri.training.setup import (
     TASKS,
     build_task_model,

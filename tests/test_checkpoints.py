@@ -18,7 +18,7 @@ from brainmri.models import (
     safe_torch_load,
     save_checkpoint,
 )
-from brainmri.training.loop import _load_resume_state
+from brainmri.training.resume import load_resume_state
 
 CLASSIFIER = {"backbone": "resnet10t", "name": "resnet10t", "input_size": 64, "pretrained": False}
 SEGMENTER = {
@@ -67,7 +67,7 @@ def test_every_loader_refuses_a_pickled_callable(booby_trapped, tmp_path, caplog
     resume = tmp_path / "resume"
     resume.mkdir()
     os.replace(path, resume / "state.pt")
-    assert _load_resume_state(resume, "digest") is None
+    assert load_resume_state(resume, "digest") is None
     assert "refusing to load" in caplog.text
     with pytest.raises(WeightsError):
         load_weights_file(resume / "state.pt", "timm", "resnet10t")

@@ -25,7 +25,7 @@ from brainmri.devices import release_gpus
 from brainmri.errors import InputError
 from brainmri.io import run_cli
 from brainmri.models import safe_torch_load
-from brainmri.training import loop
+from brainmri.training import resume
 from brainmri.training.loop import FitSettings, accuracy_per_sample, fit
 
 OLD_DRIVER = (
@@ -324,7 +324,7 @@ def fake_cuda_rng(monkeypatch, count: int) -> list[tuple[int, torch.Tensor]]:
 
 def test_the_cuda_rng_state_saved_is_that_of_the_jobs_device(monkeypatch, tmp_path):
     fake_cuda_rng(monkeypatch, 4)
-    states = loop.rng_states(torch.device("cuda", 3))
+    states = resume.rng_states(torch.device("cuda", 3))
     assert torch.equal(states["cuda"], torch.full((8,), 3, dtype=torch.uint8))
     torch.save(states, tmp_path / "state.pt")  # what the resume state holds, loaded safely
     assert torch.equal(safe_torch_load(tmp_path / "state.pt")["cuda"], states["cuda"])
@@ -335,19 +335,19 @@ def test_a_4_gpu_state_resumes_on_one_gpu(monkeypatch):
     SLURM with one GPU: the job's state goes to its one device, no IndexError."""
     four = [torch.full((8,), i, dtype=torch.uint8) for i in range(4)]
     fake_cuda_rng(monkeypatch, 4)
-    old_format = {**loop.rng_states(torch.device("cpu")), "cuda": four}
+    old_format = {**resume.rng_states(torch.device("cpu")), "cuda": four}
     done = fake_cuda_rng(monkeypatch, 1)
-    loop.set_rng_states(old_format, torch.device("cuda", 0))
+    resume.set_rng_states(old_format, torch.device("cuda", 0))
     assert [(index, state.tolist()) for index, state in done] == [(0, [0] * 8)]
     done.clear()
     saved_on_3 = {**old_format, "cuda": four[3]}  # this format, saved on cuda:3
-    loop.set_rng_states(saved_on_3, torch.device("cuda", 0))
+    resume.set_rng_states(saved_on_3, torch.device("cuda", 0))
     assert [(index, state.tolist()) for index, state in done] == [(0, [3] * 8)]
     done.clear()
-    loop.set_rng_states(saved_on_3, torch.device("cpu"))  # resumed on the CPU: no CUDA call
+    resume.set_rng_states(saved_on_3, torch.device("cpu"))  # resumed on the CPU: no CUDA call
     assert done == []
     done = fake_cuda_rng(monkeypatch, 4)  # the older format on its own box: cuda:2's entry
-    loop.set_rng_states(old_format, torch.device("cuda", 2))
+    resume.set_rng_states(old_format, torch.device("cuda", 2))
     assert [(index, state.tolist()) for index, state in done] == [(2, [2] * 8)]
 
 

@@ -25,13 +25,11 @@ from brainmri.training.evaluate import Preempted, predict_logits
 from brainmri.training.loop import (
     EvaluationOutOfMemory,
     FitSettings,
-    finish_resume,
     fit,
     out_of_memory_message,
-    seed_everything,
-    settings_digest,
 )
 from brainmri.training.losses import selection_column
+from brainmri.training.resume import finish_resume, seed_everything, settings_digest
 from brainmri.training.setup import TrainingSetup, array_loader, build_training_setup
 
 log = logging.getLogger(__name__)

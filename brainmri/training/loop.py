@@ -15,12 +15,7 @@ epoch is on disk.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import logging
-import os
-import random
-import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -28,14 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from brainmri.accelerator import AcceleratorPlan, CompiledForward, configure_torch, default_plan
-from brainmri.errors import InputError
-from brainmri.io import atomic_path
-from brainmri.models import safe_torch_load
 from brainmri.training.evaluate import (  # some re-exported (__all__) for older importers
     MetricFn,
     MetricSums,
@@ -45,6 +36,12 @@ from brainmri.training.evaluate import (  # some re-exported (__all__) for older
     dice_per_sample,
     evaluate_all,
     predict_logits,
+)
+from brainmri.training.resume import (  # re-exported for older importers
+    load_resume_state,
+    rng_states,
+    save_resume_state,
+    set_rng_states,
 )
 from brainmri.training.schedule import make_scheduler, selection_score
 
@@ -104,59 +101,6 @@ class FitResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_states(device: torch.device) -> dict[str, Any]:
-    """The global RNG states (python, numpy, torch; CUDA: that of the job's device only, so a
-    job resumes with fewer visible GPUs) as plain types and tensors."""
-    numpy_state = np.random.get_state(legacy=False)
-    states: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": {
-            "bit_generator": numpy_state["bit_generator"],
-            "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
-            "pos": int(numpy_state["state"]["pos"]),
-            "has_gauss": int(numpy_state["has_gauss"]),
-            "gauss": float(numpy_state["gauss"]),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if device.type == "cuda":
-        states["cuda"] = torch.cuda.get_rng_state(device)
-    return states
-
-
-def set_rng_states(states: dict[str, Any], device: torch.device) -> None:
-    """Restore what :func:`rng_states` saved; its CUDA state goes to ``device`` (not on the
-    CPU). An older state with one entry per visible GPU gives that of ``device``'s index (or
-    the first, where fewer GPUs were visible), never an IndexError."""
-    version, internal, gauss = states["python"]
-    random.setstate((version, tuple(internal), gauss))
-    numpy_state = states["numpy"]
-    np.random.set_state(
-        {
-            "bit_generator": numpy_state["bit_generator"],
-            "state": {
-                "key": numpy_state["key"].numpy().astype(np.uint32),
-                "pos": numpy_state["pos"],
-            },
-            "has_gauss": numpy_state["has_gauss"],
-            "gauss": numpy_state["gauss"],
-        }
-    )
-    torch.set_rng_state(states["torch"])
-    cuda_state = states.get("cuda")
-    if isinstance(cuda_state, list | tuple):  # the older format
-        index = device.index or 0
-        cuda_state = cuda_state[index if index < len(cuda_state) else 0] if cuda_state else None
-    if device.type == "cuda" and cuda_state is not None:
-        torch.cuda.set_rng_state(cuda_state, device)
-
-
 def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
     """A generator for one epoch's shuffling/augmentation: the same after a resume."""
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 101 + stream)
@@ -181,37 +125,6 @@ class _TermFlag:
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
-
-
-def settings_digest(settings: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-
-
-def _load_resume_state(resume_dir: Path, digest: str) -> dict[str, Any] | None:
-    for name in ("state.pt", "state.prev.pt"):
-        path = resume_dir / name
-        if not path.is_file():
-            continue
-        try:
-            state = safe_torch_load(path)
-        except InputError as error:
-            log.warning("Ignoring the resume state %s: %s", path, error)
-            continue
-        if state.get("digest") != digest:
-            log.warning("Ignoring the resume state %s: it was made with other settings", path)
-            continue
-        return state
-    return None
-
-
-def _save_resume_state(resume_dir: Path, state: dict[str, Any]) -> None:
-    resume_dir.mkdir(parents=True, exist_ok=True)
-    current = resume_dir / "state.pt"
-    with atomic_path(resume_dir / "state.next.pt") as tmp:
-        torch.save(state, tmp)
-    if current.is_file():
-        os.replace(current, resume_dir / "state.prev.pt")
-    os.replace(resume_dir / "state.next.pt", current)
 
 
 def fit(
@@ -243,7 +156,7 @@ def fit(
     best_loss, best_epoch, stale, start = float("inf"), -1, 0, 0
     best_score = float("-inf")
 
-    state = _load_resume_state(resume_dir, digest)
+    state = load_resume_state(resume_dir, digest)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -330,7 +243,7 @@ def fit(
                 row["seconds"],
                 "  *" if improved else "",
             )
-            _save_resume_state(
+            save_resume_state(
                 resume_dir,
                 {
                     "digest": digest,
@@ -369,11 +282,6 @@ def compiled(model: nn.Module, enabled: bool, plan: AcceleratorPlan | None = Non
     log.info("torch.compile: the first training and evaluation batches compile (seconds)")
     plan = plan or default_plan(next(model.parameters()).device)
     return CompiledForward(model, plan.compile_backend, plan.eval_batch)
-
-
-def finish_resume(resume_dir: Path) -> None:
-    """Remove the resume state once the final outputs exist."""
-    shutil.rmtree(resume_dir, ignore_errors=True)
 
 
 class EvaluationOutOfMemory(torch.OutOfMemoryError):
