@@ -50,7 +50,7 @@ QUALITY_DATA ?= ../shared/data/kaggle-40
 QUALITY_ARGS ?=
 quality: $(STAMP)
 	nice -n 10 $(BIN)/python bench/quality.py --data $(QUALITY_DATA) --work results/quality \
-		--size 64 --folds 3 --budget 150 --threads 1 $(QUALITY_ARGS)
+		--size 64 --folds 3 --budget 100 --threads 1 $(QUALITY_ARGS)
 
 # The README's result tables, from the runs' report/metrics.json and benchmark files.
 figures: $(STAMP)

@@ -40,7 +40,7 @@ from bench import quality_cv as cv
 from bench import quality_score as score
 from brainmri.config import STAGE_KEYS, training_settings
 from brainmri.errors import InputError
-from brainmri.io import run_cli, setup_logging, write_csv
+from brainmri.io import run_cli, setup_logging, write_csv, write_npy
 from brainmri.tables import gather
 
 log = logging.getLogger(__name__)
@@ -223,11 +223,13 @@ class Bench:
         stored = cv.segment(self.model_dir(name, fold) / "model.pt", self.data, rows, tta,
                             part == "flair")  # fmt: skip
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path, stored)
+        write_npy(path, stored)
         return stored
 
-    def run(self, name: str) -> None:
+    def run(self, name: str, folds: list[int] | None = None) -> None:
         for fold in self.plan:
+            if folds is not None and fold.number not in folds:
+                continue
             self.train(name, fold)
             if self.kind(name) != "classifier":
                 for part in ("val", "test", "flair"):
@@ -242,6 +244,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work", required=True, type=Path, help="cache and results folder")
     parser.add_argument("--variants", type=Path, default=REPO / "bench" / "quality_variants.yaml")
     parser.add_argument("--only", nargs="+", help="run only these variants (default: all)")
+    parser.add_argument("--fold", nargs="+", type=int, help="run only these outer folds")
     parser.add_argument("--report", action="store_true", help="only score what is cached")
     parser.add_argument("--size", type=int, default=64, help="array and input size (px)")
     parser.add_argument("--folds", type=int, default=4)
@@ -267,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
         raise InputError(f"--only: unknown variant(s) {unknown} (in {args.variants})")
     if not args.report:
         for name in names:
-            bench.run(name)
+            bench.run(name, args.fold)
     from bench.quality_report import write_report
 
     write_report(bench, score)

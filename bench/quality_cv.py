@@ -28,6 +28,7 @@ from brainmri.data.archives import ExtractionLimits, extract_archive
 from brainmri.data.preprocess import preprocess_lgg
 from brainmri.data.splits import _patient_table, pick_patients
 from brainmri.errors import InputError
+from brainmri.io import write_text
 from brainmri.models import Normalized, safe_torch_load, save_checkpoint
 from brainmri.tables import gather, read_manifest
 from brainmri.training.evaluate import predict_logits
@@ -283,7 +284,8 @@ def segment(model: Path, data: Path, rows: pd.DataFrame, tta: bool, flair: bool)
 
 
 def write_info(path: Path, info: dict[str, Any]) -> None:
-    path.write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
+    """A fold model's info.json, written last (atomically): its presence marks the fold done."""
+    write_text(path, json.dumps(info, indent=1, sort_keys=True) + "\n")
 
 
 def setup_threads(threads: int) -> None:
