@@ -142,3 +142,17 @@ def test_tiny_end_to_end_run(tmp_path):
     mtime = (work / "models" / "recipe" / "fold0" / "model.pt").stat().st_mtime
     quality.main([*argv, "--report"])  # scoring again reuses the cache
     assert (work / "models" / "recipe" / "fold0" / "model.pt").stat().st_mtime == mtime
+
+
+def test_auc_matches_scikit_learn_with_ties_and_quartiles_split_tumor_slices():
+    from sklearn.metrics import roc_auc_score
+
+    from bench.quality_score import _auc, area_quartiles
+
+    rng = np.random.default_rng(0)
+    labels = rng.random(60) < 0.4
+    scores = rng.integers(0, 5, 60).astype(float)  # many ties, as mask areas have
+    assert _auc(labels, scores) == pytest.approx(roc_auc_score(labels, scores))
+    assert np.isnan(_auc(np.zeros(4, bool), np.arange(4.0)))
+    quartile = area_quartiles(np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 0]))
+    assert list(quartile) == [0, 1, 1, 2, 2, 3, 3, 4, 4, 0]
