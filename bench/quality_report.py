@@ -142,7 +142,8 @@ def write_report(bench, score) -> Path:
             if name != base and base in set(slices["detector"]):
                 ref = slices[slices["detector"] == base].sort_values("id").reset_index(drop=True)
                 diffs[name] = score.pooled_difference(group, ref, min(args.n_boot, 2000))
-        ks = slices.dropna(subset=["min_pixels"]).groupby("detector")["min_pixels"].unique()
+        chosen = slices.dropna(subset=["min_pixels"]).groupby(["detector", "fold"])
+        ks = chosen["min_pixels"].first().groupby(level=0).agg(list)
         lines += [
             "## Tumor / no-tumor detectors",
             "",
