@@ -7,7 +7,7 @@ CORES ?= 2
 SHELL := /bin/bash
 DEMO := results/demo
 
-.PHONY: venv lock demo test lint format bench figures clean-demo
+.PHONY: venv lock demo test lint format bench quality figures clean-demo
 
 # requirements.lock: every package's exact version and hashes (make lock). uv installs it
 # (INSTALLER=pip: plain pip, `pip install --require-hashes --no-deps -r requirements.lock`).
@@ -54,6 +54,15 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_benchmark.py --output results/bench/benchmark.md --scaling 10 20 40
+
+# Quality benchmark: patient-level CV over kaggle-40, equal CPU seconds per variant, paired
+# bootstrap CIs (docs/evaluation.md). QUALITY_ARGS e.g. "--only recipe plain" or "--report".
+QUALITY_DATA ?= ../shared/data/kaggle-40
+QUALITY_ARGS ?=
+quality: $(STAMP)
+	nice -n 10 $(BIN)/python bench/quality.py --data $(QUALITY_DATA) --work results/quality \
+		--size 64 --folds 3 --budget 100 --threads 1 $(QUALITY_ARGS)
+
 
 # The README's picture, layout and result tables (and docs/performance.md's throughput table),
 # from the runs' report/metrics.json and benchmark files; rows it cannot redo are marked stale.

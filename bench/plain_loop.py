@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,44 @@ def budget_from(files: list[Path], clock: str) -> float:
     return total
 
 
+def train_plain_loop(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    encoder: str,
+    seconds: float,
+    clock: Callable[[], float],
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    seed: int = 42,
+) -> tuple[torch.nn.Module, dict[str, float | int]]:
+    """The plain loop: a U-Net from scratch on images ``x`` (N, 3, S, S) in [0, 1] and masks
+    ``y`` (N, 1, S, S), Adam at a constant ``lr``, soft Dice, random horizontal flips, shuffled
+    batches, until ``seconds`` of ``clock`` are spent (checked before every batch)."""
+    import segmentation_models_pytorch as smp
+
+    torch.manual_seed(seed)
+    model = smp.Unet(encoder, encoder_weights=None, in_channels=3, classes=1)
+    loss_fn = smp.losses.DiceLoss("binary", from_logits=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    start, steps, epochs = clock(), 0, 0
+    while clock() - start < seconds:
+        model.train()
+        for batch in torch.randperm(len(x)).split(batch_size):
+            if len(batch) < 2 or clock() - start >= seconds:
+                continue
+            images, masks = x[batch], y[batch]
+            if torch.rand(1) < 0.5:
+                images, masks = images.flip(3), masks.flip(3)
+            optimizer.zero_grad()
+            loss = loss_fn(model(images), masks)
+            loss.backward()
+            optimizer.step()
+            steps += 1
+        epochs += 1
+    info = {"seconds": round(clock() - start, 1), "epochs_started": epochs, "steps": steps}
+    return model.eval(), info
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--run", required=True, type=Path, help="a run's results folder")
@@ -78,14 +117,11 @@ def main() -> None:
     parser.add_argument("--output", required=True, type=Path)
     args = parser.parse_args()
     log = setup_logging()
-    import segmentation_models_pytorch as smp
-
     seconds = args.seconds
     if seconds is None:
         seconds = budget_from(args.budget_from, args.clock)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
-    torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     data = args.run / "data"
     table = load_table(data / "manifest.csv", args.run / "splits" / "splits.csv")
@@ -94,25 +130,9 @@ def main() -> None:
     y = torch.nn.functional.interpolate(
         torch.from_numpy(gather(data, train, "masks")).float()[:, None], size=args.size
     )
-    model = smp.Unet(args.encoder, encoder_weights=None, in_channels=3, classes=1)
-    loss_fn = smp.losses.DiceLoss("binary", from_logits=True)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    start, steps, epochs = clock(), 0, 0
-    while clock() - start < seconds:
-        model.train()
-        for batch in torch.randperm(len(x)).split(args.batch_size):
-            if len(batch) < 2 or clock() - start >= seconds:
-                continue
-            images, masks = x[batch], y[batch]
-            if torch.rand(1) < 0.5:
-                images, masks = images.flip(3), masks.flip(3)
-            optimizer.zero_grad()
-            loss = loss_fn(model(images), masks)
-            loss.backward()
-            optimizer.step()
-            steps += 1
-        epochs += 1
-    trained = clock() - start
+    model, trained = train_plain_loop(
+        x, y, args.encoder, seconds, clock, args.batch_size, args.lr, args.seed
+    )
     model.eval()
     with torch.no_grad():
         logits = torch.cat([model(b) for b in as_tensor(gather(data, test), args.size).split(32)])
@@ -129,9 +149,9 @@ def main() -> None:
         "test_slices": len(test),
         "clock": args.clock,
         "budget_seconds": round(seconds, 1),
-        "seconds_training": round(trained, 1),
-        "epochs_started": epochs,
-        "steps": steps,
+        "seconds_training": trained["seconds"],
+        "epochs_started": trained["epochs_started"],
+        "steps": trained["steps"],
         "size": args.size,
         "encoder": args.encoder,
         "dice_tumor_slices": float(dice[tumor].mean()),

@@ -1,0 +1,158 @@
+"""The quality benchmark (bench/quality.py): its patient-level plan, its training budget, its
+variants file, and a tiny end-to-end run on a generated archive."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from bench import quality, quality_cv
+from brainmri.data.synthetic import write_lgg_archive
+from brainmri.errors import InputError
+
+
+def slice_rows(patients: int, slices: int = 5) -> pd.DataFrame:
+    rows = []
+    for p in range(patients):
+        for s in range(slices):
+            rows.append(
+                {
+                    "patient": f"TCGA_{'AB'[p % 2]}_{p:04d}",
+                    "institution": "AB"[p % 2],
+                    "id": f"{p}_{s}",
+                    "slice_index": s,
+                    "has_tumor": int(s in (1, 2)),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("folds", [2, 4])
+def test_every_patient_is_scored_once_by_a_model_that_never_saw_it(folds):
+    rows = slice_rows(12)
+    plan = quality_cv.cv_plan(rows, folds, 0.2, seed=3)
+    tested = [p for fold in plan for p in fold.test]
+    assert sorted(tested) == sorted(rows["patient"].unique())  # each patient once
+    for fold in plan:
+        train, val, test = set(fold.train), set(fold.val), set(fold.test)
+        assert val and train and test
+        # the model trains on train, its checkpoint is chosen on val: neither is scored
+        assert not (train & test) and not (val & test) and not (train & val)
+        assert train | val | test == set(rows["patient"])
+    assert quality_cv.cv_plan(rows, folds, 0.2, seed=3) == plan  # reproducible
+    table = quality_cv.plan_table(plan)
+    assert (table[table["role"] == "test"].groupby("patient").size() == 1).all()
+
+
+def test_plan_refuses_more_folds_than_patients():
+    with pytest.raises(InputError, match="--folds 13"):
+        quality_cv.cv_plan(slice_rows(12), 13, 0.2, seed=0)
+
+
+def test_budget_stops_before_an_epoch_that_would_overrun():
+    now = [0.0]
+    started = []
+
+    def batches(epoch):
+        started.append(epoch)
+        return iter(())
+
+    train_batches = quality_cv.budgeted(batches, lambda: now[0], budget=24.0)
+    for epoch, cost in enumerate([10.0, 10.0]):
+        train_batches(epoch)
+        now[0] += cost
+    # 20 spent, 4 left: less than half of the last epoch (10): no third epoch
+    with pytest.raises(quality_cv.BudgetSpent):
+        train_batches(2)
+    assert started == [0, 1]
+    generous = quality_cv.budgeted(batches, lambda: now[0], budget=1e9)
+    generous(0)  # the first epoch always runs
+
+
+def test_flair_only_replaces_pre_and_post_contrast():
+    images = np.arange(2 * 2 * 2 * 3, dtype=np.uint8).reshape(2, 2, 2, 3)
+    out = quality_cv.flair_only(images)
+    assert (out[..., 0] == images[..., 1]).all() and (out[..., 2] == images[..., 1]).all()
+    assert (out[..., 1] == images[..., 1]).all() and not (out == images).all()
+
+
+def write_variants(path: Path, variants: dict, reference: str = "recipe") -> Path:
+    path.write_text(yaml.safe_dump({"reference": reference, "variants": variants}))
+    return path
+
+
+def test_variants_file_errors_name_the_file_and_the_problem(tmp_path):
+    bad = write_variants(tmp_path / "v.yaml", {"recipe": {"lossy": 1}})
+    with pytest.raises(InputError, match=r"v\.yaml: variant recipe: unknown key\(s\) \['lossy'\]"):
+        quality.load_variants(bad)
+    bad = write_variants(tmp_path / "v.yaml", {"recipe": {}, "x": {"models_from": "nope"}})
+    with pytest.raises(InputError, match="models_from 'nope' is no variant"):
+        quality.load_variants(bad)
+    bad = write_variants(
+        tmp_path / "v.yaml", {"recipe": {}, "x": {"models_from": "recipe", "lr": 1}}
+    )
+    with pytest.raises(InputError, match=r"with models_from only .* may change, not \['lr'\]"):
+        quality.load_variants(bad)
+    with pytest.raises(InputError, match="reference 'other' is not a variant"):
+        quality.load_variants(write_variants(tmp_path / "v.yaml", {"recipe": {}}, "other"))
+
+
+def test_the_shipped_variants_file_is_valid():
+    spec, variants = quality.load_variants(quality.REPO / "bench" / "quality_variants.yaml")
+    assert spec["reference"] in variants and "plain" in variants
+
+
+@pytest.mark.slow
+def test_tiny_end_to_end_run(tmp_path):
+    """Generated archive, 6 patients, 32 px, 2 folds, a budget of a second: every variant is
+    scored on every patient (both conditions), and the tables and CSVs are written."""
+    source = tmp_path / "data"
+    write_lgg_archive(source / "lgg-mri-segmentation.zip", 6, 6, seed=2)
+    variants = write_variants(
+        tmp_path / "v.yaml",
+        {
+            "recipe": {"epochs": 1, "batch_size": 8, "tta": False},
+            "plain": {"kind": "plain", "batch_size": 8},
+            "no_post": {"models_from": "recipe", "postprocess": {"min_component_voxels": 0}},
+        },
+    )
+    work = tmp_path / "work"
+    argv = ["--data", str(source), "--work", str(work), "--variants", str(variants),
+            "--size", "32", "--folds", "2", "--inner-val", "0.34", "--budget", "1",
+            "--threads", "1", "--n-boot", "50"]  # fmt: skip
+    quality.main(argv)
+    patients = pd.read_csv(work / "patients.csv", keep_default_na=False)
+    assert set(patients["variant"]) == {"recipe", "plain", "no_post"}
+    for (_, condition), group in patients.groupby(["variant", "condition"]):
+        assert condition in ("original", "flair_only") and group["patient"].nunique() == 6
+    plan = pd.read_csv(work / "plan.csv")
+    for _, row in patients[patients["condition"] == "original"].iterrows():
+        own = plan[(plan["patient"] == row["patient"]) & (plan["fold"] == row["fold"])]
+        assert list(own["role"]) == ["test"]  # scored by the fold that held it out
+    report = (work / "quality.md").read_text()
+    assert "| plain |" in report and "variant - recipe (original)" in report
+    assert "seg:recipe" in report
+    detectors = pd.read_csv(work / "detectors.csv")
+    assert set(detectors["detector"]) == {"seg:recipe", "seg:plain", "seg:no_post"}
+    assert not (work / "models" / "no_post").exists()  # inference-only: no training
+    mtime = (work / "models" / "recipe" / "fold0" / "model.pt").stat().st_mtime
+    quality.main([*argv, "--report"])  # scoring again reuses the cache
+    assert (work / "models" / "recipe" / "fold0" / "model.pt").stat().st_mtime == mtime
+
+
+def test_auc_matches_scikit_learn_with_ties_and_quartiles_split_tumor_slices():
+    from sklearn.metrics import roc_auc_score
+
+    from bench.quality_score import _auc, area_quartiles
+
+    rng = np.random.default_rng(0)
+    labels = rng.random(60) < 0.4
+    scores = rng.integers(0, 5, 60).astype(float)  # many ties, as mask areas have
+    assert _auc(labels, scores) == pytest.approx(roc_auc_score(labels, scores))
+    assert np.isnan(_auc(np.zeros(4, bool), np.arange(4.0)))
+    quartile = area_quartiles(np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 0]))
+    assert list(quartile) == [0, 1, 1, 2, 2, 3, 3, 4, 4, 0]
