@@ -85,13 +85,24 @@ def vote(
 
 
 def ensemble_predictions(
-    frames: dict[str, pd.DataFrame], method: str, threshold: float
+    frames: dict[str, pd.DataFrame],
+    method: str,
+    threshold: float,
+    voter_areas: np.ndarray | None = None,
+    min_pixels: int | None = None,
+    smooth_window: int = 1,
+    order: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[pd.DataFrame, int]:
     """Vote of the models' prediction tables (``{file name: frame}``): the table and the ties.
 
     Every table must hold the same ids in the same order with the same labels; the result has
-    a backbone's columns (``prob_tumor`` = the mean probability) plus ``votes``.
+    a backbone's columns (``prob_tumor`` = the mean probability) plus ``votes``, decided by
+    :func:`brainmri.evaluation.decision.ensemble_decision` (with ``min_pixels``, the
+    segmentation voter on ``voter_areas``, and its decision as a ``segmentation_voter``
+    column; with ``order`` (patient, slice number per row), smoothing along the slice order).
     """
+    from brainmri.evaluation.decision import EnsembleRule, ensemble_decision
+
     if not frames:
         raise ValueError("no predictions to ensemble")
     (first_name, reference), *others = frames.items()
@@ -106,13 +117,17 @@ def ensemble_predictions(
             )
         if not (frame["label"].to_numpy() == reference["label"].to_numpy()).all():
             raise InputError(f"{name}: its labels differ from those of {first_name}")
-    preds = np.stack([frame["pred"].to_numpy() for frame in frames.values()])
     probs = np.stack([frame["prob_tumor"].to_numpy() for frame in frames.values()])
-    pred, mean_prob, votes = vote(preds, probs, method, threshold)
-    ties = int((2 * votes == len(frames)).sum()) if method == "majority" else 0
+    preds = np.stack([frame["pred"].to_numpy() for frame in frames.values()])
+    rule = EnsembleRule(method, threshold, min_pixels, smooth_window)
+    decision = ensemble_decision(rule, probs, voter_areas, order, preds)
+    voters = len(frames) + (min_pixels is not None)
+    ties = int((2 * decision.votes == voters).sum()) if method == "majority" else 0
     result = reference[["id", "patient", "label"]].assign(
-        prob_tumor=np.round(mean_prob, 6), pred=pred, votes=votes
+        prob_tumor=np.round(decision.probability, 6), pred=decision.pred, votes=decision.votes
     )
+    if decision.segmentation_voter is not None:
+        result["segmentation_voter"] = decision.segmentation_voter
     return result.reset_index(drop=True), ties
 
 
