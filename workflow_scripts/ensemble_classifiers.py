@@ -18,8 +18,8 @@ from pathlib import Path
 import pandas as pd
 
 from brainmri.errors import InputError
-from brainmri.evaluation.classification import ensemble_predictions, read_predictions
-from brainmri.evaluation.decision import read_voter_choice
+from brainmri.evaluation.classification import read_predictions
+from brainmri.evaluation.decision import ensemble_predictions, read_voter_choice
 from brainmri.io import run_cli, setup_logging, write_csv
 
 

@@ -84,53 +84,6 @@ def vote(
     return pred.astype(int), mean_prob, votes
 
 
-def ensemble_predictions(
-    frames: dict[str, pd.DataFrame],
-    method: str,
-    threshold: float,
-    voter_areas: np.ndarray | None = None,
-    min_pixels: int | None = None,
-    smooth_window: int = 1,
-    order: tuple[np.ndarray, np.ndarray] | None = None,
-) -> tuple[pd.DataFrame, int]:
-    """Vote of the models' prediction tables (``{file name: frame}``): the table and the ties.
-
-    Every table must hold the same ids in the same order with the same labels; the result has
-    a backbone's columns (``prob_tumor`` = the mean probability) plus ``votes``, decided by
-    :func:`brainmri.evaluation.decision.ensemble_decision` (with ``min_pixels``, the
-    segmentation voter on ``voter_areas``, and its decision as a ``segmentation_voter``
-    column; with ``order`` (patient, slice number per row), smoothing along the slice order).
-    """
-    from brainmri.evaluation.decision import EnsembleRule, ensemble_decision
-
-    if not frames:
-        raise ValueError("no predictions to ensemble")
-    (first_name, reference), *others = frames.items()
-    for name, frame in others:
-        if (
-            len(frame) != len(reference)
-            or not (frame["id"].to_numpy() == reference["id"].to_numpy()).all()
-        ):
-            raise InputError(
-                f"{name}: its ids differ from those of {first_name} "
-                "(every model must predict the same test rows in the same order)"
-            )
-        if not (frame["label"].to_numpy() == reference["label"].to_numpy()).all():
-            raise InputError(f"{name}: its labels differ from those of {first_name}")
-    probs = np.stack([frame["prob_tumor"].to_numpy() for frame in frames.values()])
-    preds = np.stack([frame["pred"].to_numpy() for frame in frames.values()])
-    rule = EnsembleRule(method, threshold, min_pixels, smooth_window)
-    decision = ensemble_decision(rule, probs, voter_areas, order, preds)
-    voters = len(frames) + (min_pixels is not None)
-    ties = int((2 * decision.votes == voters).sum()) if method == "majority" else 0
-    result = reference[["id", "patient", "label"]].assign(
-        prob_tumor=np.round(decision.probability, 6), pred=decision.pred, votes=decision.votes
-    )
-    if decision.segmentation_voter is not None:
-        result["segmentation_voter"] = decision.segmentation_voter
-    return result.reset_index(drop=True), ties
-
-
 def classification_metrics(
     labels: np.ndarray, preds: np.ndarray, probs: np.ndarray
 ) -> dict[str, Any]:
