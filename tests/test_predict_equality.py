@@ -37,7 +37,11 @@ PAPER = {
 @pytest.fixture(scope="module")
 def paper_run(workflow_run, tmp_path_factory):
     """The tiny run's models, evaluated again with the paper's evaluation recipe."""
-    results = tmp_path_factory.mktemp("paper") / "results"
+    return evaluate_as_paper(workflow_run, tmp_path_factory.mktemp("paper") / "results")
+
+
+def evaluate_as_paper(workflow_run: Path, results: Path) -> Path:
+    """A copy of ``workflow_run`` whose evaluation is redone with the paper's recipe."""
     shutil.copytree(workflow_run, results, symlinks=True)
     extra = results.parent / "paper.yaml"
     extra.write_text(json.dumps({"results_dir": str(results), **PAPER}))
@@ -173,6 +177,10 @@ def test_predictions_are_the_evaluated_ensemble_and_cascade(
     recipe, workflow_run, request, tmp_path
 ):
     results = workflow_run if recipe == "default" else request.getfixturevalue("paper_run")
+    check_predictions_equal_evaluation(results, recipe, tmp_path)
+
+
+def check_predictions_equal_evaluation(results: Path, recipe: str, tmp_path: Path) -> None:
     config = run_config(results)
     voter = config["classification"]["segmentation_voter"]["enabled"]
     assert voter == (recipe == "default")

@@ -27,7 +27,7 @@ class FakeModels:
 
     tta = False
     rule = EnsembleRule("majority", 0.5)
-    voters = ["a", "b", "c"]
+    voters = ("a", "b", "c")
 
     def place(self, images):
         return None

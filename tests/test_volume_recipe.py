@@ -17,8 +17,8 @@ from test_volume import SHAPE, affine_of, three_files
 from brainmri.evaluation.decision import Decision, EnsembleRule
 from brainmri.evaluation.masks import binarize, mean_probabilities, quantize
 from brainmri.evaluation.postprocess import PostProcess, clean_patients
-from brainmri.inference.segment import probabilities_of, segment_and_count
 from brainmri.inference.ensemble import EnsembleModels
+from brainmri.inference.segment import probabilities_of, segment_and_count
 from brainmri.inference.volume import predict_volume, predict_volumes, slice_rows
 from brainmri.inference.volume_io import read_input, read_kaggle_folder
 
@@ -112,7 +112,7 @@ class HandMade:
 
     tta = False
     rule = EnsembleRule("majority", 0.5)
-    voters = ["hand"]
+    voters = ("hand",)
 
     def __init__(self, stored, no_tumor=()):
         self.stored, self.no_tumor = stored, list(no_tumor)
