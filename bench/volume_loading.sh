@@ -5,7 +5,7 @@
 # real sample (Kaggle layout), and prints CPU seconds (user + sys) and wall seconds of each.
 # The cost per extra patient is (t_N - t_1) / (N - 1); what is left of t_1 is the fixed cost
 # (start-up and loading the models once). Usage (from the repository root):
-#   bench/volume_loading.sh RUN_DIR BEFORE_REPO [ARCH] [N]
+#   [TTA=1] [SAMPLE=lgg-mri-segmentation.zip] bench/volume_loading.sh RUN_DIR BEFORE_REPO [ARCH] [N]
 # e.g. bench/volume_loading.sh /tmp/predict-demo /work/main unet 10
 set -euo pipefail
 run=$1 before=$2 arch=${3:-unet} n=${4:-10}
@@ -17,7 +17,7 @@ unzip -q "$sample" 'kaggle_3m/TCGA_*' -d "$work"
 mapfile -t patients < <(find "$work/kaggle_3m" -mindepth 1 -maxdepth 1 -type d | sort | head -n "$n")
 models=(--classifiers "$run"/classification/*/model.pt
   --segmenters "$run/segmentation/$arch"/fold*/model.pt
-  --method majority --classifier-threshold 0.5 --segmentation-threshold 0.5 --tta)
+  --method majority --classifier-threshold 0.5 --segmentation-threshold 0.5 ${TTA:+--tta})
 printf 'code\tpatients\tslices\tcpu_s\twall_s\n'
 for side in before after; do
   repo=$before

@@ -15,8 +15,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import TINY_CONFIG, run_script, snakemake
+import yaml
+from helpers import REPO, TINY_CONFIG, run_script, snakemake
 from PIL import Image
+from snakemake.utils import validate
 
 from brainmri.evaluation.decision import gate
 from brainmri.evaluation.masks import binarize
@@ -55,13 +57,26 @@ def evaluate_as_paper(workflow_run: Path, results: Path) -> Path:
     return results
 
 
+def merged(base: dict, extra: dict) -> dict:
+    """``extra`` on top of ``base``, nested mappings merged (as Snakemake merges configs)."""
+    out = dict(base)
+    for key, value in extra.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merged(out[key], value) if both else value
+    return out
+
+
 def run_config(results: Path) -> dict:
-    """The run's own config, merged as its jobs saw it."""
-    config = json.loads((results / "report" / "metrics.json").read_text())["config"]
-    extra = results.parent / "paper.yaml"
-    if extra.is_file():  # the paper recipe's evaluation settings on top
-        for section, values in PAPER.items():
-            config[section] = {**config[section], **values}
+    """The tiny run's config as its jobs saw it: config/config.yaml (the Snakefile's
+    configfile), tests/config/tiny.yaml on top, the schema's defaults; for the paper run, its
+    evaluation settings on top of that."""
+    config = merged(
+        yaml.safe_load((REPO / "config" / "config.yaml").read_text()),
+        yaml.safe_load(TINY_CONFIG.read_text()),
+    )
+    if (results.parent / "paper.yaml").is_file():
+        config = merged(config, PAPER)
+    validate(config, str(REPO / "config" / "schema.yaml"), set_default=True)
     return config
 
 
