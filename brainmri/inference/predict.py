@@ -226,7 +226,7 @@ def predict_folder(
     models = EnsembleModels(classifiers, segmenters, rule, device, tta)
     log.info("Voters: %s", ", ".join(models.voters))
     names = output_names([p.file for p in prepared])
-    truths = {p.file: read_truth(input_dir / p.file) for p in prepared}
+    truths = {p.file: _truth(input_dir / p.file) for p in prepared}
     with atomic_path(masks_dir) as tmp_masks, atomic_path(overlays_dir) as tmp_overlays:
         tmp_masks.mkdir()
         tmp_overlays.mkdir()
@@ -248,6 +248,15 @@ def predict_folder(
     if failures_csv is not None:
         write_csv(failures_csv, pd.DataFrame(failures, columns=FAILURE_COLUMNS))
     return failures
+
+
+def _truth(path: Path) -> np.ndarray | None:
+    """The _mask beside ``path``; an unreadable one is logged and gives no Dice."""
+    try:
+        return read_truth(path)
+    except InputError as error:
+        log.warning("No Dice for %s: %s", path, error)
+        return None
 
 
 def _predict(
