@@ -114,7 +114,8 @@ def evaluated(results: Path, config: dict):
     per_slice = pd.read_csv(results / "cascade/per_slice.csv").set_index("id").loc[seg_rows["id"]]
     np.testing.assert_array_equal(per_slice["gate"], ensemble["pred"])
     np.testing.assert_array_equal(per_slice["cascade_pred_area"], cascade.sum(axis=(1, 2)))
-    return seg_rows, ensemble, cascade
+    np.testing.assert_array_equal(per_slice["segmentation_pred_area"], masks.sum(axis=(1, 2)))
+    return seg_rows, ensemble.assign(area=per_slice["segmentation_pred_area"]), cascade
 
 
 def upsample(masks: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -128,7 +129,11 @@ def upsample(masks: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     )
 
 
-def check_equal(name, decision, votes, probability, masks, ensemble, cascade):
+def check_equal(name, table, masks, ensemble, cascade):
+    """Decisions, votes, probabilities, the cleaned (ungated) segmentation's pixels at the
+    array size (what the voter counts) and the cascade's masks of one command."""
+    decision, votes, probability = table["decision"], table["votes"], table["tumor_probability"]
+    np.testing.assert_array_equal(table["segmentation_area_px"], ensemble["area"], err_msg=name)
     assert (np.asarray(decision) == np.where(ensemble["pred"] == 1, "tumor", "no_tumor")).all(), (
         name
     )
@@ -200,18 +205,12 @@ def check_predictions_equal_evaluation(results: Path, recipe: str, tmp_path: Pat
     voter = config["classification"]["segmentation_voter"]["enabled"]
     assert voter == (recipe == "default")
     rows, ensemble, cascade = evaluated(results, config)
-    assert ensemble["pred"].nunique() == 2 and cascade.sum() > 0  # a test that can fail
+    # Something to compare (the tiny run's 2-epoch models may call every test slice no_tumor,
+    # so that the cascade's masks are empty; the segmentation's are not).
+    assert ensemble["area"].sum() > 0
 
     table, masks = predict_images(results, config, rows, tmp_path)
-    check_equal(
-        "predict",
-        table["decision"],
-        table["votes"],
-        table["tumor_probability"],
-        masks,
-        ensemble,
-        cascade,
-    )
+    check_equal("predict", table, masks, ensemble, cascade)
     voters = table["voters"].iloc[0].split(";")
     assert len(voters) == len(config["classification"]["backbones"]) + voter
     assert voter == voters[-1].startswith("segmentation_voter(k=")
@@ -229,13 +228,5 @@ def check_predictions_equal_evaluation(results: Path, recipe: str, tmp_path: Pat
 
     slices, masks, volumes = predict_patients(results, config, rows, tmp_path)
     # The raw slices are larger than the arrays: the mask goes back with nearest neighbours.
-    check_equal(
-        "predict_volume",
-        slices["decision"],
-        slices["votes"],
-        slices["tumor_probability"],
-        masks,
-        ensemble,
-        upsample(cascade, masks.shape[1:]),
-    )
+    check_equal("predict_volume", slices, masks, ensemble, upsample(cascade, masks.shape[1:]))
     assert (volumes["voters"] == table["voters"].iloc[0]).all()

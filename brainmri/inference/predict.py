@@ -60,6 +60,7 @@ CSV_COLUMNS = [
     "votes",
     "voters",
     "segmentation_voter",
+    "segmentation_area_px",
     "tumor_area_px",
     "dice",
     "mask",
@@ -244,7 +245,8 @@ def predict_folder(
     table = [row | {"mask": names[row["file"]], "training_data": label} for *_, row in results]
     table += [{"file": name, "error": reason, "training_data": label} for name, reason in failures]
     frame = pd.DataFrame(table, columns=CSV_COLUMNS)
-    write_csv(output, frame.astype({"votes": "Int64", "tumor_area_px": "Int64"}))
+    integers = ("votes", "segmentation_area_px", "tumor_area_px")
+    write_csv(output, frame.astype(dict.fromkeys(integers, "Int64")))
     if failures_csv is not None:
         write_csv(failures_csv, pd.DataFrame(failures, columns=FAILURE_COLUMNS))
     return failures
@@ -305,6 +307,7 @@ def _predict(
             "votes": int(decision.votes[i]),
             "voters": voters,
             "segmentation_voter": "" if voter is None else ("tumor" if voter[i] else "no_tumor"),
+            "segmentation_area_px": int(areas[i]),
             "tumor_area_px": int(mask.sum()),
             "dice": dice,
             "error": "",
