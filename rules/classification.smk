@@ -59,13 +59,13 @@ rule train_classifier:
 
 
 rule ensemble_classifiers:
-    """Majority vote (or soft vote) of the backbones' (and the segmentation voter's) test predictions."""
+    """Majority vote (or soft vote) of the backbones and the segmentation voter (brainmri/evaluation/decision.py)."""
     input:
         predictions=expand(
             results("classification/{backbone}/test_predictions.csv"),
             backbone=BACKBONES,
-        )
-        + voter_predictions(),
+        ),
+        voter=voter_files(),
         manifest=results("data/manifest.csv"),
     output:
         results("classification/ensemble/test_predictions.csv"),
@@ -79,10 +79,11 @@ rule ensemble_classifiers:
         method=config["classification"]["ensemble"],
         threshold=config["classification"]["threshold"],
         smooth_window=config["classification"]["smooth_window"],
+        voter=lambda wildcards, input: voter_arguments(input.voter),
     shell:
         "$PYTHON $SCRIPTS/ensemble_classifiers.py --method {params.method}"
         " --threshold {params.threshold} --predictions {input.predictions}"
-        " --manifest {input.manifest}"
+        " {params.voter} --manifest {input.manifest}"
         " --smooth-window {params.smooth_window} --output {output} > {log} 2>&1"
 
 

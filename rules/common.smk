@@ -105,11 +105,62 @@ VOTER_ARCH = config["cascade"]["architecture"]
 FINAL_MODEL = config["segmentation"]["final_model"]
 
 
-def voter_predictions() -> list[str]:
-    """The segmentation voter's table, when classification.segmentation_voter.enabled."""
+def voter_files() -> list[str]:
+    """The segmentation voter's table and choice of k, when
+    classification.segmentation_voter.enabled (else none)."""
     if not config["classification"]["segmentation_voter"]["enabled"]:
         return []
-    return [results("classification/segvoter/test_predictions.csv")]
+    return [
+        results("classification/segvoter/test_predictions.csv"),
+        results("classification/segvoter/min_pixels.json"),
+    ]
+
+
+def voter_arguments(files) -> str:
+    """ensemble_classifiers.py's voter options for :func:`voter_files`' files."""
+    files = list(files)
+    if not files:
+        return ""
+    table, choice = files
+    return f"--voter-table {shlex.quote(table)} --voter-choice {shlex.quote(choice)}"
+
+
+def voter_choice() -> list[str]:
+    """min_pixels.json (the run's k) for the prediction rules, when the voter is on."""
+    return voter_files()[1:]
+
+
+def prediction_models() -> dict[str, list[str]]:
+    """The models and run files the prediction rules read (predict, predict_volume): the
+    configured backbones, cascade.architecture's fold models and, with the segmentation voter,
+    its min_pixels.json (the run's k): exactly the evaluated ensemble."""
+    return {
+        "classifiers": expand(
+            results("classification/{backbone}/model.pt"), backbone=BACKBONES
+        ),
+        "segmenters": expand(
+            results(f"segmentation/{VOTER_ARCH}/fold{{fold}}/model.pt"), fold=FOLDS
+        ),
+        "voter": voter_choice(),
+    }
+
+
+def prediction_arguments(input) -> str:
+    """The decision options of predict.py and predict_volume.py: the run's ensemble."""
+    classification = config["classification"]
+    segmentation = config["segmentation"]
+    voter = list(input.voter)
+    return " ".join(
+        [
+            f"--method {classification['ensemble']}",
+            f"--classifier-threshold {classification['threshold']}",
+            f"--segmentation-threshold {segmentation['threshold']}",
+            *([f"--segmentation-voter {shlex.quote(voter[0])}"] if voter else []),
+            f"--smooth-window {classification['smooth_window']}",
+            *(["--tta"] if segmentation["tta"] else []),
+            "--postprocess " + shlex.quote(as_json(segmentation["postprocess"])),
+        ]
+    )
 
 
 def results(path: str) -> str:

@@ -139,18 +139,10 @@ rule report:
 
 
 rule predict_new_images:
-    """Tumor probability, ensemble decision, mask and overlay for every image of a folder."""
+    """Tumor probability, the evaluated ensemble's decision, mask and overlay for every image of a folder."""
     input:
+        **prediction_models(),
         images=predict_input_dir,
-        classifiers=expand(
-            results("classification/{backbone}/model.pt"), backbone=BACKBONES
-        ),
-        segmenters=expand(
-            results(
-                f"segmentation/{config['cascade']['architecture']}/fold{{fold}}/model.pt"
-            ),
-            fold=FOLDS,
-        ),
     output:
         csv=results("predict/predictions.csv"),
         masks=directory(results("predict/masks")),
@@ -168,16 +160,13 @@ rule predict_new_images:
         mem_mb=8000,
         runtime=60,
     params:
-        method=config["classification"]["ensemble"],
-        classifier_threshold=config["classification"]["threshold"],
-        segmentation_threshold=config["segmentation"]["threshold"],
         data_source=config["data"]["source"],
-        tta="--tta" if config["segmentation"]["tta"] else "",
+        decision=lambda wildcards, input: prediction_arguments(input),
+        series="--series" if config["predict"]["series"] else "",
     shell:
         "$PYTHON $SCRIPTS/predict.py --input-dir {input.images:q}"
         " --classifiers {input.classifiers} --segmenters {input.segmenters}"
-        " --method {params.method} --classifier-threshold {params.classifier_threshold}"
-        " --segmentation-threshold {params.segmentation_threshold} {params.tta}"
+        " {params.decision} {params.series}"
         " --output {output.csv} --masks-dir {output.masks} --overlays-dir {output.overlays}"
         " --failures {output.failures} --data-source {params.data_source} > {log} 2>&1"
 

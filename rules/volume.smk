@@ -6,21 +6,14 @@ localrules:
 
 
 rule predict_patient_volumes:
-    """Per-slice decisions, a 3-D mask in the input's geometry and the tumor volume per patient."""
+    """Per-slice decisions of the evaluated ensemble, a 3-D mask in the input's geometry and the tumor volume per patient; bad patients in failures.csv."""
     input:
+        **prediction_models(),
         volumes=predict_volume_inputs,
-        classifiers=expand(
-            results("classification/{backbone}/model.pt"), backbone=BACKBONES
-        ),
-        segmenters=expand(
-            results(
-                f"segmentation/{config['cascade']['architecture']}/fold{{fold}}/model.pt"
-            ),
-            fold=FOLDS,
-        ),
     output:
         csv=results("predict_volume/volumes.csv"),
         patients=directory(results("predict_volume/patients")),
+        failures=results("predict_volume/failures.csv"),
     log:
         results("logs/predict_volume.log"),
     benchmark:
@@ -33,21 +26,16 @@ rule predict_patient_volumes:
         mem_mb=8000,
         runtime=60,
     params:
-        method=config["classification"]["ensemble"],
-        classifier_threshold=config["classification"]["threshold"],
-        segmentation_threshold=config["segmentation"]["threshold"],
         axis=config["predict"]["volume_axis"],
-        tta="--tta" if config["segmentation"]["tta"] else "",
-        postprocess=as_json(config["segmentation"]["postprocess"]),
+        decision=lambda wildcards, input: prediction_arguments(input),
         limits=as_json(config["predict"]["limits"]),
         dicom_series=as_json(config["predict"]["dicom"]["series"]),
     shell:
         "$PYTHON $SCRIPTS/predict_volume.py --inputs {input.volumes:q}"
         " --classifiers {input.classifiers} --segmenters {input.segmenters}"
-        " --method {params.method} --classifier-threshold {params.classifier_threshold}"
-        " --segmentation-threshold {params.segmentation_threshold} --axis {params.axis}"
-        " {params.tta} --postprocess {params.postprocess:q}"
+        " {params.decision} --axis {params.axis}"
         " --csv {output.csv} --patients-dir {output.patients}"
+        " --failures {output.failures}"
         " --limits {params.limits:q} --dicom-series {params.dicom_series:q} > {log} 2>&1"
 
 

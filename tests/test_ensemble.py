@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 from brainmri.errors import InputError
-from brainmri.evaluation.classification import ensemble_predictions, read_predictions
+from brainmri.evaluation.classification import read_predictions
+from brainmri.evaluation.decision import ensemble_predictions
 from brainmri.evaluation.masks import mean_probabilities
 from brainmri.evaluation.summary import ensemble_row, fold_summary, select_overlay_slices, table_row
 

@@ -88,3 +88,55 @@ def test_a_checkpoint_without_its_preprocessing_is_refused(results, tmp_path):
     result = predict(root, images, tmp_path / "out", old)
     assert result.returncode == 1
     assert str(old) in result.stderr and "does not record its preprocessing" in result.stderr
+
+
+def test_outputs_mirror_relative_paths_masks_are_not_predicted_and_give_a_dice(results, tmp_path):
+    """Two scan_1.png in different folders, a .png and a .tif of one stem, and a Kaggle-style
+    <slice>_mask beside one image: no output overwrites another, the CSV names files by
+    relative path, the mask is not predicted and its image gets a Dice against it."""
+    root, _ = results
+    scans = tmp_path / "scans"
+    rng = np.random.default_rng(1)
+    names = ["a/scan_1.png", "b/scan_1.png", "c/x.png", "c/x.tif"]
+    for name in names:
+        (scans / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((rng.random((40, 40)) * 255).astype(np.uint8)).save(scans / name)
+    truth = np.zeros((40, 40), np.uint8)
+    truth[10:20, 10:20] = 255
+    Image.fromarray(truth).save(scans / "b" / "scan_1_mask.png")
+    out = tmp_path / "out"
+    result = predict(root, scans, out, root / "classification" / "resnet10t" / "model.pt")
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = pd.read_csv(out / "predictions.csv", keep_default_na=False).set_index("file")
+    assert sorted(table.index) == sorted(names)  # the _mask file is not a scan
+    assert table.loc["a/scan_1.png", "mask"] == "a/scan_1.png"
+    assert table.loc["c/x.png", "mask"] == "c/x.png.png"
+    assert table.loc["c/x.tif", "mask"] == "c/x.tif.png"
+    for name in names:
+        mask = np.asarray(Image.open(out / "masks" / table.loc[name, "mask"])) > 0
+        assert mask.sum() == table.loc[name, "tumor_area_px"]
+        assert (out / "overlays" / table.loc[name, "mask"]).is_file()
+    # Dice of the predicted mask against the _mask beside it (empty-mask rules), else empty.
+    predicted = np.asarray(Image.open(out / "masks" / "b" / "scan_1.png")) > 0
+    inter = (predicted & (truth > 0)).sum()
+    expected = 2 * inter / (predicted.sum() + (truth > 0).sum())
+    assert float(table.loc["b/scan_1.png", "dice"]) == pytest.approx(expected, abs=1e-6)
+    assert (table.drop(index="b/scan_1.png")["dice"] == "").all()
+    assert table["voters"].eq("resnet10t").all() and table["segmentation_voter"].eq("").all()
+
+
+def test_a_voter_choice_made_at_other_settings_is_refused(results, tmp_path):
+    root, images = results
+    choice = tmp_path / "min_pixels.json"
+    choice.write_text('{"min_pixels": 3, "threshold": 0.4, "postprocess": {}}')
+    out = tmp_path / "out"
+    result = run_script(
+        "predict.py",
+        *("--input-dir", images, "--classifiers", root / "classification/resnet10t/model.pt"),
+        *("--segmenters", root / "segmentation/unet/fold0/model.pt", "--method", "majority"),
+        *("--classifier-threshold", 0.5, "--segmentation-threshold", 0.5),
+        *("--segmentation-voter", choice, "--output", out / "p.csv"),
+        *("--masks-dir", out / "m", "--overlays-dir", out / "o"),
+    )
+    assert result.returncode == 1 and not out.exists()
+    assert str(choice) in result.stderr and "threshold 0.4, not 0.5" in result.stderr

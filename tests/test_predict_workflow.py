@@ -172,3 +172,34 @@ def test_report_flags_and_paper_note(workflow_run):
     html = (workflow_run / "report" / "report.html").read_text()
     assert '<h2 id="checks">Checks</h2>' in html and "Not comparable with the paper" in html
     assert "786</td>" in html and "786.000" not in html
+
+
+def test_volume_rule_keeps_the_good_patients_and_lists_the_broken_one(workflow_run, tmp_path):
+    """One unreadable patient among good ones: the predict_volume target exits 0, keeps
+    volumes.csv and the good patients' folders, and names the bad one in failures.csv."""
+    raw = workflow_run / "raw" / "lgg-mri-segmentation" / "kaggle_3m"
+    good = sorted(p for p in raw.iterdir() if p.is_dir())[:2]
+    broken = tmp_path / "TCGA_XX_0000_20000101"
+    broken.mkdir()
+    (broken / "TCGA_XX_0000_20000101_1.tif").write_bytes(b"not a tiff at all")
+    (broken / "TCGA_XX_0000_20000101_2.tif").write_bytes(b"")
+    volumes = "[" + ", ".join(str(p) for p in [good[0], broken, good[1]]) + "]"
+    result = snakemake(
+        "predict_volume",
+        *("--configfile", str(TINY_CONFIG), "--config", f"results_dir={workflow_run}"),
+        f"predict={{volumes: {volumes}}}",
+        *("--cores", "2", "--resources", "gpu=1"),
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    out = workflow_run / "predict_volume"
+    table = pd.read_csv(out / "volumes.csv", keep_default_na=False)
+    assert table["input"].tolist() == [str(good[0]), str(broken), str(good[1])]
+    assert (table["error"] == "").tolist() == [True, False, True]
+    kept = sorted(p.name for p in (out / "patients").iterdir() if not p.name.startswith("."))
+    assert kept == sorted(p.name for p in good)  # (Snakemake's .snakemake_timestamp aside)
+    failures = pd.read_csv(out / "failures.csv")
+    assert failures["input"].tolist() == [str(broken)]
+    assert "TCGA_XX_0000_20000101_" in failures["error"].iloc[0]
+    # The run's ensemble decided: its voters, the segmentation voter with the run's k.
+    k = json.loads((workflow_run / "classification/segvoter/min_pixels.json").read_text())
+    assert table["voters"].iloc[0].endswith(f"segmentation_voter(k={k['min_pixels']})")

@@ -12,6 +12,7 @@ from helpers import run_script
 from PIL import Image
 
 from brainmri.errors import InputError
+from brainmri.evaluation.decision import Decision, EnsembleRule
 from brainmri.evaluation.masks import quantize
 from brainmri.inference.volume import predict_volumes
 from brainmri.inference.volume_io import read_input, read_kaggle_folder
@@ -25,13 +26,18 @@ class FakeModels:
     """Deterministic stand-in for the ensembles: a slice is tumor where FLAIR is bright."""
 
     tta = False
+    rule = EnsembleRule("majority", 0.5)
+    voters = ("a", "b", "c")
 
-    def classify(self, images):
+    def place(self, images):
+        return None
+
+    def decide(self, images, areas, order, placed=None):
         bright = (images[..., 1] > 160).reshape(len(images), -1)
         decision = bright.any(axis=1).astype(int)
-        return decision, bright.mean(axis=1), decision * 3
+        return Decision(decision, bright.mean(axis=1), decision * 3, None, False)
 
-    def segment(self, images, rows):
+    def segment(self, images, rows, placed=None):
         flair = images[..., 1].astype(np.float32)
         return quantize(np.clip((flair - 64) / (255 - 64), 0, 1))
 
@@ -258,7 +264,10 @@ def test_cli_real_models_and_bad_patients_skipped(checkpoints, tmp_path):
     bad = [shape, moved, empty, corrupt, flat, nans]
     out = tmp_path / "out"
     result = cli(checkpoints, out, good, *bad)
-    assert result.returncode == 1, result.stderr
+    # The good patient is kept and the exit status is 0; the bad ones are in failures.csv.
+    assert result.returncode == 0, result.stderr
+    failures = pd.read_csv(out / "failures.csv")
+    assert failures["input"].tolist() == [str(path) for path in bad]
     lines = result.stderr.split("6 of 7 patient(s) skipped:\n", 1)[1].strip().splitlines()
     expected = {
         shape: "case_post.nii.gz: shape (80, 72, 19) differs",

@@ -14,10 +14,12 @@ from helpers import run_script, snakemake
 from PIL import Image
 from test_volume import SHAPE, affine_of, three_files
 
+from brainmri.evaluation.decision import Decision, EnsembleRule
 from brainmri.evaluation.masks import binarize, mean_probabilities, quantize
 from brainmri.evaluation.postprocess import PostProcess, clean_patients
+from brainmri.inference.ensemble import EnsembleModels
 from brainmri.inference.segment import probabilities_of, segment_and_count
-from brainmri.inference.volume import EnsembleModels, predict_volume, predict_volumes, slice_rows
+from brainmri.inference.volume import predict_volume, predict_volumes, slice_rows
 from brainmri.inference.volume_io import read_input, read_kaggle_folder
 
 SIZE = 64  # the models' array size; the slice folders below are 64 x 64: no resampling
@@ -75,7 +77,8 @@ def slice_folder(root, name="TCGA_CS_0003_20000101", seed=0):
 
 
 def ensemble(models, segmenters, tta):
-    return EnsembleModels([models["classifier"]], segmenters, "majority", 0.5, CPU, tta)
+    rule = EnsembleRule("majority", 0.5)
+    return EnsembleModels([models["classifier"]], segmenters, rule, CPU, tta)
 
 
 def test_volume_mask_equals_the_fold_ensemble_path_with_tta(models, tmp_path):
@@ -108,16 +111,21 @@ class HandMade:
     """Every slice called tumor; the segmentation is a fixed stored probability volume."""
 
     tta = False
+    rule = EnsembleRule("majority", 0.5)
+    voters = ("hand",)
 
     def __init__(self, stored, no_tumor=()):
         self.stored, self.no_tumor = stored, list(no_tumor)
 
-    def classify(self, images):
+    def place(self, images):
+        return None
+
+    def decide(self, images, areas, order, placed=None):
         decision = np.ones(len(images), dtype=int)
         decision[self.no_tumor] = 0
-        return decision, decision.astype(float), decision
+        return Decision(decision, decision.astype(float), decision, None, False)
 
-    def segment(self, images, rows):
+    def segment(self, images, rows, placed=None):
         assert self.stored.shape == images.shape[:3]
         return self.stored
 
@@ -173,7 +181,8 @@ def test_postprocess_drops_small_far_components_in_the_input_geometry(tmp_path):
     assert row_on["min_component_voxels"] == 28 and str(row_on["keep_largest"]) == "False"
     assert str(row_on["tta"]) == "False"
     slices = pd.read_csv(tmp_path / "on" / "patients" / "p1" / "slices.csv")
-    assert (slices["segmentation_decision"] == "tumor").tolist() == [8 <= k < 14 for k in range(20)]
+    assert (slices["segmentation_area_px"] > 0).tolist() == [8 <= k < 14 for k in range(20)]
+    assert (slices["segmentation_voter"].isna()).all()  # no voter in this ensemble
     # A cube of exactly 27 voxels stays at min_component_voxels 27 (the single voxel goes).
     kept, _ = nifti_run(tmp_path, "at27", PostProcess(min_component_voxels=27))
     assert kept[..., 2:5].any() and not kept[..., 17].any()
@@ -270,8 +279,7 @@ def test_single_image_predict_applies_tta_and_refuses_2_5d_models(models, tmp_pa
             folder,
             [models["classifier"]],
             [models["fold0"]],
-            "majority",
-            0.5,
+            EnsembleRule("majority", 0.5),
             0.5,
             out / "p.csv",
             out / "masks",
@@ -330,4 +338,4 @@ def test_rule_passes_the_recipe_from_the_config(tmp_path, segmentation, expected
     )
     lines = [ln for ln in dry.stdout.splitlines() if "predict_volume.py" in ln]
     assert len(lines) == 1, dry.stdout[-3000:] + dry.stderr[-3000:]
-    assert f"--axis axial{expected} --csv" in " ".join(lines[0].split())
+    assert f"--smooth-window 1{expected} --axis axial --csv" in " ".join(lines[0].split())

@@ -28,8 +28,8 @@ class Folds(FakeModels):
     def __init__(self, *changes):
         self.changes = changes
 
-    def segment_folds(self, images, rows):
-        base = self.segment(images, rows)
+    def segment_folds(self, images, rows, placed=None):
+        base = self.segment(images, rows, placed)
         return [base] + [change(base.copy()) for change in self.changes]
 
 

@@ -1,15 +1,24 @@
-"""Predict tumor / no tumor and a tumor mask for every image of a folder with the trained models
-given by name. Unreadable files are logged, listed in the CSV and in --failures, and skipped;
-the readable ones are still predicted and the exit status is 0, unless --strict is given.
+"""Predict tumor / no tumor and a tumor mask for every image of a folder with the run's trained
+models and ensemble, as evaluated (brainmri/evaluation/decision.py). Unreadable files are
+logged, listed in the CSV and in --failures, and skipped; the readable ones are still predicted
+and the exit status is 0, unless --strict is given.
 
-  python workflow_scripts/predict.py --input-dir my_scans \
-      --classifiers results/classification/{resnet50,inception_v3,inception_resnet_v2}/model.pt \
-      --segmenters results/segmentation/deeplabv3plus/fold*/model.pt \
-      --method majority --classifier-threshold 0.5 --segmentation-threshold 0.5 \
-      --output my_scans_predicted/predictions.csv \
+  python workflow_scripts/predict.py --input-dir my_scans \\
+      --classifiers results/classification/{resnet50,inception_v3,inception_resnet_v2}/model.pt \\
+      --segmenters results/segmentation/deeplabv3plus/fold*/model.pt \\
+      --method majority --classifier-threshold 0.5 --segmentation-threshold 0.5 \\
+      --segmentation-voter results/classification/segvoter/min_pixels.json \\
+      --output my_scans_predicted/predictions.csv \\
       --masks-dir my_scans_predicted/masks --overlays-dir my_scans_predicted/overlays
 
-(The `predict` rule passes the models of the configuration: `snakemake predict --configfile
+--segmentation-voter (the run's min_pixels.json, when classification.segmentation_voter is on)
+adds the segmentation voter with the run's k. Outputs mirror the input's relative paths;
+*_mask.* files are not predicted, and an image with its _mask beside it gets a Dice.
+--series: images named <patient>_<n>.<ext> in one folder are one patient's slices, so that
+--postprocess and --smooth-window apply per patient as in the evaluation (without it neither
+applies: the images are independent).
+
+(The `predict` rule passes the run's models and ensemble: `snakemake predict --configfile
 config/demo.yaml --config predict='{input_dir: my_scans}'`.)
 """
 
@@ -19,6 +28,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from brainmri.evaluation.decision import add_ensemble_arguments, ensemble_rule
 from brainmri.inference.predict import predict_folder
 from brainmri.io import run_cli, setup_logging
 
@@ -32,10 +42,10 @@ def main() -> None:
     parser.add_argument(
         "--segmenters", nargs="+", required=True, type=Path, help="one architecture's folds"
     )
-    parser.add_argument("--method", choices=["majority", "soft"], required=True)
-    parser.add_argument("--classifier-threshold", type=float, required=True, help="cut-off")
-    parser.add_argument("--segmentation-threshold", type=float, required=True)
-    parser.add_argument("--tta", action="store_true", help="test-time flips (segmentation.tta)")
+    add_ensemble_arguments(parser)
+    parser.add_argument(
+        "--series", action="store_true", help="<patient>_<n> images are a patient's slices"
+    )
     parser.add_argument("--output", required=True, type=Path, help="predictions CSV")
     parser.add_argument("--masks-dir", required=True, type=Path)
     parser.add_argument("--overlays-dir", required=True, type=Path)
@@ -56,8 +66,7 @@ def main() -> None:
         args.input_dir,
         args.classifiers,
         args.segmenters,
-        args.method,
-        args.classifier_threshold,
+        ensemble_rule(args),
         args.segmentation_threshold,
         args.output,
         args.masks_dir,
@@ -65,6 +74,8 @@ def main() -> None:
         args.failures or args.output.parent / "failures.csv",
         args.data_source,
         tta=args.tta,
+        post=args.postprocess,
+        series=args.series,
     )
     log.info("Predictions written to %s", args.output)
     if failures:

@@ -5,14 +5,22 @@ A patient is a Kaggle-layout folder (<patient>_<n>.tif), a folder of NIfTI files
 <...>_pre, <...>_flair, <...>_post (.nii/.nii.gz; FLAIR required, a missing one is replaced by
 FLAIR), one NIfTI with the three sequences along a 4th dimension, or a folder of DICOM files (any
 nesting; series found by SeriesDescription, --dicom-series). Every input's header is checked
-against the size caps (--limits) before its data are decoded. Bad patients are reported and
-skipped; the exit status is then 1.
+against the size caps (--limits) before its data are decoded. Bad patients are logged, listed
+in their CSV row and in --failures, and skipped; the good ones are kept and the exit status is
+0, unless --strict is given (then 1).
 
   python workflow_scripts/predict_volume.py --inputs patient1/ patient2.nii.gz \\
       --classifiers results/classification/*/model.pt \\
       --segmenters results/segmentation/unet/fold*/model.pt --method majority \\
       --classifier-threshold 0.5 --segmentation-threshold 0.5 \\
+      --segmentation-voter results/classification/segvoter/min_pixels.json --smooth-window 1 \\
       --csv out/volumes.csv --patients-dir out/patients
+
+The decision is the run's ensemble (brainmri/evaluation/decision.py), as evaluated: the
+classifiers and, with --segmentation-voter (the run's min_pixels.json, when
+classification.segmentation_voter is on), the segmentation voter with the run's k; then
+--smooth-window (classification.smooth_window) along each patient's slice order.
+The models are loaded once for all patients.
 
 Slices are resized to the preprocessing size the checkpoints record (data.array_size).
 --tta (segmentation.tta) averages each segmenter over flips; --postprocess (a JSON object of
@@ -28,36 +36,19 @@ import json
 import sys
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from brainmri.accelerator import configure_torch
 from brainmri.data.limits import Limits
 from brainmri.devices import select_device
-from brainmri.evaluation.postprocess import PostProcess
+from brainmri.evaluation.decision import add_ensemble_arguments, ensemble_rule
 from brainmri.inference.dicom_io import rules_from_settings
+from brainmri.inference.ensemble import EnsembleModels
 from brainmri.inference.predict import array_size
-from brainmri.inference.volume import EnsembleModels, predict_volumes
+from brainmri.inference.volume import predict_volumes
 from brainmri.inference.volume_io import AXES, read_input, read_nifti_files
-from brainmri.io import run_cli, setup_logging
-
-
-def postprocess_arg(text: str) -> PostProcess:
-    """--postprocess: a JSON object with only segmentation.postprocess's keys and types."""
-    try:
-        settings = json.loads(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"not JSON ({error}): {text}") from None
-    if not isinstance(settings, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, not {text}")
-    unknown = sorted(set(settings) - {"min_component_voxels", "keep_largest"})
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown key(s) {', '.join(unknown)} in {text}")
-    voxels = settings.get("min_component_voxels", 0)
-    if isinstance(voxels, bool) or not isinstance(voxels, int) or voxels < 0:
-        raise argparse.ArgumentTypeError(f"min_component_voxels must be an integer >= 0: {text}")
-    if not isinstance(settings.get("keep_largest", False), bool):
-        raise argparse.ArgumentTypeError(f"keep_largest must be true or false: {text}")
-    return PostProcess.from_settings(settings)
+from brainmri.io import run_cli, setup_logging, write_csv
 
 
 def limits_arg(text: str) -> Limits:
@@ -92,17 +83,8 @@ def main() -> None:
     parser.add_argument("--name", help="patient name for --flair (default: its folder's name)")
     parser.add_argument("--classifiers", nargs="+", type=Path, required=True)
     parser.add_argument("--segmenters", nargs="+", type=Path, required=True)
-    parser.add_argument("--method", choices=["majority", "soft"], required=True)
-    parser.add_argument("--classifier-threshold", type=float, required=True, help="cut-off")
-    parser.add_argument("--segmentation-threshold", type=float, required=True)
+    add_ensemble_arguments(parser)
     parser.add_argument("--axis", choices=sorted(AXES), default="axial")
-    parser.add_argument("--tta", action="store_true", help="test-time flips (segmentation.tta)")
-    parser.add_argument(
-        "--postprocess",
-        type=postprocess_arg,
-        default="{}",
-        help="JSON of segmentation.postprocess (per patient volume, 3-D; {} = off)",
-    )
     parser.add_argument(
         "--limits",
         type=limits_arg,
@@ -117,6 +99,12 @@ def main() -> None:
     )
     parser.add_argument("--csv", type=Path, required=True, help="one row per patient")
     parser.add_argument("--patients-dir", type=Path, required=True, help="one folder per patient")
+    parser.add_argument(
+        "--failures", type=Path, help="CSV of the patients skipped (default: beside --csv)"
+    )
+    parser.add_argument(
+        "--strict", action="store_true", help="exit with status 1 if any patient was skipped"
+    )
     args = parser.parse_args()
     if (args.pre or args.post or args.name) and not args.flair:
         parser.error("--pre, --post and --name go with --flair")
@@ -136,11 +124,11 @@ def main() -> None:
         parser.error("give --inputs and/or --flair")
     log = setup_logging()
     size = array_size([*args.classifiers, *args.segmenters])
+    rule = ensemble_rule(args)
     device = select_device(log)
     configure_torch(device, torch.get_num_threads())  # cuDNN / determinism flags as in training
-    models = EnsembleModels(
-        args.classifiers, args.segmenters, args.method, args.classifier_threshold, device, args.tta
-    )
+    models = EnsembleModels(args.classifiers, args.segmenters, rule, device, args.tta)
+    log.info("Voters: %s", ", ".join(models.voters))
     failures = predict_volumes(
         readers,
         models,
@@ -150,13 +138,19 @@ def main() -> None:
         args.csv,
         args.postprocess,
     )
+    write_csv(
+        args.failures or args.csv.parent / "failures.csv",
+        pd.DataFrame(failures, columns=["input", "error"]),
+    )
+    log.info("Volumes written to %s and %s", args.csv, args.patients_dir)
     if failures:
         print(
-            f"{len(failures)} of {len(readers)} patient(s) skipped:\n" + "\n".join(failures),
+            f"{len(failures)} of {len(readers)} patient(s) skipped:\n"
+            + "\n".join(m for _, m in failures),
             file=sys.stderr,
         )
-        sys.exit(1)
-    log.info("Volumes written to %s and %s", args.csv, args.patients_dir)
+        if args.strict:
+            sys.exit(1)
 
 
 if __name__ == "__main__":

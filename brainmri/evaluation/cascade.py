@@ -1,7 +1,8 @@
 """The classify-then-segment cascade: the classifier ensemble gates the segmentation ensemble.
 
 Every LGG test slice the classifier calls ``tumor`` gets the segmentation fold ensemble's mask;
-every other slice an empty mask. Both pipelines are scored on the whole test set (tumor and
+every other slice an empty mask (:func:`brainmri.evaluation.decision.gate`, as in ``predict`` and
+``predict_volume``). Both pipelines are scored on the whole test set (tumor and
 tumor-free slices) with the empty-mask rules of :mod:`brainmri.metrics`.
 """
 
@@ -14,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from brainmri.errors import InputError
+from brainmri.evaluation.decision import gate as gate_masks
 from brainmri.evaluation.segmentation import CASES, score_slices, volume_dice
 
 
@@ -84,7 +86,7 @@ def run_cascade(
         raise ValueError(
             f"{len(gate)} decisions, {len(seg_masks)} masks, {len(truth)} truths, {len(rows)} rows"
         )
-    cascade = seg_masks & gate[:, None, None]
+    cascade = gate_masks(seg_masks, gate)
     alone_frame, alone = evaluate_masks(seg_masks, truth, rows, threads)
     cascade_frame, gated = evaluate_masks(cascade, truth, rows, threads)
     truth_area = truth.reshape(len(truth), -1).sum(1)

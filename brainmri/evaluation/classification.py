@@ -84,38 +84,6 @@ def vote(
     return pred.astype(int), mean_prob, votes
 
 
-def ensemble_predictions(
-    frames: dict[str, pd.DataFrame], method: str, threshold: float
-) -> tuple[pd.DataFrame, int]:
-    """Vote of the models' prediction tables (``{file name: frame}``): the table and the ties.
-
-    Every table must hold the same ids in the same order with the same labels; the result has
-    a backbone's columns (``prob_tumor`` = the mean probability) plus ``votes``.
-    """
-    if not frames:
-        raise ValueError("no predictions to ensemble")
-    (first_name, reference), *others = frames.items()
-    for name, frame in others:
-        if (
-            len(frame) != len(reference)
-            or not (frame["id"].to_numpy() == reference["id"].to_numpy()).all()
-        ):
-            raise InputError(
-                f"{name}: its ids differ from those of {first_name} "
-                "(every model must predict the same test rows in the same order)"
-            )
-        if not (frame["label"].to_numpy() == reference["label"].to_numpy()).all():
-            raise InputError(f"{name}: its labels differ from those of {first_name}")
-    preds = np.stack([frame["pred"].to_numpy() for frame in frames.values()])
-    probs = np.stack([frame["prob_tumor"].to_numpy() for frame in frames.values()])
-    pred, mean_prob, votes = vote(preds, probs, method, threshold)
-    ties = int((2 * votes == len(frames)).sum()) if method == "majority" else 0
-    result = reference[["id", "patient", "label"]].assign(
-        prob_tumor=np.round(mean_prob, 6), pred=pred, votes=votes
-    )
-    return result.reset_index(drop=True), ties
-
-
 def classification_metrics(
     labels: np.ndarray, preds: np.ndarray, probs: np.ndarray
 ) -> dict[str, Any]:

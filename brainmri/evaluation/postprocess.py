@@ -8,6 +8,8 @@ are dropped, and with ``keep_largest`` only the largest component is kept. The d
 
 from __future__ import annotations
 
+import argparse
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,3 +79,22 @@ def clean_patients(masks: np.ndarray, rows: pd.DataFrame, post: PostProcess) -> 
         positions = positions[np.argsort(slices[positions], kind="stable")]
         out[positions] = clean_volume(masks[positions], post)
     return out
+
+
+def postprocess_arg(text: str) -> PostProcess:
+    """--postprocess: a JSON object with only segmentation.postprocess's keys and types."""
+    try:
+        settings = json.loads(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"not JSON ({error}): {text}") from None
+    if not isinstance(settings, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, not {text}")
+    unknown = sorted(set(settings) - {"min_component_voxels", "keep_largest"})
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown key(s) {', '.join(unknown)} in {text}")
+    voxels = settings.get("min_component_voxels", 0)
+    if isinstance(voxels, bool) or not isinstance(voxels, int) or voxels < 0:
+        raise argparse.ArgumentTypeError(f"min_component_voxels must be an integer >= 0: {text}")
+    if not isinstance(settings.get("keep_largest", False), bool):
+        raise argparse.ArgumentTypeError(f"keep_largest must be true or false: {text}")
+    return PostProcess.from_settings(settings)

@@ -1,5 +1,12 @@
 """Predict on new images with the checkpoints given by name: tumor probability and decision of the
-classifier ensemble, and a mask from the segmentation fold ensemble where a tumor was called.
+run's ensemble (:mod:`brainmri.evaluation.decision`, as evaluated: the classifiers and, when the
+run has it, the segmentation voter with the run's k), and the segmentation fold ensemble's mask
+where a tumor was called (the cascade's gate). The models are loaded once.
+
+Every file under the input folder is predicted, except ``*_mask.*`` files; outputs mirror the
+input's relative paths (``masks/<sub>/<name>.png``) and the CSV names files by relative path.
+An image with its ``<stem>_mask.<ext>`` beside it (the Kaggle layout) also gets the Dice of the
+predicted mask against it.
 
 Images (PNG, JPG, TIFF; any size; grayscale or 3-channel) get exactly the training
 preprocessing: 3-channel images stay as they are, anything else becomes grayscale copied into
@@ -7,10 +14,12 @@ preprocessing: 3-channel images stay as they are, anything else becomes grayscal
 preprocessing size recorded in the checkpoints, and the model's own input size and
 normalisation inside the model.
 
-The segmenters apply flip TTA when asked (``segmentation.tta``). The per-volume 3-D
-post-processing (``segmentation.postprocess``) does not apply: the images are independent, not
-a patient's stacked slices, and 2.5D segmenters are refused (they need each slice's neighbours);
-:mod:`brainmri.inference.volume` does both on whole patients.
+The segmenters apply flip TTA when asked (``segmentation.tta``). Images are independent: the
+per-volume 3-D post-processing (``segmentation.postprocess``) and the smoothing along the slice
+order do not apply, and 2.5D segmenters are refused (they need each slice's neighbours) --
+unless ``series``: images named ``<patient>_<n>.<ext>`` in one folder are then one patient's
+slices in the order of ``n``, and all three apply as in the evaluation.
+:mod:`brainmri.inference.volume` does the same on whole patients.
 """
 
 from __future__ import annotations
@@ -35,17 +44,14 @@ from brainmri.data.preprocess import (
 )
 from brainmri.devices import select_device
 from brainmri.errors import InputError
-from brainmri.evaluation.classification import decide, vote
+from brainmri.evaluation.decision import EnsembleRule, gate
 from brainmri.evaluation.masks import binarize
-from brainmri.inference.segment import (
-    inference_batches,
-    load_for_inference,
-    place,
-    stored_probabilities,
-)
+from brainmri.evaluation.postprocess import PostProcess, clean_patients
+from brainmri.evaluation.segmentation import overlap_metrics
+from brainmri.inference.ensemble import EnsembleModels
+from brainmri.inference.images import find_images, output_names, read_truth, series_rows
 from brainmri.io import atomic_path, write_csv
 from brainmri.models import safe_torch_load
-from brainmri.training.evaluate import predict_logits
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +60,12 @@ CSV_COLUMNS = [
     "tumor_probability",
     "decision",
     "votes",
+    "voters",
+    "segmentation_voter",
+    "segmentation_area_px",
     "tumor_area_px",
+    "dice",
+    "mask",
     "error",
     "training_data",
 ]
@@ -68,14 +79,15 @@ TRAIN_HINT = (
 
 @dataclass
 class Prepared:
-    file: str
+    file: str  # relative to the input folder
     image: np.ndarray  # (S, S, 3) uint8, as the models saw their training data
     original: np.ndarray  # (H, W, 3) uint8, for the overlay
     pad: tuple[int, int, int]  # square side, top, left
 
 
-def prepare(path: Path, size: int) -> Prepared:
-    """The training preprocessing of one image (raises InputError if unreadable)."""
+def prepare(path: Path, size: int, name: str | None = None) -> Prepared:
+    """The training preprocessing of one image (raises InputError if unreadable); ``name``:
+    the file's name in the CSV (default: its file name)."""
     image = open_image(path)
     if image.mode == "RGB":
         rgb = np.asarray(image, dtype=np.uint8)
@@ -85,7 +97,7 @@ def prepare(path: Path, size: int) -> Prepared:
     side = max(height, width)
     padded = np.stack([square_pad(rgb[..., c]) for c in range(3)], axis=-1)
     return Prepared(
-        path.name,
+        name or path.name,
         resize_image(padded, size),
         rgb,
         (side, (side - height) // 2, (side - width) // 2),
@@ -166,8 +178,7 @@ def predict_folder(
     input_dir: Path,
     classifiers: list[Path],
     segmenters: list[Path],
-    method: str,
-    cutoff: float,
+    rule: EnsembleRule,
     threshold: float,
     output: Path,
     masks_dir: Path,
@@ -175,19 +186,22 @@ def predict_folder(
     failures_csv: Path | None = None,
     data_source: str | None = None,
     tta: bool = False,
+    post: PostProcess | None = None,
+    series: bool = False,
 ) -> list[tuple[str, str]]:
     """Write the CSV, masks and overlays of every readable image (and, if asked, a CSV of the
-    files that could not be read); return those failures as (file name, reason).
+    files that could not be read); return those failures as (relative path, reason).
 
-    ``classifiers`` vote (``method``; a model says tumor at probability >= ``cutoff``); the
-    ``segmenters`` (one architecture's fold models) are averaged and their mask thresholded at
-    ``threshold`` where the vote says tumor. Exactly these models are used.
+    ``rule``: the run's ensemble; the ``segmenters`` (one architecture's fold models) make the
+    fold ensemble's mask at ``threshold``, kept where the ensemble says tumor. With ``series``,
+    ``post`` cleans each patient's masks and the rule's smoothing applies (else neither).
+    Exactly these models are used.
     """
     if not classifiers or not segmenters:
         raise InputError("predict needs at least one classifier and one segmenter checkpoint")
     if not input_dir.is_dir():
         raise InputError(f"{input_dir}: input folder not found")
-    files = sorted(p for p in input_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
+    files = find_images(input_dir)
     if not files:
         raise InputError(f"{input_dir}: no files to predict")
     size = array_size([*classifiers, *segmenters])
@@ -196,90 +210,110 @@ def predict_folder(
         log.warning("These models were trained on synthetic data: %s", SYNTHETIC_NOTE)
     prepared, failures = [], []
     for path in files:
+        name = path.relative_to(input_dir).as_posix()
         try:
-            prepared.append(prepare(path, size))
+            prepared.append(prepare(path, size, name))
         except InputError as error:
             log.error("Skipping %s", error)
-            failures.append((path.name, str(error)))
+            failures.append((name, str(error)))
+    rows = None
+    if series and prepared:
+        rows, bad = series_rows([p.file for p in prepared])
+        failures += [(name, f"{input_dir / name}: {reason}") for name, reason in bad]
+        keep = [p.file not in dict(bad) for p in prepared]
+        prepared = [p for p, k in zip(prepared, keep, strict=True) if k]
+        rows = rows[keep].reset_index(drop=True)
     if not prepared:
         raise InputError(f"{input_dir}: none of the {len(files)} file(s) is a readable image")
     device = select_device(log)
     configure_torch(device, torch.get_num_threads())  # cuDNN / determinism flags as in training
+    models = EnsembleModels(classifiers, segmenters, rule, device, tta)
+    log.info("Voters: %s", ", ".join(models.voters))
+    names = output_names([p.file for p in prepared])
+    truths = {p.file: _truth(input_dir / p.file) for p in prepared}
     with atomic_path(masks_dir) as tmp_masks, atomic_path(overlays_dir) as tmp_overlays:
         tmp_masks.mkdir()
         tmp_overlays.mkdir()
-        rows = _predict(
-            prepared,
-            classifiers,
-            segmenters,
-            device,
-            (method, cutoff, threshold, source),
-            tmp_masks,
-            tmp_overlays,
-            tta,
-        )
+        results = _predict(prepared, models, threshold, (post, rows), truths)
+        for item, mask, lines, _ in results:
+            target = names[item.file]
+            (tmp_masks / target).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_overlays / target).parent.mkdir(parents=True, exist_ok=True)
+            if source == "synthetic":
+                lines.append(SYNTHETIC_NOTE)
+            Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_masks / target)
+            picture = annotate(overlay(item.original, mask), lines, source == "synthetic")
+            Image.fromarray(picture).save(tmp_overlays / target)
     label = source_label(source)
-    empty = {"tumor_probability": None, "decision": "", "votes": None, "tumor_area_px": None}
-    rows += [
-        {"file": name, **empty, "error": reason, "training_data": label}
-        for name, reason in failures
-    ]
-    frame = pd.DataFrame(rows, columns=CSV_COLUMNS)
-    write_csv(output, frame.astype({"votes": "Int64", "tumor_area_px": "Int64"}))
+    table = [row | {"mask": names[row["file"]], "training_data": label} for *_, row in results]
+    table += [{"file": name, "error": reason, "training_data": label} for name, reason in failures]
+    frame = pd.DataFrame(table, columns=CSV_COLUMNS)
+    integers = ("votes", "segmentation_area_px", "tumor_area_px")
+    write_csv(output, frame.astype(dict.fromkeys(integers, "Int64")))
     if failures_csv is not None:
         write_csv(failures_csv, pd.DataFrame(failures, columns=FAILURE_COLUMNS))
     return failures
 
 
+def _truth(path: Path) -> np.ndarray | None:
+    """The _mask beside ``path``; an unreadable one is logged and gives no Dice."""
+    try:
+        return read_truth(path)
+    except InputError as error:
+        log.warning("No Dice for %s: %s", path, error)
+        return None
+
+
 def _predict(
     prepared: list[Prepared],
-    classifiers: list[Path],
-    segmenters: list[Path],
-    device: torch.device,
-    how: tuple[str, float, float, str],
-    masks_dir: Path,
-    overlays_dir: Path,
-    tta: bool = False,
-) -> list[dict]:
-    """Classify and segment the prepared images; write masks and overlays; return CSV rows.
-    ``how``: the ensemble method, the classifier cut-off, the mask threshold and the training
-    data source."""
-    method, cutoff, threshold, source = how
+    models: EnsembleModels,
+    threshold: float,
+    how: tuple[PostProcess | None, pd.DataFrame | None],
+    truths: dict[str, np.ndarray | None],
+) -> list[tuple[Prepared, np.ndarray, list[str], dict]]:
+    """Segment and decide; per image: the gated mask at its own size, the overlay's text lines
+    and the CSV row. ``how``: the post-processing and, for a series, the images' rows
+    (patient, slice_index), None for independent images; ``truths``: the ``_mask`` beside each
+    image, or None."""
+    post, rows = how
     images = np.stack([p.image for p in prepared])
-    placed = place(images, device)
-    preds, probs = [], []
-    for path in classifiers:
-        model, checkpoint = load_for_inference(path, device)
-        batches = inference_batches(placed, checkpoint, device)
-        prob = torch.softmax(predict_logits(model, batches.epoch(), device), 1)[:, 1].numpy()
-        probs.append(prob)
-        preds.append(decide(prob, cutoff))
-    decision, mean_prob, votes = vote(np.stack(preds), np.stack(probs), method, cutoff)
-    seg_stored, _ = stored_probabilities(segmenters, images, device, tta)
-    seg_masks = binarize(seg_stored.cpu().numpy(), threshold)
-    rows = []
+    placed = models.place(images)
+    masks = binarize(models.segment(images, rows, placed), threshold)
+    order = None
+    if rows is not None:
+        masks = clean_patients(masks, rows, post or PostProcess())
+        order = (rows["patient"].to_numpy(), rows["slice_index"].to_numpy())
+    areas = masks.reshape(len(masks), -1).sum(axis=1)
+    decision = models.decide(images, areas, order, placed)
+    gated = gate(masks, decision.pred)
+    voters = ";".join(models.voters)
+    results = []
     for i, item in enumerate(prepared):
-        mask = restore_mask(seg_masks[i] & bool(decision[i]), item)
-        stem = Path(item.file).stem
-        label = "tumor" if decision[i] else "no tumor"
+        mask = restore_mask(gated[i], item)
+        dice = None
+        truth = truths.get(item.file)
+        if truth is not None and truth.shape != mask.shape:
+            log.warning("%s: its _mask has another size than the image; no Dice", item.file)
+        elif truth is not None:
+            dice = round(float(overlap_metrics(mask[None], truth[None])[0][0]), 6)
+        label = "tumor" if decision.pred[i] else "no tumor"
         lines = [
-            f"{label}  p(tumor)={mean_prob[i]:.2f}  votes {int(votes[i])}/{len(classifiers)}",
+            f"{label}  p(tumor)={decision.probability[i]:.2f}  "
+            f"votes {int(decision.votes[i])}/{len(models.voters)}",
             f"tumor area {int(mask.sum())} px",
         ]
-        if source == "synthetic":
-            lines.append(SYNTHETIC_NOTE)
-        Image.fromarray(mask.astype(np.uint8) * 255).save(masks_dir / f"{stem}.png")
-        picture = annotate(overlay(item.original, mask), lines, source == "synthetic")
-        Image.fromarray(picture).save(overlays_dir / f"{stem}.png")
-        rows.append(
-            {
-                "file": item.file,
-                "tumor_probability": round(float(mean_prob[i]), 6),
-                "decision": "tumor" if decision[i] else "no_tumor",
-                "votes": int(votes[i]),
-                "tumor_area_px": int(mask.sum()),
-                "error": "",
-                "training_data": source_label(source),
-            }
-        )
-    return rows
+        voter = decision.segmentation_voter
+        row = {
+            "file": item.file,
+            "tumor_probability": round(float(decision.probability[i]), 6),
+            "decision": "tumor" if decision.pred[i] else "no_tumor",
+            "votes": int(decision.votes[i]),
+            "voters": voters,
+            "segmentation_voter": "" if voter is None else ("tumor" if voter[i] else "no_tumor"),
+            "segmentation_area_px": int(areas[i]),
+            "tumor_area_px": int(mask.sum()),
+            "dice": dice,
+            "error": "",
+        }
+        results.append((item, mask, lines, row))
+    return results

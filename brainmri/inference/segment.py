@@ -54,6 +54,20 @@ def load_for_inference(path: Path, device: torch.device) -> tuple[torch.nn.Modul
     return model, checkpoint
 
 
+@dataclass
+class Loaded:
+    """A segmenter loaded once (:func:`load_segmenter`), its flip TTA applied or not."""
+
+    path: Path
+    model: torch.nn.Module
+    checkpoint: dict[str, Any]
+
+
+def load_segmenter(path: Path, device: torch.device, tta: bool) -> Loaded:
+    model, checkpoint = load_for_inference(path, device)
+    return Loaded(path, with_tta(model, tta), checkpoint)
+
+
 def place(images: np.ndarray, device: torch.device) -> tuple[Any, Any]:
     """Images (and dummy targets) for :func:`inference_batches`: on the device when the plan
     places data there and they fit its share."""
@@ -83,26 +97,29 @@ def quantize_on(probabilities: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def _model_probabilities(
-    checkpoints: list[Path],
+    checkpoints: list[Path | Loaded],
     images: np.ndarray,
     device: torch.device,
     tta: bool,
     rows: pd.DataFrame | None,
     stored: bool,
+    placed: tuple[Any, Any] | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """The models' mean float32 sigmoid probability (N, S, S) on ``device``, or (``stored``)
-    its quantized uint8 form; one model: quantized batch by batch, no float array at all."""
+    its quantized uint8 form; one model: quantized batch by batch, no float array at all.
+    ``checkpoints``: paths (each loaded here) or models loaded once (:class:`Loaded`, their
+    own TTA); ``placed``: ``images`` already placed on the device (:func:`place`)."""
     if not checkpoints:
         raise InputError("no segmentation model to predict with")
     n, size = len(images), images.shape[1]
     quantize_batches = stored and len(checkpoints) == 1
     dtype = torch.uint8 if quantize_batches else torch.float32
     result = torch.empty((n, size, size), dtype=dtype, device=device)
-    placed = place(images, device)
+    placed = place(images, device) if placed is None else placed
     checkpoint: dict[str, Any] = {}
-    for number, path in enumerate(checkpoints):
-        model, checkpoint = load_for_inference(path, device)
-        model = with_tta(model, tta)
+    for number, item in enumerate(checkpoints):
+        loaded = item if isinstance(item, Loaded) else load_segmenter(item, device, tta)
+        path, model, checkpoint = loaded.path, loaded.model, loaded.checkpoint
         inputs = placed
         context = checkpoint["settings"].get("slice_context", 0)
         if context:
@@ -158,16 +175,17 @@ def probabilities_of(
 
 
 def stored_probabilities(
-    checkpoints: list[Path],
+    checkpoints: list[Path | Loaded],
     images: np.ndarray,
     device: torch.device,
     tta: bool = False,
     rows: pd.DataFrame | None = None,
+    placed: tuple[Any, Any] | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """The models' stored probabilities: uint8 (N, S, S) on ``device``, equal to
     ``quantize(probabilities_of(...)[0])`` (mean of the float probabilities, then quantized, all
     on the device); ``.cpu().numpy()`` brings one byte per pixel to the host."""
-    return _model_probabilities(checkpoints, images, device, tta, rows, stored=True)
+    return _model_probabilities(checkpoints, images, device, tta, rows, True, placed)
 
 
 @dataclass

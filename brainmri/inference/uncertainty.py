@@ -37,12 +37,12 @@ class FoldSummary:
     fold_models: int
 
 
-def fold_probabilities(models, images: np.ndarray, rows) -> list[np.ndarray]:
-    """Each fold model's stored (uint8) probabilities; a models object with only ``segment``
-    (one ensemble output) counts as one fold."""
+def fold_probabilities(models, images: np.ndarray, rows, placed=None) -> list[np.ndarray]:
+    """Each fold model's stored (uint8) probabilities (``placed``: the images already on the
+    device); a models object with only ``segment`` (one ensemble output) counts as one fold."""
     if hasattr(models, "segment_folds"):
-        return models.segment_folds(images, rows)
-    return [models.segment(images, rows)]
+        return models.segment_folds(images, rows, placed)
+    return [models.segment(images, rows, placed)]
 
 
 def disagreement(folds: list[np.ndarray]) -> np.ndarray:

@@ -3,10 +3,13 @@ in the input's geometry, the tumor volume and an overview montage out.
 
 Each slice gets exactly the training preprocessing of :mod:`brainmri.inference.predict` (zero
 padding to a centred square, bilinear resize to the preprocessed size, the model's own input size
-and normalisation inside the model). The classifier ensemble decides per slice; the segmentation
-fold ensemble's mask is kept on the slices called tumor (the cascade), and brought back to the
-slice's size with nearest-neighbour resampling. In a batch, a bad patient is reported in its CSV
-row and skipped, and nothing is written for it.
+and normalisation inside the model). The run's ensemble decides per slice, exactly as in the
+evaluation (:mod:`brainmri.evaluation.decision`: the classifiers, the segmentation voter with the
+run's k on the cleaned masks, smoothing along the slice numbers); the segmentation fold
+ensemble's mask is kept on the slices called tumor (the cascade's gate), and brought back to the
+slice's size with nearest-neighbour resampling. The models are loaded once for all patients
+(:class:`brainmri.inference.ensemble.EnsembleModels`). In a batch, a bad patient is reported in
+its CSV row and skipped, and nothing is written for it.
 
 The segmentation recipe is that of evaluation and the fold ensemble: each fold model's
 probabilities (with flip TTA when ``segmentation.tta``) are stored as uint8 and averaged
@@ -26,22 +29,15 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image, ImageDraw
 
 from brainmri.data.preprocess import resize_image, square_pad
 from brainmri.errors import InputError
-from brainmri.evaluation.classification import decide, vote
+from brainmri.evaluation.decision import gate
 from brainmri.evaluation.masks import binarize, mean_probabilities
 from brainmri.evaluation.postprocess import PostProcess, clean_volume
 from brainmri.inference.dicom_seg import write_segmentation
 from brainmri.inference.predict import Prepared, restore_mask
-from brainmri.inference.segment import (
-    inference_batches,
-    load_for_inference,
-    place,
-    stored_probabilities,
-)
 from brainmri.inference.uncertainty import (
     FoldSummary,
     fold_probabilities,
@@ -53,7 +49,6 @@ from brainmri.inference.uncertainty import (
 )
 from brainmri.inference.volume_io import Volume, mask_to_input
 from brainmri.io import atomic_path, write_csv
-from brainmri.training.evaluate import predict_logits
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +58,8 @@ SLICE_COLUMNS = [
     "decision",
     "votes",
     "segmentation_max_probability",
-    "segmentation_decision",
+    "segmentation_area_px",
+    "segmentation_voter",
     "tumor_voxels",
     "disagreement",
 ]
@@ -81,6 +77,8 @@ PATIENT_COLUMNS = [
     "tumor_voxels",
     "tumor_ml",
     "true_tumor_voxels",
+    "voters",
+    "smooth_window",
     "tta",
     "min_component_voxels",
     "keep_largest",
@@ -100,51 +98,6 @@ PATIENT_COLUMNS = [
 ]
 MONTAGE_TILES = 16
 TILE = 160
-
-
-class EnsembleModels:
-    """The trained classifier ensemble and segmentation fold ensemble, loaded once."""
-
-    def __init__(
-        self,
-        classifiers: list[Path],
-        segmenters: list[Path],
-        method: str,
-        cutoff: float,
-        device: torch.device,
-        tta: bool = False,
-    ) -> None:
-        if not classifiers or not segmenters:
-            raise InputError("volume prediction needs at least one classifier and one segmenter")
-        self.segmenters, self.method, self.cutoff, self.device = segmenters, method, cutoff, device
-        self.tta = tta
-        self.classifiers = [load_for_inference(path, device) for path in classifiers]
-
-    def classify(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per image: ensemble decision (0/1), mean tumor probability, votes."""
-        preds, probs = [], []
-        placed = place(images, self.device)
-        for model, checkpoint in self.classifiers:
-            batches = inference_batches(placed, checkpoint, self.device)
-            logits = predict_logits(model, batches.epoch(), self.device)
-            prob = torch.softmax(logits, 1)[:, 1].numpy()
-            probs.append(prob)
-            preds.append(decide(prob, self.cutoff))
-        return vote(np.stack(preds), np.stack(probs), self.method, self.cutoff)
-
-    def segment_folds(self, images: np.ndarray, rows: pd.DataFrame) -> list[np.ndarray]:
-        """Each fold model's stored (uint8) tumor probability (N, S, S) of a patient's slices
-        (``rows``: patient, slice_index, for 2.5D models)."""
-        return [
-            stored_probabilities([path], images, self.device, self.tta, rows)[0].cpu().numpy()
-            for path in self.segmenters
-        ]
-
-    def segment(self, images: np.ndarray, rows: pd.DataFrame) -> np.ndarray:
-        """The fold ensemble's stored (uint8) tumor probability (N, S, S): each fold model's
-        probabilities quantized, then averaged, as the fold ensemble averages the stored test
-        probabilities."""
-        return mean_probabilities(self.segment_folds(images, rows))
 
 
 @dataclass
@@ -180,37 +133,47 @@ def predict_volume(
     threshold: float,
     post: PostProcess | None = None,
 ) -> VolumeResult:
-    """Classify and segment every slice; clean the stacked masks (``post``) at the models' size;
-    the mask back at the slices' size."""
+    """Segment every slice and clean the stacked masks (``post``) at the models' size; decide
+    with the run's ensemble (the voter counts the cleaned pixels, smoothing along the slice
+    numbers); the gated mask back at the slices' size."""
     post = post or PostProcess()
     images, pad = model_inputs(volume.slices, size)
-    decision, probability, votes = models.classify(images)
-    folds = fold_probabilities(models, images, slice_rows(volume))
+    rows = slice_rows(volume)
+    placed = models.place(images)
+    folds = fold_probabilities(models, images, rows, placed)
     stored = mean_probabilities(folds)
     seg_max = stored.reshape(len(images), -1).max(axis=1) / 255
     raw = binarize(stored, threshold)
     cleaned = clean_volume(raw, post)
-    seg_called = cleaned.reshape(len(images), -1).any(axis=1)
-    gate = decision.astype(bool)[:, None, None]
+    areas = cleaned.reshape(len(images), -1).sum(axis=1)
+    order = (rows["patient"].to_numpy(), np.asarray(volume.slice_numbers))
+    decision = models.decide(images, areas, order, placed)
     places = [
         Prepared(str(n), images[i], volume.slices[i], pad)
         for i, n in enumerate(volume.slice_numbers)
     ]
-    mask = np.stack([restore_mask(m, p) for m, p in zip(cleaned & gate, places, strict=True)])
+    gated = gate(cleaned, decision.pred)
+    mask = np.stack([restore_mask(m, p) for m, p in zip(gated, places, strict=True)])
     removed = 0
     if post.active:
-        before = sum(int(restore_mask(m, p).sum()) for m, p in zip(raw & gate, places, strict=True))
+        before = sum(
+            int(restore_mask(m, p).sum())
+            for m, p in zip(gate(raw, decision.pred), places, strict=True)
+        )
         removed = before - int(mask.sum())
     voxels = mask.reshape(len(mask), -1).sum(axis=1)
-    spread = summarize_folds(folds, gate, threshold, post, places)
+    spread = summarize_folds(
+        folds, decision.pred.astype(bool)[:, None, None], threshold, post, places
+    )
     per_slice = pd.DataFrame(
         {
             "slice": volume.slice_numbers,
-            "tumor_probability": np.round(probability.astype(float), 6),
-            "decision": np.where(decision.astype(bool), "tumor", "no_tumor"),
-            "votes": votes.astype(int),
+            "tumor_probability": np.round(decision.probability.astype(float), 6),
+            "decision": np.where(decision.pred.astype(bool), "tumor", "no_tumor"),
+            "votes": decision.votes,
             "segmentation_max_probability": np.round(seg_max.astype(float), 6),
-            "segmentation_decision": np.where(seg_called, "tumor", "no_tumor"),
+            "segmentation_area_px": areas.astype(int),
+            "segmentation_voter": voter_column(decision.segmentation_voter, len(images)),
             "tumor_voxels": voxels.astype(int),
             "disagreement": np.round(slice_disagreement(spread, mask), 6),
         },
@@ -232,6 +195,8 @@ def predict_volume(
         "tumor_voxels": total,
         "tumor_ml": round(total * volume.voxel_ml, 4) if volume.voxel_ml else None,
         "true_tumor_voxels": volume.true_voxels,
+        "voters": ";".join(models.voters),
+        "smooth_window": models.rule.smooth_window if decision.smoothed else 1,
         "tta": bool(models.tta),
         "min_component_voxels": post.min_component_voxels,
         "keep_largest": post.keep_largest,
@@ -239,6 +204,13 @@ def predict_volume(
         "error": "",
     } | patient_columns(spread, mask, volume.voxel_ml)
     return VolumeResult(per_slice, mask, summary, spread)
+
+
+def voter_column(voter: np.ndarray | None, n: int) -> np.ndarray:
+    """The segmentation voter's tumor / no_tumor per slice; empty without the voter."""
+    if voter is None:
+        return np.full(n, "", dtype=object)
+    return np.where(voter.astype(bool), "tumor", "no_tumor")
 
 
 def _input_shape(volume: Volume) -> tuple[int, ...]:
@@ -329,8 +301,9 @@ def predict_volumes(
     patients_dir: Path,
     csv_path: Path,
     post: PostProcess | None = None,
-) -> list[str]:
-    """Predict every patient; one CSV row each; return '<input>: <error>' of the failed ones."""
+) -> list[tuple[str, str]]:
+    """Predict every patient; one CSV row each; return (input, '<input>: <error>') of the failed
+    ones (they also have a row, with the error, and nothing in ``patients_dir``)."""
     rows, failures, done = [], [], set()
     with atomic_path(patients_dir) as tmp:
         tmp.mkdir()
@@ -345,7 +318,7 @@ def predict_volumes(
             except InputError as error:
                 message = str(error) if str(error).startswith(label) else f"{label}: {error}"
                 log.error("Skipping %s", message)
-                failures.append(message)
+                failures.append((label, message))
                 rows.append({"input": label, "error": message})
                 continue
             done.add(volume.name)
@@ -370,6 +343,7 @@ def predict_volumes(
         "fold_models",
         "fold_tumor_voxels_min",
         "fold_tumor_voxels_max",
+        "smooth_window",
     ]
     write_csv(csv_path, frame.astype(dict.fromkeys(integers, "Int64")))
     return failures

@@ -14,11 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from brainmri.evaluation.classification import (
-    CLASS_NAMES,
-    ensemble_predictions,
-    read_predictions,
-)
+from brainmri.evaluation.classification import CLASS_NAMES, read_predictions
+from brainmri.evaluation.decision import ensemble_predictions
 from brainmri.evaluation.masks import binarize, load_masks, load_probabilities, mean_probabilities
 from brainmri.evaluation.segmentation import overlap_metrics
 from brainmri.io import read_json
