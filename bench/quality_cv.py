@@ -32,9 +32,10 @@ from brainmri.io import write_text
 from brainmri.models import Normalized, safe_torch_load, save_checkpoint
 from brainmri.tables import gather, read_manifest
 from brainmri.training.evaluate import predict_logits
-from brainmri.training.loop import FitSettings, configure_torch, fit, seed_everything
+from brainmri.training.loop import FitSettings, configure_torch, fit
 from brainmri.training.losses import selection_column
 from brainmri.training.modality import FLAIR
+from brainmri.training.resume import seed_everything
 from brainmri.training.setup import build_training_setup
 
 log = logging.getLogger(__name__)
