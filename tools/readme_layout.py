@@ -27,7 +27,7 @@ DESCRIPTIONS = {
     "report/": "captions of Snakemake's --report",
     "docs/": "",
     "tests/": "pytest suite (make test)",
-    "bench/": "make bench and the GPU check",
+    "bench/": "make bench, make quality and the GPU check",
     "tools/": "make demo's progress lines, make figures, the lock installer",
     "Makefile": "venv, lock, demo, test, lint, bench, figures",
     "requirements.txt": "the pins; requirements.lock: every package, exact, hashed",
