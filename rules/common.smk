@@ -158,7 +158,7 @@ def prediction_arguments(input) -> str:
             *([f"--segmentation-voter {shlex.quote(voter[0])}"] if voter else []),
             f"--smooth-window {classification['smooth_window']}",
             *(["--tta"] if segmentation["tta"] else []),
-            "--postprocess " + shlex.quote(as_json(segmentation["postprocess"])),
+            f"--postprocess {shlex.quote(as_json(segmentation['postprocess']))}",
         ]
     )
 
@@ -220,7 +220,7 @@ def final_model_epochs(wildcards, input) -> str:
     """train.py's epochs option of the final model: the configured number, or the histories."""
     if FINAL_MODEL["epochs"] is not None:
         return f"--epochs {int(FINAL_MODEL['epochs'])}"
-    return "--fold-histories " + " ".join(shlex.quote(path) for path in input.histories)
+    return " ".join(["--fold-histories", *(shlex.quote(path) for path in input.histories)])
 
 
 def classifier_weights(wildcards) -> list[str]:

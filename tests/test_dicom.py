@@ -208,7 +208,7 @@ def test_bad_folders_are_one_line_each_and_nothing_partial(tmp_path):
     expected.append((moved, "not on the FLAIR series' grid (the same size"))  # a file of it
     failures, table = run([reader(good), *map(reader, bad)], tmp_path / "out")
     assert len(failures) == len(bad)
-    for line, (path, text) in zip(failures, expected, strict=True):
+    for (_, line), (path, text) in zip(failures, expected, strict=True):
         named = line.startswith(f"{path}: ") or line.startswith(f"{path}/")
         assert named and text in line and "\n" not in line, line
     assert [p.name for p in (tmp_path / "out" / "patients").iterdir()] == ["good"]
