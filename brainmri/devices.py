@@ -216,15 +216,16 @@ def _version_tuple(text: str) -> tuple[int, ...]:
 
 def cuda_problem(wanted: str, version_file: Path | None = None) -> str | None:
     """Why a job that expects a GPU cannot have one, else None. A GPU is expected with
-    ``device: cuda``, and with ``auto`` where a CUDA build of torch meets an NVIDIA driver or a
-    CUDA_VISIBLE_DEVICES that names devices. ``auto`` on a machine without an NVIDIA driver, with
+    ``device: cuda``, and with ``auto`` where a CUDA build of torch meets an NVIDIA driver (a
+    CUDA_VISIBLE_DEVICES without a driver, as a scheduler's GRES on a CPU node sets it, is not
+    enough). ``auto`` on a machine without an NVIDIA driver, with
     a CPU-only torch build or a CUDA_VISIBLE_DEVICES that hides every device runs on the CPU."""
     visible = visible_devices()
     path = version_file or NVIDIA_VERSION_FILE
     driver = nvidia_driver_version(path)
     built = torch.version.cuda
     expected = wanted == "cuda" or (
-        built is not None and visible != [] and (driver is not None or bool(visible))
+        built is not None and visible != [] and driver is not None
     )
     if not expected:
         return None

@@ -256,8 +256,12 @@ def test_a_recent_driver_without_cuda_points_at_the_devices(no_cuda):
         devices.select_device(version_file=no_cuda)
 
 
-def test_visible_devices_without_a_driver_are_an_error(no_cuda, monkeypatch):
+def test_visible_devices_without_a_driver_run_auto_on_the_cpu(no_cuda, monkeypatch):
+    """A scheduler's GRES sets CUDA_VISIBLE_DEVICES on nodes without a driver too (the SLURM
+    test cluster does): with no driver at all, ``auto`` is the CPU; ``cuda`` is an error."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    assert devices.select_device(version_file=no_cuda).type == "cpu"
+    monkeypatch.setenv("BRAINMRI_DEVICE", "cuda")
     with pytest.raises(devices.DeviceError, match="found no NVIDIA driver"):
         devices.select_device(version_file=no_cuda)
 
