@@ -224,9 +224,7 @@ def cuda_problem(wanted: str, version_file: Path | None = None) -> str | None:
     path = version_file or NVIDIA_VERSION_FILE
     driver = nvidia_driver_version(path)
     built = torch.version.cuda
-    expected = wanted == "cuda" or (
-        built is not None and visible != [] and driver is not None
-    )
+    expected = wanted == "cuda" or (built is not None and visible != [] and driver is not None)
     if not expected:
         return None
     cpu = "or set `device: cpu` in the config (BRAINMRI_DEVICE=cpu) to run on the CPU"
