@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import test_gpu_paths
 import torch
 import torch.nn.functional as F
 
@@ -39,18 +40,7 @@ pytestmark = [
 CPU = torch.device("cpu")
 cuda_only = pytest.mark.skipif(DRY, reason="a CUDA assertion (dry run on the CPU)")
 
-SETTINGS = {
-    "classification": {
-        "backbone": "resnet10t", "pretrained": False, "input_size": 64, "epochs": 2,
-        "batch_size": 8, "lr": 1e-3, "augment": {"rotation_deg": 15, "hflip": True},
-    },
-    "segmentation": {
-        "name": "unet", "arch": "Unet", "encoder": "resnet18", "pretrained": False,
-        "input_size": 64, "epochs": 2, "batch_size": 8, "lr": 1e-3, "dice_smooth": 1.0,
-        "train_slices": "tumor_plus_empty", "empty_fraction": 0.5,
-        "augment": {"rotation_deg": 10, "hflip": True, "brightness": 0.1},
-    },
-}  # fmt: skip
+SETTINGS = test_gpu_paths.SETTINGS  # the same tiny models as the CPU plan-path tests
 # Stated tolerances: fp32 on CUDA (TF32 off) against the CPU. The forward pass differs by
 # summation order only; an epoch of Adam steps amplifies that (cuDNN picks other algorithms).
 FORWARD_TOLERANCE = {"rtol": 1e-3, "atol": 1e-4}
