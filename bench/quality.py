@@ -15,11 +15,15 @@ Variants (a YAML, one entry each) are overrides of the config's U-Net settings
 (``kind: recipe``), the plain loop of bench/plain_loop.py (``kind: plain``), a classifier
 (``kind: classifier``), or inference-only changes of another variant's models
 (``models_from: <variant>`` with ``tta`` / ``postprocess`` / ``threshold``: no training).
+A recipe variant with ``members: N`` is the workflow's fold ensemble inside each outer fold
+(bench/quality_members.py): N member models, scored as the mean of their probabilities and
+each as a variant ``<name>/m<m>`` of its own.
 Models and probabilities are cached under ``--work``: a rerun only does what is missing, and
 ``--only`` runs some variants (e.g. several processes in parallel) before one ``--report``.
 
 Writes ``<work>/quality.md`` (tables), ``<work>/patients.csv`` (per patient, variant and
-condition), ``<work>/detectors.csv`` (per slice decisions) and ``<work>/plan.csv``.
+condition), ``<work>/detectors.csv`` (per slice decisions), ``<work>/plan.csv`` (and
+``<work>/members<N>_plan.csv`` for ensembles).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import quality_cv as cv
+from bench import quality_members as members
 from bench import quality_score as score
 from brainmri.config import STAGE_KEYS, training_settings
 from brainmri.errors import InputError
@@ -81,6 +86,7 @@ def load_variants(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]
         raise InputError(f"{path}: no 'variants' mapping")
     allowed = set(OWN_KEYS) | set(INFERENCE_KEYS) | set(STAGE_KEYS["segmentation"])
     allowed |= set(STAGE_KEYS["classification"])
+    allowed.add(members.KEY)  # an ensemble of N members (bench/quality_members.py)
     for name, variant in variants.items():
         variant = variants[name] = variant or {}
         unknown = sorted(set(variant) - allowed)
@@ -98,6 +104,7 @@ def load_variants(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]
                     f"{path}: variant {name}: with models_from only {INFERENCE_KEYS} may "
                     f"change, not {extra}"
                 )
+    members.check_variants(path, variants)
     reference = spec.get("reference")
     if reference not in variants:
         raise InputError(f"{path}: reference {reference!r} is not a variant")
@@ -111,6 +118,7 @@ class Bench:
         self.args = args
         self.work: Path = args.work
         self.spec, self.variants = load_variants(args.variants)
+        self.variants = members.expand(self.variants)  # an ensemble's members: variants too
         self.config: dict[str, Any] = {}
         for name in self.spec.get("base", ["config/config.yaml", "config/cpu.yaml"]):
             self.config = deep_merge(self.config, read_yaml(REPO / name))
@@ -121,6 +129,7 @@ class Bench:
             self.rows = self.rows[self.rows["patient"].isin(keep)].reset_index(drop=True)
         self.plan = cv.cv_plan(self.rows, args.folds, args.inner_val, args.seed)
         write_csv(self.work / "plan.csv", cv.plan_table(self.plan))
+        members.write_plans(self)
         self.truth = gather(self.data, self.rows, "masks").astype(bool)
 
     # --- settings ---------------------------------------------------------------------------
@@ -170,12 +179,27 @@ class Bench:
 
     def model_dir(self, name: str, fold: cv.Fold) -> Path:
         owner = self.variants[name].get("models_from") or name
-        return self.work / "models" / owner / f"fold{fold.number}"
+        folder = self.work / "models" / owner / f"fold{fold.number}"
+        member = self.variants[name].get("member")
+        return folder if member is None else folder / f"m{member}"
+
+    def val_patients(self, name: str, fold: cv.Fold) -> tuple[str, ...]:
+        """The patients a variant's checkpoint and detector k are chosen on."""
+        return members.val_patients(self, name, fold)
+
+    def probs_path(self, name: str, fold: cv.Fold, part: str) -> Path:
+        """Where a variant's ``val`` / ``test`` / ``flair`` probabilities are cached."""
+        tta = bool(self.inference(name)["tta"])
+        owner = self.variants[name].get("models_from") or name
+        stem = members.probs_stem(self, name, fold, part)
+        return self.work / "probs" / f"{owner}-tta{int(tta)}" / f"{stem}.npy"
 
     # --- running -----------------------------------------------------------------------------
 
     def train(self, name: str, fold: cv.Fold) -> dict[str, Any]:
         """Train (or find) one fold model of a variant; its info.json."""
+        if members.size(self.variants, name):
+            return members.train(self, name, fold)
         folder = self.model_dir(name, fold)
         info_path = folder / "info.json"
         if info_path.is_file():
@@ -214,14 +238,16 @@ class Bench:
         """Stored probabilities of a fold's ``val``, ``test`` or ``flair`` (FLAIR-only test)
         slices by the variant's fold model, cached by model and TTA."""
         tta = bool(self.inference(name)["tta"])
-        owner = self.variants[name].get("models_from") or name
-        path = self.work / "probs" / f"{owner}-tta{int(tta)}" / f"fold{fold.number}-{part}.npy"
+        path = self.probs_path(name, fold, part)
         if path.is_file():
             return np.load(path)
-        patients = fold.val if part == "val" else fold.test
-        rows = cv.of(self.rows, patients)
-        stored = cv.segment(self.model_dir(name, fold) / "model.pt", self.data, rows, tta,
-                            part == "flair")  # fmt: skip
+        if members.is_ensemble(self, name):
+            stored = members.ensemble_probabilities(self, name, fold, part)
+        else:
+            patients = self.val_patients(name, fold) if part == "val" else fold.test
+            rows = cv.of(self.rows, patients)
+            stored = cv.segment(self.model_dir(name, fold) / "model.pt", self.data, rows, tta,
+                                part == "flair")  # fmt: skip
         path.parent.mkdir(parents=True, exist_ok=True)
         write_npy(path, stored)
         return stored

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from bench import quality_cv as cv
+from bench import quality_members as members
 from brainmri.io import write_csv, write_text
 
 
@@ -23,12 +24,7 @@ def _folds_done(bench, name: str) -> bool:
             return False
         if bench.kind(name) == "classifier":
             continue
-        tta = int(bool(bench.inference(name)["tta"]))
-        owner = bench.variants[name].get("models_from") or name
-        probs = bench.work / "probs" / f"{owner}-tta{tta}"
-        if not all(
-            (probs / f"fold{fold.number}-{p}.npy").is_file() for p in ("val", "test", "flair")
-        ):
+        if not all(bench.probs_path(name, fold, p).is_file() for p in ("val", "test", "flair")):
             return False
     return True
 
@@ -87,7 +83,7 @@ def collect(bench, score) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any], l
                 patients.append(frame.reset_index().assign(variant=name, condition=condition,
                                                            fold=fold.number))  # fmt: skip
                 if condition == "original":
-                    val = cv.of(bench.rows, fold.val)
+                    val = cv.of(bench.rows, bench.val_patients(name, fold))
                     val_stored = bench.probabilities(name, fold, "val")
                     pred, areas, k = score.detector(val, val_stored, rows, stored, inference)
                     slices.append(_slices(bench, rows, pred, areas, f"seg:{name}", fold.number, k))
@@ -128,6 +124,9 @@ def write_report(bench, score) -> Path:
             table = score.difference_table(patients, reference, condition, args.n_boot)
             if table:
                 lines += [table, ""]
+        table = members.ensemble_table(bench, patients, args.n_boot)
+        if table:
+            lines += ["Fold ensembles (`members`) against their best member:", "", table, ""]
         epochs = {n: f"{i['epochs']} ({', '.join(sorted(set(i['stopped_by'])))})"
                   for n, i in info.items()}  # fmt: skip
         lines += ["Epochs per fold (stopped by): "
