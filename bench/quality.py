@@ -41,6 +41,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import quality_cv as cv
+from bench import quality_detectors as detectors
 from bench import quality_members as members
 from bench import quality_score as score
 from brainmri.config import STAGE_KEYS, training_settings
@@ -53,6 +54,7 @@ REPO = Path(__file__).resolve().parents[1]
 KINDS = ("recipe", "plain", "classifier")
 INFERENCE_KEYS = ("tta", "postprocess", "threshold")
 OWN_KEYS = ("kind", "models_from", "flair_copies", "note", "backbone", "arch", "encoder")
+OWN_KEYS += detectors.CLASSIFIER_KEYS
 PLAIN = {"arch": "Unet", "encoder": "resnet18", "batch_size": 16, "lr": 1e-3}
 
 
@@ -94,6 +96,7 @@ def load_variants(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]
             raise InputError(f"{path}: variant {name}: unknown key(s) {unknown}")
         if variant.get("kind", "recipe") not in KINDS:
             raise InputError(f"{path}: variant {name}: kind must be one of {KINDS}")
+        detectors.check_classifier_keys(path, name, variant)
         source = variant.get("models_from")
         if source is not None:
             if source not in variants or variants[source].get("models_from"):
@@ -108,6 +111,7 @@ def load_variants(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]
     reference = spec.get("reference")
     if reference not in variants:
         raise InputError(f"{path}: reference {reference!r} is not a variant")
+    detectors.check_ensembles(path, spec, variants)
     return spec, variants
 
 
@@ -158,6 +162,8 @@ class Bench:
             settings["input_size"] = self.args.size
         for layer in (common, variant):
             settings.update({k: copy.deepcopy(v) for k, v in layer.items() if k in keys})
+        if kind == "classifier":
+            detectors.classifier_settings(variant, settings)
         if self.args.epochs is not None and kind != "plain":
             settings["epochs"] = self.args.epochs
         return settings
@@ -215,11 +221,17 @@ class Bench:
             both = cv.of(self.rows, fold.train + fold.val)
             info = cv.train_plain(settings, self.data, both, budget, self.args.clock, seed, folder)
         elif kind == "classifier":
+            source = self.variants[name].get("models_from") or name
+            data, own = detectors.classifier_data(self, source)
+            train, val = cv.of(own, fold.train), cv.of(own, fold.val)
+            train = detectors.training_rows(self, source, data, train)
             setup, info = cv.budgeted_fit(
-                "classification", settings, self.data, train, val, budget, self.args.clock,
+                "classification", settings, data, train, val, budget, self.args.clock,
                 seed, folder,
             )  # fmt: skip
-            for part, rows in (("val", val), ("test", cv.of(self.rows, fold.test))):
+            info.update(array_size=detectors.array_size(self, source),
+                        second_dataset_slices=int((train["source"] == "btm").sum()))  # fmt: skip
+            for part, rows in (("val", val), ("test", cv.of(own, fold.test))):
                 frame = rows[["id", "patient", "has_tumor"]].assign(
                     prob_tumor=cv.classifier_probabilities(setup, rows)
                 )

@@ -46,6 +46,19 @@ CPU = torch.device("cpu")
 # --- data ------------------------------------------------------------------------------------
 
 
+def raw_folder(source: Path, archive: str, extracted: Path) -> Path:
+    """The raw files of ``<archive>.zip`` in ``source`` (safely extracted once to
+    ``extracted``) or of its extracted folder ``source/<archive>``."""
+    zipped, folder = source / f"{archive}.zip", source / archive
+    if zipped.is_file():
+        if not extracted.is_dir():
+            extract_archive(zipped, extracted, ExtractionLimits())
+        return extracted
+    if folder.is_dir():
+        return folder
+    raise InputError(f"{source}: neither {zipped.name} nor {folder.name}/ found in it")
+
+
 def prepare_data(source: Path, work: Path, size: int) -> Path:
     """``<work>/data<size>`` with ``lgg/{images,masks}.npy`` and ``manifest.csv`` from a folder
     in the Kaggle archive layout (``lgg-mri-segmentation.zip`` or its extracted folder, as
@@ -53,15 +66,7 @@ def prepare_data(source: Path, work: Path, size: int) -> Path:
     data = work / f"data{size}"
     if (data / "manifest.csv").is_file():
         return data
-    zipped, folder = source / f"{ARCHIVE}.zip", source / ARCHIVE
-    if zipped.is_file():
-        raw = work / "raw_lgg"
-        if not raw.is_dir():
-            extract_archive(zipped, raw, ExtractionLimits())
-    elif folder.is_dir():
-        raw = folder
-    else:
-        raise InputError(f"{source}: neither {zipped.name} nor {folder.name}/ found in it")
+    raw = raw_folder(source, ARCHIVE, work / "raw_lgg")
     lgg = data / "lgg"
     preprocess_lgg(
         raw, size, lgg / "png", lgg / "images.npy", lgg / "masks.npy", lgg / "part.csv", 2

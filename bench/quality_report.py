@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from bench import quality_cv as cv
+from bench import quality_detectors as detectors
 from bench import quality_members as members
 from brainmri.io import write_csv, write_text
 
@@ -89,6 +90,10 @@ def collect(bench, score) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any], l
                     slices.append(_slices(bench, rows, pred, areas, f"seg:{name}", fold.number, k))
     patients_frame = pd.concat(patients, ignore_index=True) if patients else pd.DataFrame()
     slices_frame = pd.concat(slices, ignore_index=True) if slices else pd.DataFrame()
+    ensembles, waiting = detectors.ensembles_of(bench, slices_frame)
+    unfinished += waiting
+    if ensembles:
+        slices_frame = pd.concat([slices_frame, *ensembles], ignore_index=True)
     if not slices_frame.empty:
         slices_frame["quartile"] = 0
         for _, group in slices_frame.groupby("detector"):
@@ -141,6 +146,8 @@ def write_report(bench, score) -> Path:
             if name != base and base in set(slices["detector"]):
                 ref = slices[slices["detector"] == base].sort_values("id").reset_index(drop=True)
                 diffs[name] = score.pooled_difference(group, ref, min(args.n_boot, 2000))
+        extra, notes = detectors.detector_columns(bench, score, slices, summaries,
+                                                  min(args.n_boot, 2000))  # fmt: skip
         chosen = slices.dropna(subset=["min_pixels"]).groupby(["detector", "fold"])
         ks = chosen["min_pixels"].first().groupby(level=0).agg(list)
         lines += [
@@ -150,8 +157,9 @@ def write_report(bench, score) -> Path:
             "seg:<variant>: tumor when the post-processed mask has >= k pixels, k chosen per "
             "fold on the inner validation slices.",
             "",
-            score.classification_table(summaries, diffs),
+            score.classification_table(summaries, diffs, extra),
             "",
+            *[line for note in notes for line in (note, "")],
             "k per fold: " + "; ".join(f"{n} {list(map(int, v))}" for n, v in ks.items()),
             "",
         ]

@@ -196,15 +196,21 @@ def difference_table(
     return "\n".join(lines)
 
 
-def classification_table(summaries: dict[str, dict[str, Any]], diffs: dict[str, Any]) -> str:
-    """One row per detector: pooled metrics with CIs over patients."""
+def classification_table(
+    summaries: dict[str, dict[str, Any]],
+    diffs: dict[str, Any],
+    extra: dict[str, dict[str, str]] | None = None,
+) -> str:
+    """One row per detector: pooled metrics with CIs over patients; ``extra``: more columns
+    (``{header: {detector: cell}}``, "—" where a detector has none)."""
     names = ["accuracy", "tumor_f1", "auc", "patient_accuracy"] + [
         f"sensitivity_q{q}" for q in (1, 2, 3, 4)
     ]
     lines = [
         "| detector | accuracy | tumor F1 | AUC | per-patient accuracy | sensitivity by tumor "
-        "area quartile (Q1 small … Q4) | accuracy − reference [95 % CI] |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "area quartile (Q1 small … Q4) | accuracy − reference [95 % CI] |"
+        + "".join(f" {header} |" for header in extra or {}),
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |" + " ---: |" * len(extra or {}),
     ]
     for name, summary in summaries.items():
         cell = lambda key, s=summary: (  # noqa: E731
@@ -213,5 +219,6 @@ def classification_table(summaries: dict[str, dict[str, Any]], diffs: dict[str, 
         quartiles = " / ".join(_fmt(summary[f"sensitivity_q{q}"]["value"], 2) for q in range(1, 5))
         diff = diffs.get(name)
         cells = [name, *[cell(k) for k in names[:4]], quartiles, _ci(diff) if diff else "—"]
+        cells += [column.get(name, "—") for column in (extra or {}).values()]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from bench import quality, quality_cv
-from brainmri.data.synthetic import write_lgg_archive
+from brainmri.data.synthetic import write_btm_archive, write_lgg_archive
 from brainmri.errors import InputError
 
 
@@ -80,8 +80,13 @@ def test_flair_only_replaces_pre_and_post_contrast():
     assert (out[..., 1] == images[..., 1]).all() and not (out == images).all()
 
 
-def write_variants(path: Path, variants: dict, reference: str = "recipe") -> Path:
-    path.write_text(yaml.safe_dump({"reference": reference, "variants": variants}))
+def write_variants(
+    path: Path, variants: dict, reference: str = "recipe", ensembles: dict | None = None
+) -> Path:
+    spec = {"reference": reference, "variants": variants}
+    if ensembles:
+        spec["ensembles"] = ensembles
+    path.write_text(yaml.safe_dump(spec))
     return path
 
 
@@ -108,16 +113,29 @@ def test_the_shipped_variants_file_is_valid():
 
 @pytest.mark.slow
 def test_tiny_end_to_end_run(tmp_path):
-    """Generated archive, 6 patients, 32 px, 2 folds, a budget of a second: every variant is
-    scored on every patient (both conditions), and the tables and CSVs are written."""
+    """Generated archives, 6 patients, 32 px, 2 folds, a budget of a second: every variant is
+    scored on every patient (both conditions), classifiers at their array size and with the
+    second dataset, a post-hoc ensemble, and the tables and CSVs are written."""
     source = tmp_path / "data"
     write_lgg_archive(source / "lgg-mri-segmentation.zip", 6, 6, seed=2)
+    write_btm_archive(source / "brain-tumor-mri-dataset.zip", 2, seed=2)
+    classifier = {"kind": "classifier", "backbone": "resnet10t", "epochs": 1, "batch_size": 8}
     variants = write_variants(
         tmp_path / "v.yaml",
         {
             "recipe": {"epochs": 1, "batch_size": 8, "tta": False},
             "plain": {"kind": "plain", "batch_size": 8},
             "no_post": {"models_from": "recipe", "postprocess": {"min_component_voxels": 0}},
+            "cls": classifier,
+            "cls_48": {**classifier, "array_size": 48},
+            "cls_second": {**classifier, "second_dataset": True},
+        },
+        ensembles={
+            "vote": {
+                "classifiers": ["cls", "cls_48", "cls_second"],
+                "segmentation": "recipe",
+                "smooth_window": 3,
+            },
         },
     )
     work = tmp_path / "work"
@@ -137,7 +155,27 @@ def test_tiny_end_to_end_run(tmp_path):
     assert "| plain |" in report and "variant - recipe (original)" in report
     assert "seg:recipe" in report
     detectors = pd.read_csv(work / "detectors.csv")
-    assert set(detectors["detector"]) == {"seg:recipe", "seg:plain", "seg:no_post"}
+    assert set(detectors["detector"]) == {
+        "seg:recipe", "seg:plain", "seg:no_post", "cls", "cls_48", "cls_second", "vote"
+    }  # fmt: skip
+    slices = int((detectors["detector"] == "seg:recipe").sum())
+    for _, group in detectors.groupby("detector"):  # one truth: the --size arrays' labels
+        group = group.sort_values("id")
+        assert list(group["label"]) == list(detectors[detectors["detector"] == "cls"]
+                                            .sort_values("id")["label"])  # fmt: skip
+        assert group["id"].nunique() == len(group) == slices
+    assert "gate drops % of seg TP pixels" in report and "| vote |" in report
+    assert "accuracy − best single classifier" in report
+    for fold in (0, 1):
+        models = work / "models"
+        info = yaml.safe_load((models / "cls_second" / f"fold{fold}" / "info.json").read_text())
+        assert info["second_dataset_slices"] == 4  # 2 glioma + 2 notumor, in training only
+        for part in ("val", "test"):
+            ids = pd.read_csv(models / "cls_second" / f"fold{fold}" / f"{part}.csv")["id"]
+            assert not ids.str.startswith("btm_").any()
+        assert yaml.safe_load((models / "cls_48" / f"fold{fold}" / "info.json").read_text())[
+            "array_size"] == 48  # fmt: skip
+    assert (work / "data48" / "lgg" / "images.npy").is_file()
     assert not (work / "models" / "no_post").exists()  # inference-only: no training
     mtime = (work / "models" / "recipe" / "fold0" / "model.pt").stat().st_mtime
     quality.main([*argv, "--report"])  # scoring again reuses the cache
