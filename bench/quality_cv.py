@@ -26,7 +26,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from brainmri.data.archives import ExtractionLimits, extract_archive
 from brainmri.data.preprocess import preprocess_lgg
-from brainmri.data.splits import _patient_table, pick_patients
+from brainmri.data.splits import patient_table, pick_patients
 from brainmri.errors import InputError
 from brainmri.io import write_text
 from brainmri.models import Normalized, safe_torch_load, save_checkpoint
@@ -137,7 +137,7 @@ def cv_plan(rows: pd.DataFrame, folds: int, val_fraction: float, seed: int) -> l
     ):
         test = sorted(set(rows["patient"].iloc[inner]))
         training = rows.iloc[outer]
-        val = pick_patients(_patient_table(training), val_fraction, rng, "--inner-val")
+        val = pick_patients(patient_table(training), val_fraction, rng, "--inner-val")
         train = sorted(set(training["patient"]) - set(val))
         plan.append(Fold(number, tuple(train), tuple(val), tuple(test)))
     return plan

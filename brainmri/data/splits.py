@@ -69,7 +69,9 @@ def pick_patients(
     return sorted(names[best].tolist())
 
 
-def _patient_table(lgg: pd.DataFrame) -> pd.DataFrame:
+def patient_table(lgg: pd.DataFrame) -> pd.DataFrame:
+    """One row per patient of LGG manifest rows: institution, slices, tumor slices (the input of
+    :func:`pick_patients`)."""
     return lgg.groupby("patient").agg(
         institution=("institution", "first"),
         slices=("id", "size"),
@@ -108,11 +110,11 @@ def make_splits(
     ).set_index("id")
 
     if level == "patient":
-        patients = _patient_table(lgg)
+        patients = patient_table(lgg)
         test_patients = set(pick_patients(patients, test_fraction, rng, "split.test_fraction"))
         is_test = lgg["patient"].isin(test_patients)
         train = lgg[~is_test]
-        train_patients = _patient_table(train)
+        train_patients = patient_table(train)
         if folds > len(train_patients):
             raise ConfigError(
                 f"split.folds: {folds} folds need at least {folds} training patients, "
