@@ -48,6 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 KINDS = ("recipe", "plain", "classifier")
 INFERENCE_KEYS = ("tta", "postprocess", "threshold")
 OWN_KEYS = ("kind", "models_from", "flair_copies", "note", "backbone", "arch", "encoder")
+OWN_KEYS += ("encoder_depth",)
 PLAIN = {"arch": "Unet", "encoder": "resnet18", "batch_size": 16, "lr": 1e-3}
 
 
@@ -144,7 +145,7 @@ class Bench:
             settings, keys = {"name": "plain", **PLAIN}, ("batch_size", "lr", "encoder")
         else:
             settings = training_settings(self.config, "segmentation", "unet")
-            keys = (*STAGE_KEYS["segmentation"], "arch", "encoder")
+            keys = (*STAGE_KEYS["segmentation"], "arch", "encoder", "encoder_depth")
         if kind != "classifier":
             settings["input_size"] = self.args.size
         for layer in (common, variant):
