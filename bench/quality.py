@@ -55,6 +55,7 @@ KINDS = ("recipe", "plain", "classifier")
 INFERENCE_KEYS = ("tta", "postprocess", "threshold")
 OWN_KEYS = ("kind", "models_from", "flair_copies", "note", "backbone", "arch", "encoder")
 OWN_KEYS += detectors.CLASSIFIER_KEYS
+OWN_KEYS += ("encoder_depth",)
 PLAIN = {"arch": "Unet", "encoder": "resnet18", "batch_size": 16, "lr": 1e-3}
 
 
@@ -157,7 +158,7 @@ class Bench:
             settings, keys = {"name": "plain", **PLAIN}, ("batch_size", "lr", "encoder")
         else:
             settings = training_settings(self.config, "segmentation", "unet")
-            keys = (*STAGE_KEYS["segmentation"], "arch", "encoder")
+            keys = (*STAGE_KEYS["segmentation"], "arch", "encoder", "encoder_depth")
         if kind != "classifier":
             settings["input_size"] = self.args.size
         for layer in (common, variant):

@@ -107,8 +107,46 @@ def build_classifier(settings: dict[str, Any], weights: str | None = None) -> No
     return Normalized(nn.Sequential(backbone, ClassifierHead(features)), mean, std)
 
 
+# smp architectures whose output size follows encoder_depth (a fixed final upsampling).
+DEPTH_CHANGES_OUTPUT_SIZE = ("FPN", "PSPNet")
+
+
+def depth_options(settings: dict[str, Any], key: str | None = None) -> dict[str, Any]:
+    """smp keyword arguments of an architecture entry's ``encoder_depth``: none where it is
+    absent (smp's default depth), else ``encoder_depth`` and, for a decoder with one width per
+    stage (Unet, UnetPlusPlus, MAnet), the first ``encoder_depth`` of smp's default
+    ``decoder_channels`` (256, 128, 64, 32, 16). ConfigError naming
+    ``key`` (default ``segmentation.architectures.<name>``) for a depth out of 3..5 or an
+    architecture whose output size would change."""
+    import inspect
+
+    import segmentation_models_pytorch as smp
+
+    from brainmri.errors import ConfigError
+
+    depth = settings.get("encoder_depth")
+    if depth is None:
+        return {}
+    key = f"{key or 'segmentation.architectures.' + str(settings.get('name', '?'))}.encoder_depth"
+    if isinstance(depth, bool) or not isinstance(depth, int) or not 3 <= depth <= 5:
+        raise ConfigError(f"{key}: {depth!r} must be an integer from 3 to 5")
+    arch = settings["arch"]
+    if arch in DEPTH_CHANGES_OUTPUT_SIZE:
+        raise ConfigError(
+            f"{key}: {arch} does not support it (its output size would follow the depth)"
+        )
+    options: dict[str, Any] = {"encoder_depth": depth}
+    model_class = smp.MODEL_ARCHITECTURES_MAPPING.get(arch.lower())  # None: smp refuses arch
+    parameters = inspect.signature(model_class).parameters if model_class else {}
+    parameter = parameters.get("decoder_channels")
+    if parameter is not None and isinstance(parameter.default, tuple | list):
+        options["decoder_channels"] = tuple(parameter.default)[:depth]
+    return options
+
+
 def build_segmenter(settings: dict[str, Any], weights: str | None = None) -> Normalized:
-    """An smp model (1 output channel, logits), encoder from the weight cache if pretrained."""
+    """An smp model (1 output channel, logits), encoder from the weight cache if pretrained;
+    ``encoder_depth`` (optional) as :func:`depth_options` says."""
     import segmentation_models_pytorch as smp
 
     from brainmri.training.context import input_channels
@@ -120,6 +158,7 @@ def build_segmenter(settings: dict[str, Any], weights: str | None = None) -> Nor
         encoder_weights=None,
         in_channels=channels,
         classes=1,
+        **depth_options(settings),
     )
     if settings.get("pretrained"):
         state = load_weights_file(weights, "smp", settings["encoder"])
@@ -177,13 +216,17 @@ def check_classifier_config(settings: dict[str, Any], key: str) -> None:
 
 
 @functools.lru_cache(maxsize=64)
-def _segmenter_accepts(arch: str, encoder: str, size: int) -> str | None:
-    """None if smp's ``arch``/``encoder`` runs on a size x size input, else the error text."""
+def _segmenter_accepts(arch: str, encoder: str, size: int, depth: int | None = None) -> str | None:
+    """None if smp's ``arch``/``encoder`` (``depth``: that encoder_depth) runs on a size x size
+    input, else the error text."""
     import segmentation_models_pytorch as smp
 
+    options = depth_options({"arch": arch, "encoder_depth": depth}, "x")
     try:
         with torch.device("meta"):
-            model = smp.create_model(arch, encoder_name=encoder, encoder_weights=None, classes=1)
+            model = smp.create_model(
+                arch, encoder_name=encoder, encoder_weights=None, classes=1, **options
+            )
             model.eval()(torch.zeros(1, 3, size, size))
     except NotImplementedError:  # an op without a meta kernel: assume it runs
         return None
@@ -221,7 +264,8 @@ def check_segmenter_config(settings: dict[str, Any], key: str) -> None:
             f"{key}: slice_context (2.5D input) needs pretrained: false (the ImageNet encoder "
             "weights take 3 input channels)"
         )
-    problem = _segmenter_accepts(arch, settings["encoder"], size)
+    depth_options(settings, key)  # a bad encoder_depth names {key}.encoder_depth
+    problem = _segmenter_accepts(arch, settings["encoder"], size, settings.get("encoder_depth"))
     if problem:
         raise ConfigError(
             f"{key}: {arch}/{settings['encoder']} cannot take {size} px images ({problem})"

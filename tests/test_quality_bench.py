@@ -111,6 +111,24 @@ def test_the_shipped_variants_file_is_valid():
     assert spec["reference"] in variants and "plain" in variants
 
 
+def test_sampling_and_encoder_depth_variants_reach_the_models_settings():
+    """The shipped area_weighted and encoder_depth_4 variants change exactly their key."""
+    import argparse
+
+    bench = quality.Bench.__new__(quality.Bench)
+    bench.args = argparse.Namespace(size=64, epochs=None)
+    bench.spec, bench.variants = quality.load_variants(
+        quality.REPO / "bench" / "quality_variants.yaml"
+    )
+    bench.config = {}
+    for name in bench.spec["base"]:
+        bench.config = quality.deep_merge(bench.config, quality.read_yaml(quality.REPO / name))
+    recipe = bench.settings("recipe")
+    assert "encoder_depth" not in recipe and recipe["train_slices"] != "area_weighted"
+    assert bench.settings("area_weighted") == {**recipe, "train_slices": "area_weighted"}
+    assert bench.settings("encoder_depth_4") == {**recipe, "encoder_depth": 4}
+
+
 @pytest.mark.slow
 def test_tiny_end_to_end_run(tmp_path):
     """Generated archives, 6 patients, 32 px, 2 folds, a budget of a second: every variant is

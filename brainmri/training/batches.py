@@ -292,20 +292,62 @@ def _prefetch(
 
 
 def segmentation_training_indices(
-    has_tumor: np.ndarray, mode: str, empty_fraction: float, generator: torch.Generator
+    has_tumor: np.ndarray,
+    mode: str,
+    empty_fraction: float,
+    generator: torch.Generator,
+    tumor_area: np.ndarray | None = None,
+    patients: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Training slices of one epoch: all, tumor only, or tumor + a fresh draw of empty ones."""
+    """Training slices of one epoch: all, tumor only, tumor + a fresh draw of empty ones, or
+    (``area_weighted``, needs ``tumor_area`` and ``patients``) as many slices as
+    ``tumor_plus_empty`` takes, drawn with replacement by :func:`area_weighted_indices`."""
     tumor = np.flatnonzero(has_tumor)
     empty = np.flatnonzero(~has_tumor.astype(bool))
+    n_empty = min(len(empty), round(empty_fraction * len(tumor)))
+    if mode == "area_weighted":
+        if tumor_area is None or patients is None:
+            raise ValueError("segmentation.train_slices area_weighted: needs areas and patients")
+        count = len(tumor) + n_empty if len(tumor) else len(has_tumor)
+        return area_weighted_indices(tumor_area, patients, count, generator)
     if mode == "all" or len(tumor) == 0:
         chosen = np.arange(len(has_tumor))
     elif mode == "tumor_only":
         chosen = tumor
     elif mode == "tumor_plus_empty":
-        n_empty = min(len(empty), round(empty_fraction * len(tumor)))
         pick = torch.randperm(len(empty), generator=generator)[:n_empty].numpy()
         chosen = np.concatenate([tumor, empty[pick]])
     else:
         raise ValueError(f"segmentation.train_slices: unknown mode {mode!r}")
     order = torch.randperm(len(chosen), generator=generator).numpy()
     return chosen[order]
+
+
+def area_weights(tumor_area: np.ndarray) -> np.ndarray:
+    """Buda et al.'s slice probabilities within one volume: the tumor area plus a 10 % share
+    spread uniformly, ``(area + 0.1 * total / n) / (1.1 * total)``; uniform without tumor."""
+    area = np.asarray(tumor_area, dtype=np.float64)
+    total = area.sum()
+    if total <= 0:
+        return np.full(len(area), 1.0 / len(area))
+    return (area + 0.1 * total / len(area)) / (1.1 * total)
+
+
+def area_weighted_indices(
+    tumor_area: np.ndarray, patients: np.ndarray, count: int, generator: torch.Generator
+) -> np.ndarray:
+    """``count`` slices drawn with replacement as Buda et al. sample (brain-segmentation-pytorch,
+    dataset.py): each a patient uniformly, then one of its slices by :func:`area_weights`.
+    Drawn from ``generator`` only (same generator state, same slices)."""
+    _, patient_of = np.unique(np.asarray(patients), return_inverse=True)
+    n_patients = int(patient_of.max()) + 1
+    drawn_patient = torch.randint(n_patients, (count,), generator=generator).numpy()
+    uniform = torch.rand(count, generator=generator, dtype=torch.float64).numpy()
+    chosen = np.empty(count, dtype=np.int64)
+    for patient in range(n_patients):
+        members = np.flatnonzero(patient_of == patient)
+        cumulative = np.cumsum(area_weights(np.asarray(tumor_area)[members]))
+        mine = drawn_patient == patient
+        position = np.searchsorted(cumulative / cumulative[-1], uniform[mine], side="right")
+        chosen[mine] = members[np.minimum(position, len(members) - 1)]
+    return chosen

@@ -93,6 +93,10 @@ class TrainingSetup:
     device: torch.device
     plan: AcceleratorPlan
     test_counted: bool = False  # the plan's residency decision counted the test rows
+    # train_slices area_weighted: each training slice's tumor pixels at the array size, and
+    # its patient (None otherwise).
+    tumor_area: np.ndarray | None = None
+    patients: np.ndarray | None = None
 
     @property
     def resident(self) -> bool:
@@ -113,6 +117,8 @@ class TrainingSetup:
                 self.settings["train_slices"],
                 self.settings["empty_fraction"],
                 generator,
+                self.tumor_area,
+                self.patients,
             )
         return order, generator
 
@@ -218,6 +224,8 @@ def build_training_setup(
     if test is not None and len(train):  # the test rows hold as many bytes per row
         nbytes += round(nbytes / (len(train) + len(val if val is not None else [])) * len(test))
     plan = decide_residency(plan, nbytes, resident, f"{task} data")
+    weighted = task == "segmentation" and settings.get("train_slices") == "area_weighted"
+    masks = train_arrays[1]
     log.info("%s", plan.describe())
     return TrainingSetup(
         task=task,
@@ -236,4 +244,6 @@ def build_training_setup(
         device=device,
         plan=plan,
         test_counted=test is not None or resident is not None,
+        tumor_area=masks.reshape(len(masks), -1).sum(1, dtype=np.int64) if weighted else None,
+        patients=train["patient"].to_numpy() if weighted else None,
     )
