@@ -112,6 +112,9 @@ def load_variants(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]
     reference = spec.get("reference")
     if reference not in variants:
         raise InputError(f"{path}: reference {reference!r} is not a variant")
+    for other in spec.get("also_against", []):
+        if other not in variants:
+            raise InputError(f"{path}: also_against: {other!r} is not a variant")
     detectors.check_ensembles(path, spec, variants)
     return spec, variants
 

@@ -125,10 +125,11 @@ def write_report(bench, score) -> Path:
     if not patients.empty:
         write_csv(bench.work / "patients.csv", patients)
         lines += ["## Segmentation", "", score.segmentation_table(patients, info), ""]
-        for condition in ("original", "flair_only"):
-            table = score.difference_table(patients, reference, condition, args.n_boot)
-            if table:
-                lines += [table, ""]
+        for against in (reference, *bench.spec.get("also_against", [])):
+            for condition in ("original", "flair_only"):
+                table = score.difference_table(patients, against, condition, args.n_boot)
+                if table:
+                    lines += [table, ""]
         table = members.ensemble_table(bench, patients, args.n_boot)
         if table:
             lines += ["Fold ensembles (`members`) against their best member:", "", table, ""]

@@ -104,6 +104,10 @@ def test_variants_file_errors_name_the_file_and_the_problem(tmp_path):
         quality.load_variants(bad)
     with pytest.raises(InputError, match="reference 'other' is not a variant"):
         quality.load_variants(write_variants(tmp_path / "v.yaml", {"recipe": {}}, "other"))
+    path = write_variants(tmp_path / "v.yaml", {"recipe": {}})
+    path.write_text(path.read_text() + "also_against: [plainest]\n")
+    with pytest.raises(InputError, match="also_against: 'plainest' is not a variant"):
+        quality.load_variants(path)
 
 
 def test_the_shipped_variants_file_is_valid():
