@@ -42,9 +42,9 @@ def decided_by(files: ReportFiles, config: dict[str, Any], backbones: list[str])
     """metrics.json's ``decision``: the method, the voter's k (None: off), the sentence's
     detector and, with method segmentation, the backbones' majority vote."""
     cls = config["classification"]
-    method = cls["ensemble"]
-    k = None
-    if cls["segmentation_voter"]["enabled"]:
+    method, window = cls.get("ensemble", "majority"), int(cls.get("smooth_window", 1))
+    k = None  # the voter's k: given by the report rule when the voter is on
+    if cls.get("segmentation_voter", {}).get("enabled") or "voter_choice" in files.files:
         k = read_voter_choice(files.path("voter_choice"))
     voter = f"segmentation voter (k={k})"
     majority = None
@@ -52,15 +52,15 @@ def decided_by(files: ReportFiles, config: dict[str, Any], backbones: list[str])
         detector = f"{voter} alone"
         majority = classifiers_majority(
             {b: files.path("predictions", b) for b in backbones},
-            float(cls["threshold"]),
-            int(cls["smooth_window"]),
+            float(cls.get("threshold", 0.5)),
+            window,
             files.path("manifest"),
         )
     else:
         detector = f"{method} vote of {', '.join(backbones)}"
         detector += f" + {voter}" if k is not None else ""
-    if cls["smooth_window"] > 1:
-        detector += f", smoothed along the slice order (window {cls['smooth_window']})"
+    if window > 1:
+        detector += f", smoothed along the slice order (window {window})"
     return {
         "method": method,
         "min_pixels": k,
