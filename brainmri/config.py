@@ -163,7 +163,14 @@ def preflight_errors(config: dict[str, Any]) -> list[str]:
                 f"segmentation.final_model.epochs: {epochs} epochs leave none for the cosine "
                 f"schedule after {name}'s {warmup} warm-up epochs"
             )
-    window = config["classification"]["smooth_window"]
+    classification = config["classification"]
+    voter_on = classification["segmentation_voter"]["enabled"]
+    if classification["ensemble"] == "segmentation" and not voter_on:
+        problems.append(
+            "classification.ensemble: 'segmentation' needs "
+            "classification.segmentation_voter.enabled: true (the voter decides alone)"
+        )
+    window = classification["smooth_window"]
     if window % 2 == 0:
         problems.append(f"classification.smooth_window: {window} must be odd (1 = off)")
     data = config["data"]

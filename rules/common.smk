@@ -414,4 +414,5 @@ def report_files(input) -> str:
             },
             "devices": list(input.devices),
         }
+        | {"voter_choice": path for path in input.voter_choice}
     )

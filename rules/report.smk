@@ -107,6 +107,8 @@ rule report:
         cascade_metrics=results("cascade/metrics.json"),
         cascade_table=results("cascade/comparison.tsv"),
         cascade_per_slice=results("cascade/per_slice.csv"),
+        # The segmentation voter's k, when it is on (the report says which detector decided).
+        voter_choice=voter_choice(),
         devices=training_devices(),
         # The report's own code: editing it rebuilds the report and nothing else.
         code=[
@@ -114,6 +116,7 @@ rule report:
             PACKAGE / "reporting" / "report.py",
             PACKAGE / "reporting" / "volumes.py",
             PACKAGE / "reporting" / "checks.py",
+            PACKAGE / "reporting" / "decider.py",
             PACKAGE / "reporting" / "inputs.py",
         ],
     output:

@@ -125,3 +125,23 @@ def check_defaults(config: dict) -> dict:
 
     validate(config, str(REPO / "config" / "schema.yaml"), set_default=True)
     return config
+
+
+def test_ensemble_segmentation_needs_the_voter_one_line_naming_the_keys():
+    voter_off = check_defaults(
+        demo(
+            classification__ensemble="segmentation",
+            classification__segmentation_voter={"enabled": False},
+        )
+    )
+    (problem,) = preflight_errors(voter_off)
+    assert problem.startswith("classification.ensemble: 'segmentation' needs")
+    assert "classification.segmentation_voter.enabled: true" in problem and "\n" not in problem
+    voter_on = check_defaults(
+        demo(
+            classification__ensemble="segmentation",
+            classification__segmentation_voter={"enabled": True},
+        )
+    )
+    assert preflight_errors(voter_on) == []
+    assert schema_errors(demo(classification__ensemble="segmentation"), SCHEMA) == []

@@ -3,13 +3,22 @@ ensemble of stored probabilities, and the fold summaries of Tables 1 and 2."""
 
 from __future__ import annotations
 
+import argparse
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from brainmri.errors import InputError
 from brainmri.evaluation.classification import read_predictions
-from brainmri.evaluation.decision import ensemble_predictions
+from brainmri.evaluation.decision import (
+    EnsembleRule,
+    add_ensemble_arguments,
+    ensemble_decision,
+    ensemble_predictions,
+    ensemble_rule,
+)
 from brainmri.evaluation.masks import mean_probabilities
 from brainmri.evaluation.summary import ensemble_row, fold_summary, select_overlay_slices, table_row
 
@@ -76,6 +85,53 @@ def test_soft_vote_differs_from_majority_on_the_same_tables():
     assert ensemble_predictions(frames, "majority", 0.5)[0]["pred"].tolist() == [1]
     soft, ties = ensemble_predictions(frames, "soft", 0.5)
     assert soft["pred"].tolist() == [0] and ties == 0  # mean 0.34
+
+
+def test_segmentation_method_the_voter_decides_alone_then_smoothing():
+    # Two classifiers that agree on tumor for slices 0, 1 and 4; the voter (k = 5) says tumor
+    # on slices 1, 3 and 4 of one patient's slices 0..4.
+    probs = np.array([[0.9, 0.9, 0.1, 0.1, 0.9], [0.8, 0.7, 0.2, 0.1, 0.9]])
+    areas = np.array([4, 10, 0, 5, 12])
+    order = (np.array(["p"] * 5), np.array([0, 1, 2, 3, 4]))
+    plain = ensemble_decision(EnsembleRule("segmentation", 0.5, 5), probs, areas, order)
+    assert plain.pred.tolist() == [0, 1, 0, 1, 1]  # the voter's, not the classifiers' 1,1,0,0,1
+    assert plain.probability.tolist() == [0.0, 1.0, 0.0, 1.0, 1.0]  # the voter's 0/1
+    assert plain.votes.tolist() == [2, 3, 0, 1, 3]  # every voter counted
+    assert plain.segmentation_voter.tolist() == [0, 1, 0, 1, 1] and not plain.smoothed
+    majority = ensemble_decision(EnsembleRule("majority", 0.5, 5), probs, areas, order)
+    assert majority.pred.tolist() == [1, 1, 0, 0, 1]  # the two classifiers outvote the voter
+    smoothed = ensemble_decision(EnsembleRule("segmentation", 0.5, 5, 3), probs, areas, order)
+    # Windows of 3 along the slice order: [0,1] tie -> own 0, [0,1,0] -> 0, [1,0,1] -> 1, ...
+    assert smoothed.pred.tolist() == [0, 0, 1, 1, 1] and smoothed.smoothed
+    assert smoothed.votes.tolist() == plain.votes.tolist()
+
+
+def test_segmentation_method_needs_the_voter():
+    with pytest.raises(InputError, match=r"segmentation_voter\.enabled: true"):
+        EnsembleRule("segmentation", 0.5)
+    with pytest.raises(ValueError, match="unknown ensemble method 'median'"):
+        EnsembleRule("median", 0.5, 3)
+    frames = {"a.csv": predictions([1], [0.9])}
+    with pytest.raises(InputError, match="segmentation voter"):
+        ensemble_predictions(frames, "segmentation", 0.5)
+    result, ties = ensemble_predictions(frames, "segmentation", 0.5, np.array([2]), 3)
+    assert result["pred"].tolist() == [0] and result["votes"].tolist() == [1] and ties == 0
+    assert result["segmentation_voter"].tolist() == [0] and result["prob_tumor"].tolist() == [0]
+
+
+def test_predict_options_with_method_segmentation(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_ensemble_arguments(parser)
+    common = ["--classifier-threshold", "0.5", "--segmentation-threshold", "0.5"]
+    args = parser.parse_args(["--method", "segmentation", *common])
+    with pytest.raises(InputError, match="--method segmentation needs --segmentation-voter"):
+        ensemble_rule(args)
+    choice = tmp_path / "min_pixels.json"
+    choice.write_text(json.dumps({"min_pixels": 7, "threshold": 0.5}))
+    args = parser.parse_args(
+        ["--method", "segmentation", *common, "--segmentation-voter", str(choice)]
+    )
+    assert ensemble_rule(args) == EnsembleRule("segmentation", 0.5, 7, 1)
 
 
 def test_tables_with_other_ids_or_order_or_labels_are_refused():

@@ -132,6 +132,47 @@ def test_ensemble_classifiers_script_votes_and_checks_ids(data, tmp_path):
     )
 
 
+def test_ensemble_script_segmentation_method_the_voter_decides(data, tmp_path):
+    _, _, test, _ = data
+    paths = []
+    for k in range(3):  # three classifiers wrong on every slice
+        paths.append(tmp_path / f"m{k}" / "test_predictions.csv")
+        write_csv(paths[-1], backbone_predictions(test, list(range(len(test)))))
+    label = test["has_tumor"].to_numpy()
+    areas = np.where(label == 1, 9, 2)
+    areas[0] = 9 if label[0] == 0 else 2  # the voter (k = 5) wrong on slice 0 only
+    voter = tmp_path / "segvoter" / "test_predictions.csv"
+    write_csv(voter, pd.DataFrame({"id": test["id"], "pred_area": areas}))
+    choice = tmp_path / "segvoter" / "min_pixels.json"
+    write_json(choice, {"min_pixels": 5})
+    output = tmp_path / "ensemble" / "test_predictions.csv"
+    common = ("--threshold", 0.5, "--predictions", *paths)
+    run_script(
+        "ensemble_classifiers.py",
+        *("--method", "segmentation", *common, "--voter-table", voter, "--voter-choice", choice),
+        *("--output", output),
+        check=True,
+    )
+    result = pd.read_csv(output)
+    assert list(result.columns) == [
+        *("id", "patient", "label", "prob_tumor", "pred", "votes", "segmentation_voter")
+    ]
+    voted = (areas >= 5).astype(int)
+    assert result["pred"].tolist() == voted.tolist()  # the voter's, not the classifiers' 3 votes
+    assert result["segmentation_voter"].tolist() == voted.tolist()
+    assert result["prob_tumor"].tolist() == voted.tolist()
+    assert result["votes"].tolist() == (3 * (1 - label) + voted).tolist()
+    assert (result["pred"] == result["label"]).sum() == len(test) - 1
+
+    bad = tmp_path / "bad"
+    fails_cleanly(
+        "ensemble_classifiers.py",
+        *("--method", "segmentation", *common, "--output", bad / "test_predictions.csv"),
+        names=("--method segmentation needs --voter-table and --voter-choice",),
+        out_dir=bad,
+    )
+
+
 def classifier_args(data, predictions_path, out, threshold=0.5) -> list:
     preprocessed = data[0]
     return [

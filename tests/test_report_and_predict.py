@@ -90,6 +90,12 @@ def test_report_reads_only_its_declared_files(workflow_run, tmp_path):
     html = (out / "report.html").read_text()
     metrics = json.loads((out / "metrics.json").read_text())
     assert "stray" not in html and "fold9" not in html
+    # Which detector decided (the tiny run: config/config.yaml's majority vote with the voter).
+    k = json.loads(Path(files["voter_choice"]).read_text())["min_pixels"]
+    detector = f"majority vote of {', '.join(BACKBONES)} + segmentation voter (k={k})"
+    assert f"<b>Decided by:</b> {detector}. Its accuracy" in html
+    assert f"The ensemble ({detector}) gates the" in html
+    assert metrics["decision"]["detector"] == detector and metrics["decision"]["min_pixels"] == k
     assert "stray" not in metrics["classification"] and "stray" not in json.dumps(metrics["checks"])
     # A declared file that is missing: one line naming it, exit 1, no report written.
     missing = Path(files["segmenter_history"]["unet/fold1"])

@@ -17,6 +17,7 @@ from brainmri.reporting.checks import (
     paper_comparability,
     segmentation_checks,
 )
+from brainmri.reporting.decider import decided_by, decided_by_html
 from brainmri.reporting.inputs import ReportFiles
 from brainmri.tables import load_table
 
@@ -162,3 +163,72 @@ def test_report_files_name_a_missing_or_undeclared_file(tmp_path):
         files.path("test_metrics", "stray")
     with pytest.raises(InputError, match="no overlays file given"):
         files.path("overlays")
+
+
+def decider_files(root: Path, voter: bool) -> ReportFiles:
+    """Three backbones' test predictions on one patient's slices 0..3 (two of them wrong on
+    slices 1 and 2), the manifest's slice order and, with ``voter``, the voter's k."""
+    labels = [1, 0, 1, 0]
+    write_predictions(root, "a", labels, [1, 1, 0, 0], [0.9, 0.8, 0.2, 0.1])
+    write_predictions(root, "b", labels, [1, 1, 0, 0], [0.9, 0.7, 0.3, 0.2])
+    write_predictions(root, "c", labels, [1, 0, 1, 0], [0.8, 0.1, 0.9, 0.1])
+    manifest = root / "manifest.csv"
+    pd.DataFrame({"id": [f"s{i}" for i in range(4)], "slice_index": range(4)}).to_csv(
+        manifest, index=False
+    )
+    files = {"predictions": {n: str(p) for n, p in predictions(root, "a", "b", "c").items()}}
+    files["manifest"] = str(manifest)
+    if voter:
+        (root / "min_pixels.json").write_text(json.dumps({"min_pixels": 12}))
+        files["voter_choice"] = str(root / "min_pixels.json")
+    return ReportFiles(files)
+
+
+def classification_config(method: str, voter: bool) -> dict:
+    return {
+        "classification": {
+            "ensemble": method,
+            "threshold": 0.5,
+            "smooth_window": 1,
+            "segmentation_voter": {"enabled": voter},
+        }
+    }
+
+
+PAPER = {"ensemble_accuracy": 0.96, "tumor_f1": 0.94}
+
+
+def test_the_report_names_the_detector_that_decided(tmp_path):
+    files = decider_files(tmp_path, voter=True)
+    decision = decided_by(files, classification_config("segmentation", True), ["a", "b", "c"])
+    assert decision["detector"] == "segmentation voter (k=12) alone"
+    assert decision["min_pixels"] == 12
+    # The backbones' majority vote: 1, 1, 0, 0 against labels 1, 0, 1, 0.
+    assert decision["classifiers_majority"] == {"accuracy": 0.5, "tumor_f1": 0.5}
+    html = decided_by_html(decision, {"accuracy": 0.87, "tumor_f1": 0.8}, PAPER)
+    assert "<b>Decided by:</b> segmentation voter (k=12) alone" in html
+    assert "the classifiers' majority vote: accuracy 0.500, tumor F1 0.500" in html
+    assert "accuracy 0.870 (-0.090 vs the paper's 0.96), tumor F1 0.800 (-0.140 vs 0.94)" in html
+
+    majority = decided_by(files, classification_config("majority", True), ["a", "b", "c"])
+    assert majority["detector"] == "majority vote of a, b, c + segmentation voter (k=12)"
+    assert majority["classifiers_majority"] is None
+    html = decided_by_html(majority, {"accuracy": 0.96, "tumor_f1": 0.95}, PAPER)
+    assert "majority vote of a, b, c + segmentation voter (k=12)." in html
+    assert "classifiers' majority vote" not in html and "(+0.010 vs 0.94)" in html
+
+    plain = decided_by(
+        decider_files(tmp_path / "plain", voter=False),
+        classification_config("soft", False),
+        ["a", "b", "c"],
+    )
+    assert plain["detector"] == "soft vote of a, b, c" and plain["min_pixels"] is None
+
+
+def test_method_segmentation_checks_the_classifiers_majority(tmp_path):
+    labels = [1, 1, 0, 0, 0]
+    write_predictions(tmp_path, "a", labels, [1, 1, 0, 0, 1], [0.9, 0.8, 0.2, 0.1, 0.6])
+    write_predictions(tmp_path, "b", labels, [1, 0, 0, 0, 0], [0.9, 0.3, 0.1, 0.2, 0.3])
+    write_predictions(tmp_path, "c", labels, [1, 1, 1, 1, 1], [0.9, 0.9, 0.8, 0.7, 0.9])
+    paths = predictions(tmp_path, "a", "b", "c")
+    assert classifier_checks(paths, "segmentation") == classifier_checks(paths, "majority")

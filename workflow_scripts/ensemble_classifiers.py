@@ -1,12 +1,15 @@
-"""Ensemble the backbones' test predictions: majority vote (the paper) or soft vote, with the
-decision of brainmri.evaluation.decision (the one predict and predict_volume use).
+"""Ensemble the backbones' test predictions: majority vote (the paper), soft vote or the
+segmentation voter alone, with the decision of brainmri.evaluation.decision (the one predict
+and predict_volume use).
 
 majority: each backbone's decision (``prob_tumor`` >= the cut-off --threshold) is one vote; a tie
 (an even number of voters) goes to the mean probability (>= the cut-off: tumor). soft: the
 mean ``prob_tumor`` >= the cut-off. The segmentation voter (--voter-table, its pred_area per
-slice, and --voter-choice, its k) is one more vote. The output has a backbone's columns
-(``prob_tumor`` = the mean probability) plus ``votes`` (tumor votes) and, with the voter,
-``segmentation_voter`` (its 0/1). Every input must hold the same ids in the same order.
+slice, and --voter-choice, its k) is one more vote; segmentation: the voter decides alone (it
+needs --voter-table and --voter-choice; the backbones' votes are still counted). The output has
+a backbone's columns (``prob_tumor`` = the mean probability; with segmentation, the voter's
+0/1) plus ``votes`` (tumor votes of every voter) and, with the voter, ``segmentation_voter``
+(its 0/1). Every input must hold the same ids in the same order.
 Optionally each decision then becomes the majority of its neighbours along the patient's
 slice order (--smooth-window, with --manifest for the order)."""
 
@@ -19,7 +22,7 @@ import pandas as pd
 
 from brainmri.errors import InputError
 from brainmri.evaluation.classification import read_predictions
-from brainmri.evaluation.decision import ensemble_predictions, read_voter_choice
+from brainmri.evaluation.decision import METHODS, ensemble_predictions, read_voter_choice
 from brainmri.io import run_cli, setup_logging, write_csv
 
 
@@ -37,7 +40,7 @@ def aligned(path: Path, column: str, ids: pd.Series) -> pd.Series:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--method", choices=["majority", "soft"], required=True)
+    parser.add_argument("--method", choices=METHODS, required=True)
     parser.add_argument("--threshold", type=float, required=True, help="classifier cut-off")
     parser.add_argument("--predictions", nargs="+", required=True, type=Path)
     parser.add_argument("--voter-table", type=Path, help="segvoter/test_predictions.csv")
@@ -49,6 +52,8 @@ def main() -> None:
     log = setup_logging()
     if (args.voter_table is None) != (args.voter_choice is None):
         raise ValueError("--voter-table and --voter-choice go together")
+    if args.method == "segmentation" and args.voter_table is None:
+        raise InputError("--method segmentation needs --voter-table and --voter-choice")
     frames = {str(path): read_predictions(path, args.threshold) for path in args.predictions}
     if len(frames) != len(args.predictions):
         raise ValueError("--predictions: the same file is given twice")
@@ -67,12 +72,16 @@ def main() -> None:
         frames, args.method, args.threshold, areas, k, args.smooth_window, order
     )
     write_csv(args.output, result)
+    decider = (
+        f"the segmentation voter (k = {k}) alone, beside the votes of {len(frames)} models"
+        if args.method == "segmentation"
+        else f"{args.method} vote of {len(frames)} models"
+        + ("" if k is None else f" and the segmentation voter (k = {k})")
+    )
     log.info(
-        "%s vote of %d models%s on %d slices (smoothing window %d): accuracy %.4f, "
+        "%s on %d slices (smoothing window %d): accuracy %.4f, "
         "%d ties broken by the mean probability",
-        args.method,
-        len(frames),
-        "" if k is None else f" and the segmentation voter (k = {k})",
+        decider,
         len(result),
         args.smooth_window,
         float((result["pred"] == result["label"]).mean()),

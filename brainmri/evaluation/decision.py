@@ -6,10 +6,13 @@ The voters are the classifiers (a tumor vote at probability >= the cut-off
 ``classification.threshold``) and, with ``classification.segmentation_voter``, the segmentation
 fold ensemble: tumor where its thresholded, per-volume post-processed mask has at least ``k``
 pixels (``classification/segvoter/min_pixels.json``); its probability is its 0/1 decision, so
-it counts in the mean probability as in its table. The vote is ``classification.ensemble``
-(:func:`brainmri.evaluation.classification.vote`); then, where slices have an order (a patient's
-slice numbers), each decision becomes the majority of the ``classification.smooth_window``
-decisions centred on it (:func:`brainmri.evaluation.voting.smooth_decisions`).
+it counts in the mean probability as in its table. The vote is ``classification.ensemble``:
+``majority`` or ``soft`` (:func:`brainmri.evaluation.classification.vote`), or ``segmentation``:
+the voter decides alone (the classifiers' votes are still counted in ``votes``; the probability
+is the voter's 0/1, so that ``pred`` is ``probability >= cut-off`` before smoothing); then, where
+slices have an order (a patient's slice numbers), each decision becomes the majority of the
+``classification.smooth_window`` decisions centred on it
+(:func:`brainmri.evaluation.voting.smooth_decisions`).
 """
 
 from __future__ import annotations
@@ -28,17 +31,30 @@ from brainmri.evaluation.postprocess import PostProcess, postprocess_arg
 from brainmri.evaluation.voting import smooth_decisions, voter_decisions
 
 SEGMENTATION_VOTER = "segmentation_voter"
+# classification.ensemble: the classifiers' majority vote (the paper), their mean probability,
+# or the segmentation voter alone.
+METHODS = ("majority", "soft", "segmentation")
 
 
 @dataclass(frozen=True)
 class EnsembleRule:
-    """How the run's ensemble decides: ``method`` (majority | soft), the classifier ``cutoff``,
-    the segmentation voter's ``min_pixels`` (None: no voter) and ``smooth_window`` (1: off)."""
+    """How the run's ensemble decides: ``method`` (majority | soft | segmentation), the
+    classifier ``cutoff``, the segmentation voter's ``min_pixels`` (None: no voter; required by
+    ``segmentation``) and ``smooth_window`` (1: off)."""
 
     method: str
     cutoff: float
     min_pixels: int | None = None
     smooth_window: int = 1
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown ensemble method {self.method!r} ({', '.join(METHODS)})")
+        if self.method == "segmentation" and self.min_pixels is None:
+            raise InputError(
+                "ensemble method 'segmentation' needs the segmentation voter's k "
+                "(classification.segmentation_voter.enabled: true)"
+            )
 
     def voters(self, classifiers: list[str]) -> list[str]:
         """The names of the voters, the segmentation voter as ``segmentation_voter(k=K)``."""
@@ -48,7 +64,8 @@ class EnsembleRule:
 
 @dataclass
 class Decision:
-    """Per slice: ``pred`` (0/1, after smoothing), ``probability`` (mean over the voters),
+    """Per slice: ``pred`` (0/1, after smoothing), ``probability`` (mean over the voters; the
+    segmentation voter's 0/1 with method ``segmentation``),
     ``votes`` (tumor votes), ``segmentation_voter`` (its 0/1, None without it), and whether
     smoothing was applied (``smoothed``)."""
 
@@ -86,7 +103,11 @@ def ensemble_decision(
         voter = voter_decisions(segmentation_areas, rule.min_pixels)
         preds.append(voter)
         probs.append(voter.astype(float))
-    pred, probability, votes = vote(np.stack(preds), np.stack(probs), rule.method, rule.cutoff)
+    if rule.method == "segmentation":  # the voter alone; every vote is still counted
+        votes = np.stack(preds).sum(axis=0)
+        pred, probability = voter, voter.astype(float)
+    else:
+        pred, probability, votes = vote(np.stack(preds), np.stack(probs), rule.method, rule.cutoff)
     smoothed = rule.smooth_window > 1 and order is not None
     if smoothed:
         pred = smooth_decisions(pred, order[0], order[1], rule.smooth_window)
@@ -175,7 +196,12 @@ def read_voter_choice(
 def add_ensemble_arguments(parser: argparse.ArgumentParser) -> None:
     """The run's ensemble as options of predict.py and predict_volume.py (the rules pass the
     configured values and the run's min_pixels.json)."""
-    parser.add_argument("--method", choices=["majority", "soft"], required=True)
+    parser.add_argument(
+        "--method",
+        choices=METHODS,
+        required=True,
+        help="classification.ensemble (segmentation needs --segmentation-voter)",
+    )
     parser.add_argument("--classifier-threshold", type=float, required=True, help="cut-off")
     parser.add_argument("--segmentation-threshold", type=float, required=True)
     parser.add_argument("--tta", action="store_true", help="test-time flips (segmentation.tta)")
@@ -203,6 +229,8 @@ def ensemble_rule(args: argparse.Namespace) -> EnsembleRule:
     if args.smooth_window < 1 or args.smooth_window % 2 == 0:
         raise InputError(f"--smooth-window must be an odd number >= 1, not {args.smooth_window}")
     k = None
+    if args.method == "segmentation" and args.segmentation_voter is None:
+        raise InputError("--method segmentation needs --segmentation-voter (the voter decides)")
     if args.segmentation_voter is not None:
         k = read_voter_choice(
             args.segmentation_voter, args.segmentation_threshold, args.postprocess

@@ -26,7 +26,8 @@ from brainmri.tables import load_table
 DEGENERATE_DICE = 0.05
 
 
-def _accuracy_f1(labels: np.ndarray, preds: np.ndarray) -> dict[str, float]:
+def accuracy_f1(labels: np.ndarray, preds: np.ndarray) -> dict[str, float]:
+    """Slice accuracy and tumor F1 of 0/1 decisions."""
     true_pos = int(((preds == 1) & (labels == 1)).sum())
     predicted, actual = int((preds == 1).sum()), int((labels == 1).sum())
     f1 = 2 * true_pos / (predicted + actual) if predicted + actual else 0.0
@@ -37,7 +38,9 @@ def classifier_checks(
     predictions: dict[str, Path], method: str, cutoff: float = 0.5
 ) -> dict[str, Any]:
     """One-class classifiers (backbone -> its test_predictions.csv, at the classifier cut-off),
-    and the ensemble's metrics with and without them."""
+    and the ensemble's metrics with and without them. ``method`` segmentation (the voter
+    decides alone, whatever the classifiers say): their majority vote instead."""
+    method = "majority" if method == "segmentation" else method
     frames = {b: read_predictions(path, cutoff) for b, path in predictions.items()}
     flagged = []
     for name, frame in frames.items():
@@ -61,8 +64,8 @@ def classifier_checks(
         result["ensemble_without_degenerate"] = {
             "models": list(kept),
             "changed_slices": changed,
-            "with": _accuracy_f1(labels, full["pred"].to_numpy()),
-            "without": _accuracy_f1(labels, without["pred"].to_numpy()),
+            "with": accuracy_f1(labels, full["pred"].to_numpy()),
+            "without": accuracy_f1(labels, without["pred"].to_numpy()),
         }
     return result
 

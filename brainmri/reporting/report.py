@@ -19,6 +19,7 @@ import pandas as pd
 from brainmri.errors import InputError
 from brainmri.io import read_json
 from brainmri.reporting.checks import checks_html, paper_note_html, run_checks
+from brainmri.reporting.decider import decided_by, decided_by_html
 from brainmri.reporting.inputs import ReportFiles
 from brainmri.reporting.volumes import patient_volumes, volume_rows
 
@@ -249,9 +250,11 @@ def build_report(
     metrics = run.headline()
     metrics["checks"] = run_checks(files, config, run.backbones)
     metrics["provenance"] = provenance
+    metrics["decision"] = decided_by(files, config, run.backbones)
     parts: list[str] = []
     add = parts.append
-    ens = metrics["classification"]["ensemble"]
+    ens, paper = metrics["classification"]["ensemble"], PAPER["classification"]
+    decision = decided_by_html(metrics["decision"], ens, paper)  # which detector decided
     add(
         f"<h1>Brain MRI tumor classification and segmentation</h1>"
         f"<p class=note>Recipe <b>{esc(config.get('recipe', 'custom'))}</b> · "
@@ -273,13 +276,9 @@ def build_report(
 
     # Paper comparison first: the headline.
     rows = [
-        [
-            "classification: ensemble accuracy",
-            PAPER["classification"]["ensemble_accuracy"],
-            ens["accuracy"],
-        ],
-        ["classification: tumor F1", PAPER["classification"]["tumor_f1"], ens["tumor_f1"]],
-        ["classification: test slices", PAPER["classification"]["test_slices"], ens["test_slices"]],
+        ["classification: ensemble accuracy", paper["ensemble_accuracy"], ens["accuracy"]],
+        ["classification: tumor F1", paper["tumor_f1"], ens["tumor_f1"]],
+        ["classification: test slices", paper["test_slices"], ens["test_slices"]],
     ]
     for arch, s in metrics["segmentation"].items():
         rows.append(
@@ -297,7 +296,7 @@ def build_report(
             ]
         )
     add('<h2 id="paper">Paper vs this run</h2>')
-    add(paper_note_html(metrics["checks"]["paper"]))
+    add(paper_note_html(metrics["checks"]["paper"]) + decision)
     # object dtype: counts stay integers (786, not 786.000) beside the fractions.
     add(table_html(pd.DataFrame(rows, columns=["metric", "paper", "this run"], dtype=object)))
     add(
@@ -313,7 +312,7 @@ def build_report(
     add(_examples(files))
 
     # Classification.
-    add('<h2 id="classification">Classification (LGG test set)</h2>')
+    add('<h2 id="classification">Classification (LGG test set)</h2>' + decision)
     overview = pd.DataFrame(
         [
             [m, v["accuracy"], v["tumor_precision"], v["tumor_recall"], v["tumor_f1"], v["roc_auc"]]
@@ -360,7 +359,7 @@ def build_report(
     # Cascade.
     add('<h2 id="cascade">Classify-then-segment cascade</h2>')
     add(
-        "<p>Classifier ensemble gates the "
+        f"<p>The ensemble ({esc(metrics['decision']['detector'])}) gates the "
         f"<b>{esc(run.cascade['architecture'])}</b> fold ensemble on "
         f"all {esc(run.cascade['n_slices'])} test slices (tumor and tumor-free).</p>"
     )
