@@ -220,7 +220,9 @@ def final_model_epochs(wildcards, input) -> str:
     """train.py's epochs option of the final model: the configured number, or the histories."""
     if FINAL_MODEL["epochs"] is not None:
         return f"--epochs {int(FINAL_MODEL['epochs'])}"
-    return " ".join(["--fold-histories", *(shlex.quote(path) for path in input.histories)])
+    return " ".join(
+        ["--fold-histories", *(shlex.quote(path) for path in input.histories)]
+    )
 
 
 def classifier_weights(wildcards) -> list[str]:
