@@ -17,13 +17,13 @@ import pandas as pd
 from bench import quality_cv as cv
 from brainmri.data.preprocess import preprocess_btm
 from brainmri.errors import InputError
+from brainmri.evaluation import decision
 from brainmri.evaluation.bootstrap import grouped_bootstrap
 from brainmri.evaluation.decision import EnsembleRule, ensemble_decision, gate
 from brainmri.tables import read_manifest
 
 CLASSIFIER_KEYS = ("array_size", "second_dataset")
-# TODO(decide): add "segmentation" when brainmri.evaluation.decision gains that method.
-METHODS = ("majority", "soft")
+METHODS = decision.METHODS  # majority | soft | segmentation (the voter alone decides)
 ENSEMBLE_KEYS = ("classifiers", "segmentation", "method", "smooth_window", "note")
 SECOND_ARCHIVE = "brain-tumor-mri-dataset"
 
@@ -76,6 +76,8 @@ def check_ensembles(path: Path, spec: dict[str, Any], variants: dict[str, dict])
             raise InputError(f"{where}: segmentation {seg!r} is no segmentation variant")
         if ensemble.get("method", "majority") not in METHODS:
             raise InputError(f"{where}: method must be one of {METHODS}")
+        if ensemble.get("method") == "segmentation" and seg is None:
+            raise InputError(f"{where}: method segmentation needs a segmentation variant")
         window = ensemble.get("smooth_window", 1)
         if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
             raise InputError(f"{where}: smooth_window must be an odd integer >= 1, not {window!r}")

@@ -112,7 +112,7 @@ def detector_slices() -> tuple[pd.DataFrame, pd.DataFrame]:
     return slices, rows
 
 
-@pytest.mark.parametrize("method", ["majority", "soft"])
+@pytest.mark.parametrize("method", ["majority", "soft", "segmentation"])
 def test_ensemble_slices_decide_as_ensemble_decision(method):
     slices, rows = detector_slices()
     spec = {"classifiers": ["c1", "c2"], "segmentation": "s", "method": method, "smooth_window": 3}
@@ -131,6 +131,8 @@ def test_ensemble_slices_decide_as_ensemble_decision(method):
     # (seg 8 >= 6): 1 0 1 | 0 1 0; smoothing over 3 (ends keep their own on a tie): 1 1 1 | 0 0 0
     if method == "majority":
         assert list(out["pred"]) == [1, 1, 1, 0, 0, 0]
+    if method == "segmentation":  # the voter alone (30 12 >= 10; 40 8 >= 6), then smoothing
+        assert list(out["pred"]) == [1, 1, 1, 0, 1, 1]
 
 
 def test_ensemble_without_voter_or_smoothing_is_the_plain_vote():
@@ -175,6 +177,7 @@ def test_variants_file_checks_the_detector_keys(tmp_path):
         ({}, {"e": {"classifiers": ["c"], "segmentation": "c"}}, "'c' is no segmentation"),
         ({}, {"e": {"classifiers": ["c"], "method": "mean"}}, "method must be one of"),
         ({}, {"e": {"classifiers": ["c"], "smooth_window": 2}}, "smooth_window must be an odd"),
+        ({}, {"e": {"classifiers": ["c"], "method": "segmentation"}}, "needs a segmentation"),
         ({}, {"e": {"classifiers": ["c"], "weights": 1}}, r"unknown key\(s\) \['weights'\]"),
         ({}, {"c": {"classifiers": ["c"]}}, "ensemble c: the name is also a variant's"),
         ({}, {"e": {"classifiers": []}}, "classifiers must be a non-empty list"),
