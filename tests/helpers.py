@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -30,6 +31,37 @@ def run_script(
     if check and result.returncode != 0:
         raise AssertionError(f"{name} failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result
+
+
+def load_script(name: str):
+    """``workflow_scripts/<name>`` imported as a module (its main() not run), to call in-process."""
+    spec = importlib.util.spec_from_file_location(Path(name).stem, SCRIPTS / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def record_torch_setup(monkeypatch: pytest.MonkeyPatch, module) -> list[tuple]:
+    """Replace ``module``'s select_device, configure_torch and EnsembleModels (where the
+    prediction code imports them) with recorders that call through (configure_torch only
+    records, leaving this process's global torch flags alone). The returned list gets, in call
+    order: ("device", device), ("configure", device, threads), ("models", device)."""
+    events: list[tuple] = []
+    select_device, models = module.select_device, module.EnsembleModels
+
+    def selected(*args, **kwargs):
+        device = select_device(*args, **kwargs)
+        events.append(("device", device))
+        return device
+
+    def loaded(classifiers, segmenters, rule, device, *args, **kwargs):
+        events.append(("models", device))
+        return models(classifiers, segmenters, rule, device, *args, **kwargs)
+
+    monkeypatch.setattr(module, "select_device", selected)
+    monkeypatch.setattr(module, "configure_torch", lambda *a: events.append(("configure", *a)))
+    monkeypatch.setattr(module, "EnsembleModels", loaded)
+    return events
 
 
 def snakemake(
