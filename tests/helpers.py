@@ -13,6 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "workflow_scripts"
 TINY_CONFIG = REPO / "tests" / "config" / "tiny.yaml"
+DEMO_CONFIG = REPO / "config" / "demo.yaml"
 FAKE_SECRET = "fake-kaggle-secret-0123456789abcdef"
 
 
@@ -111,3 +112,37 @@ def workflow_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         raise AssertionError(f"workflow failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
     (results.parent / "snakemake.log").write_text(result.stdout + result.stderr)
     return results
+
+
+def dry_run(tmp_path: Path, *args: str):
+    return snakemake("-n", "--cores", "2", *args, "--config", f"results_dir={tmp_path}/results")
+
+
+def complete_run(*args: str) -> None:
+    """Make Snakemake hold the results of ``args`` (--configfile, --config results_dir=...) for
+    a complete, up-to-date run without running a job: every planned output as an empty
+    placeholder, then `--touch` (in DAG order, recording each job's params as a real run does)."""
+    summary = snakemake(*args, "--cores", "1", "--summary")
+    assert summary.returncode == 0, summary.stderr[-3000:]
+    for line in summary.stdout.splitlines()[1:]:
+        path = Path(line.split("\t")[0])
+        if path.suffix:  # a file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+        else:  # a directory() output: raw/<dataset>, data/<dataset>/png
+            path.mkdir(parents=True, exist_ok=True)
+    touched = snakemake(*args, "--cores", "1", "--touch")
+    assert touched.returncode == 0, touched.stderr[-3000:]
+
+
+@pytest.fixture(scope="session")
+def completed_demo(tmp_path_factory) -> Path:
+    """A folder whose results/ Snakemake holds for a complete, up-to-date demo run (session
+    scope, via conftest.py: tests/test_final_model.py uses it too; only dry runs (-n) on it)."""
+    tmp_path = tmp_path_factory.mktemp("completed")
+    complete_run(
+        "--configfile", str(DEMO_CONFIG), "--config", f"results_dir={tmp_path / 'results'}"
+    )
+    again = dry_run(tmp_path, "--configfile", str(DEMO_CONFIG))
+    assert "Nothing to be done" in again.stdout + again.stderr, again.stdout[-3000:]
+    return tmp_path
