@@ -130,4 +130,5 @@ def preprocessed_data(tmp_path_factory: pytest.TempPathFactory) -> PreprocessedD
 
 
 # The whole-workflow fixture lives in helpers.py (with the script and Snakemake runners).
-from helpers import workflow_run  # noqa: E402, F401
+# completed_demo (there too): a demo run that Snakemake holds for complete, for dry runs.
+from helpers import completed_demo, workflow_run  # noqa: E402, F401

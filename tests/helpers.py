@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "workflow_scripts"
 TINY_CONFIG = REPO / "tests" / "config" / "tiny.yaml"
+DEMO_CONFIG = REPO / "config" / "demo.yaml"
 FAKE_SECRET = "fake-kaggle-secret-0123456789abcdef"
 
 
@@ -30,6 +32,37 @@ def run_script(
     if check and result.returncode != 0:
         raise AssertionError(f"{name} failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result
+
+
+def load_script(name: str):
+    """``workflow_scripts/<name>`` imported as a module (its main() not run), to call in-process."""
+    spec = importlib.util.spec_from_file_location(Path(name).stem, SCRIPTS / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def record_torch_setup(monkeypatch: pytest.MonkeyPatch, module) -> list[tuple]:
+    """Replace ``module``'s select_device, configure_torch and EnsembleModels (where the
+    prediction code imports them) with recorders that call through (configure_torch only
+    records, leaving this process's global torch flags alone). The returned list gets, in call
+    order: ("device", device), ("configure", device, threads), ("models", device)."""
+    events: list[tuple] = []
+    select_device, models = module.select_device, module.EnsembleModels
+
+    def selected(*args, **kwargs):
+        device = select_device(*args, **kwargs)
+        events.append(("device", device))
+        return device
+
+    def loaded(classifiers, segmenters, rule, device, *args, **kwargs):
+        events.append(("models", device))
+        return models(classifiers, segmenters, rule, device, *args, **kwargs)
+
+    monkeypatch.setattr(module, "select_device", selected)
+    monkeypatch.setattr(module, "configure_torch", lambda *a: events.append(("configure", *a)))
+    monkeypatch.setattr(module, "EnsembleModels", loaded)
+    return events
 
 
 def snakemake(
@@ -79,3 +112,37 @@ def workflow_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         raise AssertionError(f"workflow failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
     (results.parent / "snakemake.log").write_text(result.stdout + result.stderr)
     return results
+
+
+def dry_run(tmp_path: Path, *args: str):
+    return snakemake("-n", "--cores", "2", *args, "--config", f"results_dir={tmp_path}/results")
+
+
+def complete_run(*args: str) -> None:
+    """Make Snakemake hold the results of ``args`` (--configfile, --config results_dir=...) for
+    a complete, up-to-date run without running a job: every planned output as an empty
+    placeholder, then `--touch` (in DAG order, recording each job's params as a real run does)."""
+    summary = snakemake(*args, "--cores", "1", "--summary")
+    assert summary.returncode == 0, summary.stderr[-3000:]
+    for line in summary.stdout.splitlines()[1:]:
+        path = Path(line.split("\t")[0])
+        if path.suffix:  # a file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+        else:  # a directory() output: raw/<dataset>, data/<dataset>/png
+            path.mkdir(parents=True, exist_ok=True)
+    touched = snakemake(*args, "--cores", "1", "--touch")
+    assert touched.returncode == 0, touched.stderr[-3000:]
+
+
+@pytest.fixture(scope="session")
+def completed_demo(tmp_path_factory) -> Path:
+    """A folder whose results/ Snakemake holds for a complete, up-to-date demo run (session
+    scope, via conftest.py: tests/test_final_model.py uses it too; only dry runs (-n) on it)."""
+    tmp_path = tmp_path_factory.mktemp("completed")
+    complete_run(
+        "--configfile", str(DEMO_CONFIG), "--config", f"results_dir={tmp_path / 'results'}"
+    )
+    again = dry_run(tmp_path, "--configfile", str(DEMO_CONFIG))
+    assert "Nothing to be done" in again.stdout + again.stderr, again.stdout[-3000:]
+    return tmp_path

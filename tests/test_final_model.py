@@ -22,7 +22,7 @@ from test_evaluation_scripts import (
     summary_args,
 )
 from test_training import segmenter_settings
-from test_workflow import DEMO, complete_run, dry_run, job_stats, modified_demo
+from test_workflow import DEMO, dry_run, job_stats, modified_demo
 
 from brainmri.config import preflight_errors, schema_errors
 from brainmri.errors import InputError
@@ -336,14 +336,6 @@ def test_preflight_rejects_final_epochs_inside_the_warm_up():
         f"{arch}'s 3 warm-up epochs"
         for arch in ("unet", "deeplabv3plus")
     ]
-
-
-@pytest.fixture(scope="module")
-def completed_demo(tmp_path_factory):
-    """A folder whose results/ Snakemake holds for a complete, up-to-date demo run."""
-    tmp_path = tmp_path_factory.mktemp("completed")
-    complete_run("--configfile", str(DEMO), "--config", f"results_dir={tmp_path / 'results'}")
-    return tmp_path
 
 
 @pytest.mark.parametrize("epochs", [None, 3])

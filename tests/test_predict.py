@@ -3,11 +3,13 @@ preprocessing size its checkpoints record, with the evaluation thresholds of the
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import run_script
+from helpers import load_script, record_torch_setup, run_script
 from PIL import Image
 
 from brainmri.models import build_classifier, build_segmenter, save_checkpoint
@@ -49,9 +51,9 @@ def results(tmp_path_factory):
     return root, images
 
 
-def predict(root, images, out, *classifiers, segmentation_threshold=0.5):
-    return run_script(
-        "predict.py",
+def predict_args(root, images, out, *classifiers, segmentation_threshold=0.5) -> list[str]:
+    """predict.py's command line on the fixture's two U-Net folds."""
+    return [
         *("--input-dir", images, "--classifiers", *classifiers),
         "--segmenters",
         *(root / "segmentation" / "unet" / f"fold{k}" / "model.pt" for k in range(2)),
@@ -59,7 +61,37 @@ def predict(root, images, out, *classifiers, segmentation_threshold=0.5):
         *("--segmentation-threshold", segmentation_threshold),
         *("--output", out / "predictions.csv", "--masks-dir", out / "masks"),
         *("--overlays-dir", out / "overlays"),
+    ]
+
+
+def predict(root, images, out, *classifiers, segmentation_threshold=0.5):
+    args = predict_args(
+        root, images, out, *classifiers, segmentation_threshold=segmentation_threshold
     )
+    return run_script("predict.py", *args)
+
+
+def test_the_job_configures_torch_with_its_threads_on_its_device(results, tmp_path, monkeypatch):
+    """predict.py (run in-process) calls configure_torch (the job's threads; cuDNN /
+    determinism flags, as in training) with the device it selected and the job's thread count
+    (torch's, which the rule's OMP_NUM_THREADS sets), before it loads the models."""
+    import brainmri.inference.predict as prediction
+
+    root, images = results
+    events = record_torch_setup(monkeypatch, prediction)
+    script = load_script("predict.py")
+    out = tmp_path / "out"
+    args = predict_args(root, images, out, root / "classification" / "resnet10t" / "model.pt")
+    monkeypatch.setattr(sys, "argv", ["predict.py", *map(str, args)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # not this test process's 1 (conftest), so a constant 1 fails
+    try:
+        script.main()
+    finally:
+        torch.set_num_threads(threads)
+    device = torch.device("cpu")
+    assert events == [("device", device), ("configure", device, 2), ("models", device)]
+    assert len(pd.read_csv(out / "predictions.csv")) == 2
 
 
 def test_a_leftover_model_folder_is_ignored(results, tmp_path):

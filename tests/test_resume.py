@@ -172,7 +172,7 @@ def test_killed_snakemake_run_resumes_when_the_same_command_is_rerun(tmp_path):
     results = tmp_path / "results"
     model = results / "classification" / "resnet10t"
     longer = tmp_path / "longer.yaml"
-    longer.write_text("classification: {epochs: 8, patience: null}\n")
+    longer.write_text("classification: {epochs: 3, patience: null}\n")  # 1 done, 2 resumed
     command = [
         str(Path(sys.executable).parent / "snakemake"),
         "--configfile",
@@ -209,5 +209,5 @@ def test_killed_snakemake_run_resumes_when_the_same_command_is_rerun(tmp_path):
     log = (results / "logs" / "classification" / "resnet10t.log").read_text()
     assert "Resuming after epoch" in log, log[-3000:]
     history = pd.read_csv(model / "history.csv")
-    assert history["epoch"].tolist() == list(range(1, 9))
+    assert history["epoch"].tolist() == [1, 2, 3]
     assert not (model / "resume").exists()

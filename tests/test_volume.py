@@ -3,12 +3,14 @@ NIfTI volumes and slice folders with a known spacing and a known tumor blob."""
 
 from __future__ import annotations
 
+import sys
+
 import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import run_script
+from helpers import load_script, record_torch_setup, run_script
 from PIL import Image
 
 from brainmri.errors import InputError
@@ -235,14 +237,40 @@ def checkpoints(tmp_path_factory):
     return root / "c.pt", root / "s.pt"
 
 
-def cli(checkpoints, out, *inputs):
-    return run_script(
-        "predict_volume.py",
+def cli_args(checkpoints, out, *inputs) -> list:
+    return [
         *("--inputs", *inputs, "--classifiers", checkpoints[0]),
         *("--segmenters", checkpoints[1], "--method", "majority"),
         *("--classifier-threshold", 0.5, "--segmentation-threshold", 0.5),
         *("--csv", out / "volumes.csv", "--patients-dir", out / "patients"),
-    )
+    ]
+
+
+def cli(checkpoints, out, *inputs):
+    return run_script("predict_volume.py", *cli_args(checkpoints, out, *inputs))
+
+
+def test_the_job_configures_torch_with_its_threads_on_its_device(
+    checkpoints, tmp_path, monkeypatch
+):
+    """predict_volume.py (run in-process) calls configure_torch (the job's threads; cuDNN /
+    determinism flags, as in training) with the device it selected and the job's thread count
+    (torch's, which the rule's OMP_NUM_THREADS sets), before it loads the models."""
+    script = load_script("predict_volume.py")
+    events = record_torch_setup(monkeypatch, script)
+    patient = three_files(tmp_path / "patient", affine_of())
+    out = tmp_path / "out"
+    args = cli_args(checkpoints, out, patient)
+    monkeypatch.setattr(sys, "argv", ["predict_volume.py", *map(str, args)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # not this test process's 1 (conftest), so a constant 1 fails
+    try:
+        script.main()
+    finally:
+        torch.set_num_threads(threads)
+    device = torch.device("cpu")
+    assert events == [("device", device), ("configure", device, 2), ("models", device)]
+    assert pd.read_csv(out / "volumes.csv", keep_default_na=False)["error"].tolist() == [""]
 
 
 def test_cli_real_models_and_bad_patients_skipped(checkpoints, tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import REPO, TINY_CONFIG, snakemake
+from helpers import REPO, TINY_CONFIG, complete_run, dry_run, snakemake
 
 DEMO = REPO / "config" / "demo.yaml"
 PAPER = REPO / "config" / "config.yaml"
@@ -31,10 +31,6 @@ def job_stats(output: str) -> dict[str, int]:
     """Job counts per rule from the first "Job stats:" table of a Snakemake run."""
     table = output.split("Job stats:", 1)[1].split("\ntotal", 1)[0]
     return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.MULTILINE)}
-
-
-def dry_run(tmp_path: Path, *args: str):
-    return snakemake("-n", "--cores", "2", *args, "--config", f"results_dir={tmp_path}/results")
 
 
 @pytest.mark.parametrize("config", [PAPER, DEMO], ids=["paper", "demo"])
@@ -296,33 +292,6 @@ def test_the_double_dash_form_runs_and_the_bare_form_fails(tmp_path):
 
 
 # --- evaluation settings rerun evaluation only ----------------------------------------------
-
-
-def complete_run(*args: str) -> None:
-    """Make Snakemake hold the results of ``args`` (--configfile, --config results_dir=...) for
-    a complete, up-to-date run without running a job: every planned output as an empty
-    placeholder, then `--touch` (in DAG order, recording each job's params as a real run does)."""
-    summary = snakemake(*args, "--cores", "1", "--summary")
-    assert summary.returncode == 0, summary.stderr[-3000:]
-    for line in summary.stdout.splitlines()[1:]:
-        path = Path(line.split("\t")[0])
-        if path.suffix:  # a file
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.touch()
-        else:  # a directory() output: raw/<dataset>, data/<dataset>/png
-            path.mkdir(parents=True, exist_ok=True)
-    touched = snakemake(*args, "--cores", "1", "--touch")
-    assert touched.returncode == 0, touched.stderr[-3000:]
-
-
-@pytest.fixture(scope="module")
-def completed_demo(tmp_path_factory) -> Path:
-    """A folder whose results/ Snakemake holds for a complete, up-to-date demo run."""
-    tmp_path = tmp_path_factory.mktemp("completed")
-    complete_run("--configfile", str(DEMO), "--config", f"results_dir={tmp_path / 'results'}")
-    again = dry_run(tmp_path, "--configfile", str(DEMO))
-    assert "Nothing to be done" in again.stdout + again.stderr, again.stdout[-3000:]
-    return tmp_path
 
 
 @pytest.mark.parametrize(
