@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "workflow_scripts"
@@ -63,6 +64,23 @@ def record_torch_setup(monkeypatch: pytest.MonkeyPatch, module) -> list[tuple]:
     monkeypatch.setattr(module, "configure_torch", lambda *a: events.append(("configure", *a)))
     monkeypatch.setattr(module, "EnsembleModels", loaded)
     return events
+
+
+def assert_main_configures_torch(
+    monkeypatch: pytest.MonkeyPatch, script, argv: list, events: list[tuple]
+) -> None:
+    """Run ``script.main()`` in-process with ``argv`` and torch at 2 threads (not the test
+    process's 1, so a constant 1 fails), then check the recorded order (record_torch_setup):
+    device selected, configure_torch(that device, 2), models loaded on that device."""
+    monkeypatch.setattr(sys, "argv", [str(a) for a in argv])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        script.main()
+    finally:
+        torch.set_num_threads(threads)
+    device = torch.device("cpu")
+    assert events == [("device", device), ("configure", device, 2), ("models", device)]
 
 
 def snakemake(

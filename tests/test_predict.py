@@ -3,13 +3,11 @@ preprocessing size its checkpoints record, with the evaluation thresholds of the
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import load_script, record_torch_setup, run_script
+from helpers import assert_main_configures_torch, load_script, record_torch_setup, run_script
 from PIL import Image
 
 from brainmri.models import build_classifier, build_segmenter, save_checkpoint
@@ -82,15 +80,7 @@ def test_the_job_configures_torch_with_its_threads_on_its_device(results, tmp_pa
     script = load_script("predict.py")
     out = tmp_path / "out"
     args = predict_args(root, images, out, root / "classification" / "resnet10t" / "model.pt")
-    monkeypatch.setattr(sys, "argv", ["predict.py", *map(str, args)])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # not this test process's 1 (conftest), so a constant 1 fails
-    try:
-        script.main()
-    finally:
-        torch.set_num_threads(threads)
-    device = torch.device("cpu")
-    assert events == [("device", device), ("configure", device, 2), ("models", device)]
+    assert_main_configures_torch(monkeypatch, script, ["predict.py", *args], events)
     assert len(pd.read_csv(out / "predictions.csv")) == 2
 
 

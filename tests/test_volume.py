@@ -3,14 +3,12 @@ NIfTI volumes and slice folders with a known spacing and a known tumor blob."""
 
 from __future__ import annotations
 
-import sys
-
 import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import load_script, record_torch_setup, run_script
+from helpers import assert_main_configures_torch, load_script, record_torch_setup, run_script
 from PIL import Image
 
 from brainmri.errors import InputError
@@ -261,15 +259,7 @@ def test_the_job_configures_torch_with_its_threads_on_its_device(
     patient = three_files(tmp_path / "patient", affine_of())
     out = tmp_path / "out"
     args = cli_args(checkpoints, out, patient)
-    monkeypatch.setattr(sys, "argv", ["predict_volume.py", *map(str, args)])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # not this test process's 1 (conftest), so a constant 1 fails
-    try:
-        script.main()
-    finally:
-        torch.set_num_threads(threads)
-    device = torch.device("cpu")
-    assert events == [("device", device), ("configure", device, 2), ("models", device)]
+    assert_main_configures_torch(monkeypatch, script, ["predict_volume.py", *args], events)
     assert pd.read_csv(out / "volumes.csv", keep_default_na=False)["error"].tolist() == [""]
 
 
