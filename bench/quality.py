@@ -55,7 +55,7 @@ KINDS = ("recipe", "plain", "classifier")
 INFERENCE_KEYS = ("tta", "postprocess", "threshold")
 OWN_KEYS = ("kind", "models_from", "flair_copies", "note", "backbone", "arch", "encoder")
 OWN_KEYS += detectors.CLASSIFIER_KEYS
-OWN_KEYS += ("encoder_depth",)
+OWN_KEYS += ("encoder_depth", "budget")
 PLAIN = {"arch": "Unet", "encoder": "resnet18", "batch_size": 16, "lr": 1e-3}
 
 
@@ -108,6 +108,11 @@ def load_variants(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]
                     f"{path}: variant {name}: with models_from only {INFERENCE_KEYS} may "
                     f"change, not {extra}"
                 )
+        budget = variant.get("budget")
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int | float)
+                                   or budget <= 0):  # fmt: skip
+            raise InputError(f"{path}: variant {name}: budget must be a positive number of "
+                             f"seconds, not {budget!r}")  # fmt: skip
     members.check_variants(path, variants)
     reference = spec.get("reference")
     if reference not in variants:
@@ -172,6 +177,13 @@ class Bench:
             settings["epochs"] = self.args.epochs
         return settings
 
+    def budget(self, name: str) -> float:
+        """Training seconds of each of a variant's fold models: its own ``budget`` (e.g. a
+        slower precision given the epochs of the reference), else ``--budget``."""
+        variant = self.variants[name]
+        owner = self.variants.get(variant.get("models_from"), variant)
+        return float(owner.get("budget", self.args.budget))
+
     def inference(self, name: str) -> dict[str, Any]:
         """tta, postprocess, threshold of a variant (plain: none, the plain loop's own)."""
         section = self.config["segmentation"]
@@ -218,7 +230,7 @@ class Bench:
         kind, settings = self.kind(name), self.settings(name)
         owner = self.variants[self.variants[name].get("models_from") or name]
         train, val = cv.of(self.rows, fold.train), cv.of(self.rows, fold.val)
-        seed, budget = self.args.seed + 1000 * fold.number, self.args.budget
+        seed, budget = self.args.seed + 1000 * fold.number, self.budget(name)
         log.info("%s fold %d: training (%s, budget %.0f %s-s)", name, fold.number, kind, budget,
                  self.args.clock)  # fmt: skip
         if kind == "plain":  # no validation: it trains on every training patient

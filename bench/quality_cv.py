@@ -216,7 +216,7 @@ def budgeted_fit(
         result = fit(
             setup.model, setup.loss_fn, setup.metric_fn,
             budgeted(setup.train_batches, tick, budget), setup.val_batches,
-            fit_settings, CPU, resume, "quality",
+            fit_settings, CPU, resume, "quality", setup.plan,
         )  # fmt: skip
         best, history, stopped = result.best_state, result.history, "epochs"
     except BudgetSpent:

@@ -193,7 +193,7 @@ def train(bench, name: str, fold: cv.Fold) -> dict[str, Any]:
             "best_epoch": [i["best_epoch"] for i in infos],
             "stopped_by": "+".join(sorted({i["stopped_by"] for i in infos})),
             "clock": bench.args.clock,
-            "budget": bench.args.budget,
+            "budget": bench.budget(name),
         }
         if not info_path.is_file():
             cv.write_info(info_path, info)
@@ -208,7 +208,7 @@ def train(bench, name: str, fold: cv.Fold) -> dict[str, Any]:
     rows_train, rows_val = cv.of(bench.rows, member.train), cv.of(bench.rows, member.val)
     if owner.get("flair_copies"):
         rows_train = cv.with_flair_copies(rows_train)
-    seed, budget = bench.args.seed + 1000 * fold.number, bench.args.budget  # as a fold model's
+    seed, budget = bench.args.seed + 1000 * fold.number, bench.budget(name)  # as a fold model's
     info = cv.train_segmenter(bench.settings(name), bench.data, rows_train, rows_val, budget,
                               bench.args.clock, seed, folder)  # fmt: skip
     info.update(fold=fold.number, member=member.number, kind="recipe", clock=bench.args.clock,

@@ -104,6 +104,10 @@ def test_variants_file_errors_name_the_file_and_the_problem(tmp_path):
         quality.load_variants(bad)
     with pytest.raises(InputError, match="reference 'other' is not a variant"):
         quality.load_variants(write_variants(tmp_path / "v.yaml", {"recipe": {}}, "other"))
+    for budget in (0, -5, True, "long"):
+        bad = write_variants(tmp_path / "v.yaml", {"recipe": {"budget": budget}})
+        with pytest.raises(InputError, match=r"v\.yaml: variant recipe: budget must be a positive"):
+            quality.load_variants(bad)
     path = write_variants(tmp_path / "v.yaml", {"recipe": {}})
     path.write_text(path.read_text() + "also_against: [plainest]\n")
     with pytest.raises(InputError, match="also_against: 'plainest' is not a variant"):
@@ -117,20 +121,63 @@ def test_the_shipped_variants_file_is_valid():
 
 def test_sampling_and_encoder_depth_variants_reach_the_models_settings():
     """The shipped area_weighted and encoder_depth_4 variants change exactly their key."""
-    import argparse
-
-    bench = quality.Bench.__new__(quality.Bench)
-    bench.args = argparse.Namespace(size=64, epochs=None)
-    bench.spec, bench.variants = quality.load_variants(
-        quality.REPO / "bench" / "quality_variants.yaml"
-    )
-    bench.config = {}
-    for name in bench.spec["base"]:
-        bench.config = quality.deep_merge(bench.config, quality.read_yaml(quality.REPO / name))
+    bench = shipped_bench("quality_variants.yaml")
     recipe = bench.settings("recipe")
     assert "encoder_depth" not in recipe and recipe["train_slices"] != "area_weighted"
     assert bench.settings("area_weighted") == {**recipe, "train_slices": "area_weighted"}
     assert bench.settings("encoder_depth_4") == {**recipe, "encoder_depth": 4}
+
+
+def shipped_bench(variants_file: str, budget: float = 100.0) -> quality.Bench:
+    """A Bench of a shipped variants file with its settings, without data."""
+    import argparse
+
+    bench = quality.Bench.__new__(quality.Bench)
+    bench.args = argparse.Namespace(size=64, epochs=None, budget=budget)
+    bench.spec, bench.variants = quality.load_variants(quality.REPO / "bench" / variants_file)
+    bench.config = {}
+    for name in bench.spec["base"]:
+        bench.config = quality.deep_merge(bench.config, quality.read_yaml(quality.REPO / name))
+    return bench
+
+
+def test_precision_variants_differ_in_precision_and_budget_only():
+    """bench/quality_precision.yaml: fp32 and bf16 models of one recipe; fp32's own budget
+    (its 14 epochs take about twice bf16's CPU-seconds), inherited by its TTA variant."""
+    bench = shipped_bench("quality_precision.yaml", budget=100.0)
+    bf16, fp32 = bench.settings("bf16"), bench.settings("fp32")
+    assert bf16["precision"] == "bf16" and fp32 == {**bf16, "precision": "fp32"}
+    assert bench.settings("fp32_same_budget") == fp32
+    assert bf16["train_slices"] == "area_weighted" and bf16["epochs"] == 14
+    assert bench.budget("bf16") == bench.budget("fp32_same_budget_tta") == 100.0
+    assert bench.budget("fp32") == bench.budget("fp32_tta") == 400.0
+    assert bench.inference("fp32_tta")["tta"] and not bench.inference("fp32")["tta"]
+
+
+def test_budgeted_fit_trains_with_the_plan_of_the_variants_settings(monkeypatch, tmp_path):
+    """The loop gets the setup's plan (the variant's precision), not fit's default plan: a
+    `precision: fp32` variant on a bf16 CPU trained in bf16 before."""
+    from types import SimpleNamespace
+
+    plan = object()
+    seen = {}
+    setup = SimpleNamespace(
+        plan=plan, model=None, loss_fn=None, metric_fn=None, metric_name="accuracy",
+        train_batches=None, val_batches=None,
+    )  # fmt: skip
+    monkeypatch.setattr(quality_cv, "build_training_setup", lambda *a, **k: setup)
+
+    def fit(*args):
+        seen["plan"] = args[-1]
+        raise RuntimeError("recorded")
+
+    monkeypatch.setattr(quality_cv, "fit", fit)
+    settings = {"epochs": 1, "lr": 1e-3, "patience": None, "lr_schedule": "constant"}
+    with pytest.raises(RuntimeError, match="recorded"):
+        quality_cv.budgeted_fit(
+            "classification", settings, tmp_path, None, None, 1.0, "cpu", 0, tmp_path
+        )
+    assert seen["plan"] is plan
 
 
 @pytest.mark.slow
