@@ -37,8 +37,11 @@ demo: $(STAMP)
 	@echo
 	@echo "Report: $(CURDIR)/$(DEMO)/report/report.html"
 
+# One pytest-xdist worker per core (TEST_WORKERS=0: one process); tests/conftest.py keeps each
+# module, and the modules sharing the session's workflow runs, on one worker.
+TEST_WORKERS ?= auto
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -53,7 +56,7 @@ format: $(STAMP)
 	$(BIN)/snakefmt Snakefile rules/
 
 bench: $(STAMP)
-	$(BIN)/python bench/run_benchmark.py --output results/bench/benchmark.md --scaling 10 20 40
+	$(BIN)/python bench/run_benchmark.py --output results/bench/benchmark.md --repeats 5 --scaling 10 20 40
 
 # Quality benchmark: patient-level CV over kaggle-40, equal CPU seconds per variant, paired
 # bootstrap CIs (docs/evaluation.md). QUALITY_ARGS e.g. "--only recipe plain" or "--report".

@@ -132,3 +132,25 @@ def preprocessed_data(tmp_path_factory: pytest.TempPathFactory) -> PreprocessedD
 # The whole-workflow fixture lives in helpers.py (with the script and Snakemake runners).
 # completed_demo (there too): a demo run that Snakemake holds for complete, for dry runs.
 from helpers import completed_demo, workflow_run  # noqa: E402, F401
+
+# `make test` runs the suite on one worker per core (pytest-xdist, `-n auto --dist loadgroup`).
+# Each test module is one group, so that its module-scope fixtures are built once, on one
+# worker; the modules that use a session's Snakemake run (workflow_run, completed_demo) are one
+# group together, so that the tiny workflow runs once, and it is sent out first (the longest).
+SESSION_RUNS = {"workflow_run", "completed_demo"}
+WORKFLOW_GROUP = "session-workflow-runs"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("dist", "no") != "loadgroup":
+        return
+    runs = {item.module.__name__ for item in items if SESSION_RUNS & set(item.fixturenames)}
+
+    def group(item: pytest.Item) -> str:
+        return WORKFLOW_GROUP if item.module.__name__ in runs else item.module.__name__
+
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(group(item)))
+    items.sort(key=lambda item: group(item) != WORKFLOW_GROUP)  # stable: the rest in order

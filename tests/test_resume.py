@@ -173,8 +173,16 @@ def test_killed_snakemake_run_resumes_when_the_same_command_is_rerun(tmp_path):
     model = results / "classification" / "resnet10t"
     longer = tmp_path / "longer.yaml"
     longer.write_text("classification: {epochs: 3, patience: null}\n")  # 1 done, 2 resumed
+    # Its own working directory (.snakemake/ and its locks): the stale lock is removed only
+    # when no other run of the workflow is alive there, and the suite's other Snakemake runs
+    # (pytest-xdist workers) use the repository's.
+    workdir = tmp_path / "workdir"
     command = [
         str(Path(sys.executable).parent / "snakemake"),
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
         "--configfile",
         str(TINY_CONFIG),
         str(longer),
@@ -197,7 +205,7 @@ def test_killed_snakemake_run_resumes_when_the_same_command_is_rerun(tmp_path):
     os.killpg(run.pid, signal.SIGKILL)
     run.wait(timeout=60)
     assert not (model / "model.pt").exists()
-    locks = REPO / ".snakemake" / "locks"
+    locks = workdir / ".snakemake" / "locks"
     assert any(str(results) in p.read_text() for p in locks.glob("*.lock")), "no stale lock"
 
     rerun = subprocess.run(
