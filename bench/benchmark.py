@@ -48,6 +48,7 @@ from brainmri.errors import InputError
 from brainmri.evaluation.segmentation import distance_metrics, overlap_metrics, per_slice_metrics
 from brainmri.io import write_csv
 from brainmri.models import check_classifier_config, check_segmenter_config
+from brainmri.reporting.provenance import git_commit
 from brainmri.tables import load_table
 from brainmri.training.batches import Augment
 from brainmri.training.evaluate import predict_logits
@@ -855,6 +856,7 @@ def run_benchmark(options: BenchOptions, workdir: Path | None = None) -> dict[st
         # On a GPU the paper's batch leaves most of the card idle: also a large batch.
         options = replace(options, more_batch_sizes=(LARGE_GPU_BATCH,))
     report: dict[str, Any] = {
+        "git_commit": git_commit(REPO),  # the code measured (make figures' commit column)
         "machine": machine_info(device, options.threads),
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()},
         "tasks": {},

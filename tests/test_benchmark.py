@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 
 import numpy as np
@@ -48,6 +49,8 @@ def test_report_fields_are_finite_and_positive(tiny_report):
     _, _, report = tiny_report
     assert report["machine"]["device"] == "cpu"
     assert report["machine"]["torch"] == torch.__version__
+    # the code measured, for make figures' commit column (tools/readme_figures.py)
+    assert re.fullmatch(r"[0-9a-f]{40}( \(with uncommitted changes\))?", report["git_commit"])
     assert set(report["tasks"]) == {"classification", "segmentation"}
     assert report["tasks"]["classification"]["model"] == "resnet10t"
     assert report["tasks"]["segmentation"]["model"] == "Unet/resnet18"

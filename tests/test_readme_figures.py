@@ -144,8 +144,8 @@ def test_cli_replaces_its_rows_and_keeps_the_others(figures, tmp_path):
     perf.write_text(
         "<!-- figures:throughput:begin -->\n"
         + "\n".join(figures.header(figures.THROUGHPUT_COLUMNS))
-        + f"\n| real | classification | m | 1 | 1 | 1.00 | 1 | 1 | 1 | 1 % | {head} |\n"
-        + "<!-- figures:throughput:end -->\n"
+        + f"\n| real | classification | m | 1 | 1 | 1 | 1.00 | 1.00 | 1 | 1 | 1 | 1 | 1.00 | 1 % "
+        f"| {head} |\n" + "<!-- figures:throughput:end -->\n"
     )
     run = fake_run(tmp_path / "demo", commit=git("rev-parse", "HEAD"))
     bench = tmp_path / "bench.json"
@@ -154,8 +154,12 @@ def test_cli_replaces_its_rows_and_keeps_the_others(figures, tmp_path):
         "limit": {"train_ips": 10.0, "infer_ips": 30.0},
         "workflow": {"train_ips": 9.0, "infer_ips": 33.0, "breakdown": {"data_share": 0.012}},
         "naive": {"train_ips": 8.0},
+        "limit_fp32": {"train_ips": 5.0, "infer_ips": 15.0},
         "train_ratio": 0.9,
         "train_ratio_range": [0.85, 0.95],
+        "train_vs_fp32": 1.8,
+        "train_vs_fp32_range": [1.7, 1.9],
+        "infer_vs_fp32": 2.2,
     }
     bench.write_text(json.dumps({"tasks": {"segmentation": entry}, "git_commit": head}))
     command = [sys.executable, str(REPO / "tools" / "readme_figures.py")]
@@ -177,12 +181,16 @@ def test_cli_replaces_its_rows_and_keeps_the_others(figures, tmp_path):
         "real",
         "segmentation",
         "U-Net",
+        "5.0",
         "10.0",
         "9.0",
+        "1.80 (1.70-1.90)",
         "0.90 (0.85-0.95)",
         "8.0",
+        "15.0",
         "30.0",
         "33.0",
+        "2.20",
         "1.2 %",
         head,
     ]

@@ -51,12 +51,16 @@ THROUGHPUT_COLUMNS = [
     "benchmark",
     "task",
     "model",
+    "fp32 eager train",
     "limit train",
     "workflow train",
+    "vs fp32 eager",
     "ratio",
     "naive train",
+    "fp32 eager infer",
     "limit infer",
     "workflow infer",
+    "vs fp32 eager (infer)",
     "data path share",
     "commit",
 ]
@@ -68,7 +72,11 @@ CODE = ("config", "brainmri", "rules")
 STALE = "stale"
 COMMIT = re.compile(r"^([0-9a-f]{7,40}|unknown)(\+)?(, stale)?$")
 RIGHT = {"test slices", "ensemble accuracy", "tumor F1", "ROC AUC", "time", "ratio"}
-RIGHT |= {c for c in THROUGHPUT_COLUMNS if c.startswith(("limit", "workflow", "data", "naive"))}
+RIGHT |= {
+    c
+    for c in THROUGHPUT_COLUMNS
+    if c.startswith(("limit", "workflow", "data", "naive", "fp32", "vs fp32"))
+}
 
 
 def _f(value: Any, digits: int = 3) -> str:
@@ -150,17 +158,22 @@ def throughput_rows(name: str, report: dict[str, Any]) -> list[list[str]]:
         limit, flow = entry["limit"], entry["workflow"]
         share = flow.get("breakdown", {}).get("data_share")
         naive = entry.get("naive") or {}
+        fp32 = entry.get("limit_fp32") or {}  # absent in reports from before the plan
         rows.append(
             [
                 name,
                 task,
                 entry["model"],
+                _f(fp32.get("train_ips"), 1),
                 _f(limit["train_ips"], 1),
                 _f(flow["train_ips"], 1),
+                _ratio(entry, "train_vs_fp32"),
                 _ratio(entry, "train_ratio"),
                 _f(naive.get("train_ips"), 1),
+                _f(fp32.get("infer_ips"), 1),
                 _f(limit["infer_ips"], 1),
                 _f(flow["infer_ips"], 1),
+                _ratio(entry, "infer_vs_fp32"),
                 "n/a" if share is None else f"{100 * share:.1f} %",
                 short_commit(report.get("git_commit")),
             ]
