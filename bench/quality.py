@@ -228,8 +228,6 @@ class Bench:
             return yaml.safe_load(info_path.read_text())
         folder.mkdir(parents=True, exist_ok=True)
         kind, settings = self.kind(name), self.settings(name)
-        owner = self.variants[self.variants[name].get("models_from") or name]
-        train, val = cv.of(self.rows, fold.train), cv.of(self.rows, fold.val)
         seed, budget = self.args.seed + 1000 * fold.number, self.budget(name)
         log.info("%s fold %d: training (%s, budget %.0f %s-s)", name, fold.number, kind, budget,
                  self.args.clock)  # fmt: skip
@@ -253,14 +251,24 @@ class Bench:
                 )
                 write_csv(folder / f"{part}.csv", frame)
         else:
-            if owner.get("flair_copies"):
-                train = cv.with_flair_copies(train)
-            info = cv.train_segmenter(
-                settings, self.data, train, val, budget, self.args.clock, seed, folder
-            )
+            info = self.train_recipe(name, fold, fold.train, fold.val, folder)
         info.update(fold=fold.number, kind=kind, clock=self.args.clock, budget=budget)
         cv.write_info(info_path, info)
         return info
+
+    def train_recipe(
+        self, name: str, fold: cv.Fold, train: tuple[str, ...], val: tuple[str, ...], folder: Path
+    ) -> dict[str, Any]:
+        """A recipe segmenter of a variant (a fold model, or an ensemble's member) trained on
+        the ``train`` patients and chosen on ``val``, with the outer fold's seed and the
+        variant's budget (FLAIR-only copies where its owner asks): what it cost."""
+        owner = self.variants[self.variants[name].get("models_from") or name]
+        rows_train, rows_val = cv.of(self.rows, train), cv.of(self.rows, val)
+        if owner.get("flair_copies"):
+            rows_train = cv.with_flair_copies(rows_train)
+        seed = self.args.seed + 1000 * fold.number
+        return cv.train_segmenter(self.settings(name), self.data, rows_train, rows_val,
+                                  self.budget(name), self.args.clock, seed, folder)  # fmt: skip
 
     def probabilities(self, name: str, fold: cv.Fold, part: str) -> np.ndarray:
         """Stored probabilities of a fold's ``val``, ``test`` or ``flair`` (FLAIR-only test)

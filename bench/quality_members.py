@@ -204,15 +204,9 @@ def train(bench, name: str, fold: cv.Fold) -> dict[str, Any]:
         return json.loads(info_path.read_text())
     folder.mkdir(parents=True, exist_ok=True)
     member = member_of(bench, name, fold)
-    owner = bench.variants[bench.variants[name]["models_from"]]
-    rows_train, rows_val = cv.of(bench.rows, member.train), cv.of(bench.rows, member.val)
-    if owner.get("flair_copies"):
-        rows_train = cv.with_flair_copies(rows_train)
-    seed, budget = bench.args.seed + 1000 * fold.number, bench.budget(name)  # as a fold model's
-    info = cv.train_segmenter(bench.settings(name), bench.data, rows_train, rows_val, budget,
-                              bench.args.clock, seed, folder)  # fmt: skip
+    info = bench.train_recipe(name, fold, member.train, member.val, folder)  # a fold model's seed
     info.update(fold=fold.number, member=member.number, kind="recipe", clock=bench.args.clock,
-                budget=budget)  # fmt: skip
+                budget=bench.budget(name))  # fmt: skip
     cv.write_info(info_path, info)
     return info
 
