@@ -9,6 +9,7 @@ test session). Treat its files as read-only; copy them into ``tmp_path`` before 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,22 +136,53 @@ from helpers import completed_demo, workflow_run  # noqa: E402, F401
 
 # `make test` runs the suite on one worker per core (pytest-xdist, `-n auto --dist loadgroup`).
 # Each test module is one group, so that its module-scope fixtures are built once, on one
-# worker; the modules that use a session's Snakemake run (workflow_run, completed_demo) are one
-# group together, so that the tiny workflow runs once, and it is sent out first (the longest).
-SESSION_RUNS = {"workflow_run", "completed_demo"}
-WORKFLOW_GROUP = "session-workflow-runs"
+# worker; the modules that use a session's Snakemake run are one group per run (workflow_run:
+# the tiny workflow, run once; completed_demo: a demo Snakemake holds for complete), and these
+# groups are sent out first (the longest). xdist's own loadgroup cannot do this with pytest 9
+# (it renames node ids through an attribute pytest 9 no longer reads), so the scheduler below
+# groups the node ids itself, and the modules' groups are read from their source.
+SESSION_RUNS = ("workflow_run", "completed_demo")  # a module using both: the first one's group
+TESTS = Path(__file__).resolve().parent
 
 
-@pytest.hookimpl(tryfirst=True)
+def session_run_of(module: str) -> int | None:
+    """Which of SESSION_RUNS a test module's tests or fixtures take as an argument (its rank),
+    or None: read from tests/<module>.py, so that the controller, which collects nothing, and
+    every worker agree."""
+    path = TESTS / f"{module}.py"
+    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    signatures = re.findall(r"\bdef \w+\(([^)]*)\)", text)
+    for rank, fixture in enumerate(SESSION_RUNS):
+        if any(re.search(rf"\b{fixture}\b", arguments) for arguments in signatures):
+            return rank
+    return None
+
+
+def group_of(nodeid: str) -> str:
+    """A test's xdist group: its module, or the session run its module uses."""
+    path = nodeid.split("::", 1)[0]
+    rank = session_run_of(Path(path).stem)
+    return path if rank is None else f"session-{SESSION_RUNS[rank]}"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.getoption("dist", "no") != "loadgroup":
-        return
-    runs = {item.module.__name__ for item in items if SESSION_RUNS & set(item.fixturenames)}
+    # On a worker xdist has set dist to "no" and loadgroup to whether the run distributes by
+    # group: the session runs' modules first (the controller keeps this order, below).
+    if getattr(config.option, "loadgroup", False):
+        ranks = {path: session_run_of(path.stem) for path in {item.path for item in items}}
+        last = len(SESSION_RUNS)
+        items.sort(key=lambda item: last if ranks[item.path] is None else ranks[item.path])
 
-    def group(item: pytest.Item) -> str:
-        return WORKFLOW_GROUP if item.module.__name__ in runs else item.module.__name__
 
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(group(item)))
-    items.sort(key=lambda item: group(item) != WORKFLOW_GROUP)  # stable: the rest in order
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """`--dist loadgroup`: whole groups (:func:`group_of`) to one worker, in collection order."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleGroups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of(nodeid)
+
+    config.option.loadscopereorder = False  # the order of the collection: session runs first
+    return ModuleGroups(config, log)
