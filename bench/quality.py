@@ -147,15 +147,17 @@ class Bench:
 
     # --- settings ---------------------------------------------------------------------------
 
-    def kind(self, name: str) -> str:
+    def owner(self, name: str) -> dict[str, Any]:
+        """The variant whose models ``name`` uses: its ``models_from`` variant, else itself."""
         variant = self.variants[name]
-        owner = self.variants.get(variant.get("models_from"), variant)
-        return owner.get("kind", "recipe")
+        return self.variants.get(variant.get("models_from"), variant)
+
+    def kind(self, name: str) -> str:
+        return self.owner(name).get("kind", "recipe")
 
     def settings(self, name: str) -> dict[str, Any]:
         """Training settings of a variant's models (its ``models_from`` variant's)."""
-        variant = self.variants[name]
-        variant = self.variants.get(variant.get("models_from"), variant)
+        variant = self.owner(name)
         kind = variant.get("kind", "recipe")
         common = dict(self.spec.get("common", {}).get(kind, {}))
         if kind == "classifier":
@@ -180,9 +182,11 @@ class Bench:
     def budget(self, name: str) -> float:
         """Training seconds of each of a variant's fold models: its own ``budget`` (e.g. a
         slower precision given the epochs of the reference), else ``--budget``."""
-        variant = self.variants[name]
-        owner = self.variants.get(variant.get("models_from"), variant)
-        return float(owner.get("budget", self.args.budget))
+        return float(self.owner(name).get("budget", self.args.budget))
+
+    def seed(self, fold: cv.Fold) -> int:
+        """The training seed of an outer fold's models (an ensemble's members share it)."""
+        return self.args.seed + 1000 * fold.number
 
     def inference(self, name: str) -> dict[str, Any]:
         """tta, postprocess, threshold of a variant (plain: none, the plain loop's own)."""
@@ -228,7 +232,7 @@ class Bench:
             return yaml.safe_load(info_path.read_text())
         folder.mkdir(parents=True, exist_ok=True)
         kind, settings = self.kind(name), self.settings(name)
-        seed, budget = self.args.seed + 1000 * fold.number, self.budget(name)
+        seed, budget = self.seed(fold), self.budget(name)
         log.info("%s fold %d: training (%s, budget %.0f %s-s)", name, fold.number, kind, budget,
                  self.args.clock)  # fmt: skip
         if kind == "plain":  # no validation: it trains on every training patient
@@ -262,13 +266,12 @@ class Bench:
         """A recipe segmenter of a variant (a fold model, or an ensemble's member) trained on
         the ``train`` patients and chosen on ``val``, with the outer fold's seed and the
         variant's budget (FLAIR-only copies where its owner asks): what it cost."""
-        owner = self.variants[self.variants[name].get("models_from") or name]
         rows_train, rows_val = cv.of(self.rows, train), cv.of(self.rows, val)
-        if owner.get("flair_copies"):
+        if self.owner(name).get("flair_copies"):
             rows_train = cv.with_flair_copies(rows_train)
-        seed = self.args.seed + 1000 * fold.number
         return cv.train_segmenter(self.settings(name), self.data, rows_train, rows_val,
-                                  self.budget(name), self.args.clock, seed, folder)  # fmt: skip
+                                  self.budget(name), self.args.clock, self.seed(fold),
+                                  folder)  # fmt: skip
 
     def probabilities(self, name: str, fold: cv.Fold, part: str) -> np.ndarray:
         """Stored probabilities of a fold's ``val``, ``test`` or ``flair`` (FLAIR-only test)

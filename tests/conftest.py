@@ -8,6 +8,7 @@ test session). Treat its files as read-only; copy them into ``tmp_path`` before 
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass
@@ -145,6 +146,7 @@ SESSION_RUNS = ("workflow_run", "completed_demo")  # a module using both: the fi
 TESTS = Path(__file__).resolve().parent
 
 
+@functools.cache  # the scheduler asks once per test
 def session_run_of(module: str) -> int | None:
     """Which of SESSION_RUNS a test module's tests or fixtures take as an argument (its rank),
     or None: read from tests/<module>.py, so that the controller, which collects nothing, and
