@@ -28,3 +28,12 @@ def did_you_mean(word: str, candidates: Iterable[str], n: int = 3) -> str:
     """`` (did you mean 'x' or 'y'?)`` for the candidates closest to ``word``, else ``""``."""
     close = close_matches(word, candidates, n)
     return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+
+
+def one_line(label: str, error: BaseException) -> str:
+    """One line for an input that was skipped: its label, then the error (with the error's type
+    unless an InputError, whose message names the file and the problem already)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    if not isinstance(error, InputError):
+        text = f"{type(error).__name__}: {text}"
+    return text if text.startswith(label) else f"{label}: {text}"
