@@ -79,6 +79,10 @@ def to_uint8_gray(image: Image.Image) -> np.ndarray:
     """Any Pillow mode (L, RGB, RGBA, P, I;16, I, F, 1) as a 2-D uint8 grayscale array."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         values = np.asarray(image, dtype=np.float64)
+        bad = int((~np.isfinite(values)).sum())
+        if bad:
+            name = getattr(image, "filename", "") or "image"
+            raise InputError(f"{name}: {bad} NaN or infinite pixel(s)")
         low, high = float(values.min()), float(values.max())
         scale = 255.0 / (high - low) if high > low else 0.0
         return np.clip((values - low) * scale, 0, 255).round().astype(np.uint8)

@@ -26,6 +26,7 @@ file and the problem.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import re
 from collections import defaultdict
@@ -36,11 +37,15 @@ import nibabel as nib
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
 
 from brainmri.data.limits import DEFAULT as DEFAULT_LIMITS
 from brainmri.data.limits import Limits, check_file_size, check_volume
 from brainmri.errors import InputError
+from brainmri.inference.codestream import check_frame
+from brainmri.inference.stored import Stored
+from brainmri.untrusted import check_inside
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +95,24 @@ def rules_from_settings(settings: list[dict] | None) -> SeriesRules:
 
 
 def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    """The files under ``folder`` (hidden ones left out); a symlink leading out is refused."""
+    found = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return [check_inside(p, folder) for p in found]
+
+
+def _int(path: Path, header: Dataset, keyword: str, default: int) -> int:
+    """A header's whole-number attribute (``default`` when absent or empty); InputError for a
+    value that is not one (anonymisers and broken exporters write anything)."""
+    value = "?"
+    try:
+        value = header.get(keyword, default)  # pydicom converts the text here (and may fail)
+        number = int(value if value not in (None, "") else default)
+    except (TypeError, ValueError, OverflowError) as error:
+        shown = str(value)[:40] if value != "?" else _first_line(error)
+        raise InputError(f"{path}: {keyword} {shown!r} is not a whole number") from None
+    if number < 0:
+        raise InputError(f"{path}: {keyword} {number} is negative")
+    return number
 
 
 def is_dicom_file(path: Path) -> bool:
@@ -103,14 +125,23 @@ def is_dicom_file(path: Path) -> bool:
 
 
 def has_dicom(folder: Path) -> bool:
-    return any(is_dicom_file(p) for p in _files(folder))
+    return any(
+        is_dicom_file(p) for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")
+    )
+
+
+def _dcmread(path: Path, **options) -> Dataset:
+    """pydicom's reader on the file's bytes in memory (the file is capped by max_bytes): a
+    corrupt element length is then bounded by the file, where reading from disk would first
+    allocate whatever the length claims (a flipped byte claimed 740 MB)."""
+    return pydicom.dcmread(io.BytesIO(path.read_bytes()), **options)
 
 
 def _header(path: Path, limits: Limits) -> Dataset | None:
     """The header of one file (None for a DICOMDIR), checked against the caps."""
     check_file_size(path, limits)
     try:
-        header = pydicom.dcmread(path, stop_before_pixels=True)
+        header = _dcmread(path, stop_before_pixels=True)
     except InvalidDicomError:
         raise InputError(f"{path}: not a DICOM file (no DICM marker); remove it") from None
     except Exception as error:  # truncated or corrupt headers raise many types
@@ -121,10 +152,11 @@ def _header(path: Path, limits: Limits) -> Dataset | None:
     for keyword in ("SeriesInstanceUID", "Rows", "Columns"):
         if keyword not in header:
             raise InputError(f"{path}: no {keyword} (not an image slice)")
-    frames = int(header.get("NumberOfFrames", 1) or 1)
-    bits = int(header.get("BitsAllocated", 16) or 16)
-    samples = int(header.get("SamplesPerPixel", 1) or 1)
-    check_volume(path, int(header.Rows), int(header.Columns), frames, bits / 8 * samples, limits)
+    frames = _int(path, header, "NumberOfFrames", 1) or 1
+    bits = _int(path, header, "BitsAllocated", 16) or 16
+    samples = _int(path, header, "SamplesPerPixel", 1) or 1
+    rows, columns = _int(path, header, "Rows", 0), _int(path, header, "Columns", 0)
+    check_volume(path, rows, columns, frames, bits / 8 * samples, limits)
     if frames > 1:
         raise InputError(
             f"{path}: a multi-frame (enhanced) image of {frames} frames; give the series as "
@@ -191,10 +223,10 @@ def find_series(folder: Path, rules: SeriesRules, limits: Limits) -> dict[str, D
 
 
 def _vector(path: Path, header: Dataset, keyword: str, size: int) -> np.ndarray:
-    value = header.get(keyword)
     try:
+        value = header.get(keyword)  # pydicom converts the text here (and may fail)
         vector = np.asarray([float(v) for v in value], dtype=np.float64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         vector = np.zeros(0)
     if vector.shape != (size,) or not np.isfinite(vector).all():
         raise InputError(f"{path}: no valid {keyword} (needed for the slice geometry)")
@@ -203,8 +235,8 @@ def _vector(path: Path, header: Dataset, keyword: str, size: int) -> np.ndarray:
 
 def _geometry(sequence: str, members: list[tuple[Path, Dataset]], limits: Limits) -> DicomSeries:
     first_path, first = members[0]
-    rows, columns = int(first.Rows), int(first.Columns)
-    bits = int(first.get("BitsAllocated", 16) or 16)
+    rows, columns = _int(first_path, first, "Rows", 0), _int(first_path, first, "Columns", 0)
+    bits = _int(first_path, first, "BitsAllocated", 16) or 16
     check_volume(first_path, rows, columns, len(members), bits / 8, limits, "its series claims")
     if len(members) < 2:
         raise InputError(f"{first_path}: the {sequence} series has a single slice")
@@ -216,7 +248,7 @@ def _geometry(sequence: str, members: list[tuple[Path, Dataset]], limits: Limits
     normal = np.cross(row_dir, col_dir)
     positions = []
     for path, header in members:
-        if (int(header.Rows), int(header.Columns)) != (rows, columns):
+        if (_int(path, header, "Rows", 0), _int(path, header, "Columns", 0)) != (rows, columns):
             raise InputError(
                 f"{path}: {header.Rows} x {header.Columns} pixels where the rest of its series "
                 f"({first_path.name}) has {rows} x {columns}"
@@ -270,39 +302,68 @@ def _quiet(name: str):
         logger.setLevel(level)
 
 
-def decode(series: DicomSeries) -> np.ndarray:
-    """The series' voxels as float32 ``(columns, rows, slices)``, rescaled where the headers say."""
-    out = np.empty(series.shape, dtype=np.float32)
-    for k, path in enumerate(series.files):
-        try:
-            dataset = pydicom.dcmread(path)
-            syntax = dataset.file_meta.TransferSyntaxUID
-        except Exception as error:
-            raise InputError(f"{path}: unreadable DICOM file ({_first_line(error)})") from None
-        try:
-            with _quiet("pydicom"):  # its decoders log each plugin's traceback
-                pixels = dataset.pixel_array
-        except Exception as error:  # no decoder for the transfer syntax, or corrupt pixel data
-            raise InputError(
-                f"{path}: cannot decode its pixel data (transfer syntax {syntax.name}: "
-                f"{_first_line(error)})"
-            ) from None
-        if pixels.shape != series.shape[1::-1]:
-            raise InputError(f"{path}: pixel data of shape {pixels.shape}, not one gray slice")
+def _pixels(path: Path, series: DicomSeries) -> tuple[np.ndarray, float, float]:
+    """One file's pixels (rows, columns) as decoded, and its rescale slope and intercept; a
+    compressed frame's own size is checked before it is decoded."""
+    try:
+        dataset = _dcmread(path)
+        syntax = dataset.file_meta.TransferSyntaxUID
+        if syntax.is_compressed and "PixelData" in dataset:
+            frame = next(generate_frames(dataset.PixelData, number_of_frames=1))
+            rows, columns = series.shape[1], series.shape[0]
+            samples = _int(path, dataset, "SamplesPerPixel", 1) or 1
+            bits = _int(path, dataset, "BitsAllocated", 16) or 16
+            check_frame(path, syntax, frame, rows, columns, samples, bits)
         slope = float(dataset.get("RescaleSlope", 1) or 1)
         intercept = float(dataset.get("RescaleIntercept", 0) or 0)
-        out[:, :, k] = pixels.T.astype(np.float32) * slope + intercept
-    if not np.isfinite(out).all():
-        raise InputError(f"{series.files[0]}: NaN or infinite voxels in its series")
-    return out
+    except InputError:
+        raise
+    except Exception as error:
+        raise InputError(f"{path}: unreadable DICOM file ({_first_line(error)})") from None
+    try:
+        with _quiet("pydicom"):  # its decoders log each plugin's traceback
+            pixels = dataset.pixel_array
+    except Exception as error:  # no decoder for the transfer syntax, or corrupt pixel data
+        raise InputError(
+            f"{path}: cannot decode its pixel data (transfer syntax {syntax.name}: "
+            f"{_first_line(error)})"
+        ) from None
+    if pixels.shape != series.shape[1::-1]:
+        raise InputError(f"{path}: pixel data of shape {pixels.shape}, not one gray slice")
+    if not (np.isfinite(slope) and np.isfinite(intercept)):
+        raise InputError(f"{path}: RescaleSlope or RescaleIntercept is not finite")
+    return pixels, slope, intercept
 
 
-def read_study(
+def decode(series: DicomSeries) -> Stored:
+    """The series' voxels ``(columns, rows, slices)`` in their stored data type and the rescale
+    that the headers give (one float32 copy of the series only when it differs per slice)."""
+    raw, scales = None, []
+    for k, path in enumerate(series.files):
+        pixels, slope, intercept = _pixels(path, series)
+        if raw is None:
+            raw = np.empty(series.shape, dtype=pixels.dtype)
+        elif pixels.dtype != raw.dtype:
+            raise InputError(
+                f"{path}: pixel data of type {pixels.dtype} where its series has {raw.dtype}"
+            )
+        raw[:, :, k] = pixels.T
+        scales.append((slope, intercept))
+    first = series.files[0]
+    if len(set(scales)) == 1:
+        slope, intercept = scales[0]
+        return Stored(first, raw, lambda a: a.astype(np.float32) * slope + intercept)
+    scaled = np.empty(series.shape, dtype=np.float32)
+    for k, (slope, intercept) in enumerate(scales):
+        scaled[:, :, k] = raw[:, :, k].astype(np.float32) * slope + intercept
+    return Stored(first, scaled, lambda a: a.astype(np.float32))
+
+
+def study_grid(
     folder: Path, rules: SeriesRules = DEFAULT_RULES, limits: Limits = DEFAULT_LIMITS
-) -> tuple[nib.Nifti1Image, np.ndarray, list[str], dict[str, DicomSeries]]:
-    """The study as a NIfTI would give it: an image with FLAIR's grid and affine (no voxels),
-    the sequences' voxels ``(columns, rows, slices, 3)`` (a missing one replaced by FLAIR), the
-    missing sequences, and the series found."""
+) -> tuple[nib.Nifti1Image, dict[str, DicomSeries]]:
+    """The study's grid as a NIfTI would give it (an image with FLAIR's grid and affine, no
+    voxels), and the series found, checked to share it; no pixel data are decoded."""
     series = find_series(folder, rules, limits)
     flair = series["FLAIR"]
     for sequence, other in series.items():
@@ -319,12 +380,10 @@ def read_study(
                 f"{other.files[0]}: the {sequence} series {other.description!r} is not on the "
                 f"FLAIR series' grid ({how}); resample it onto the FLAIR series first"
             )
-    channels = {s: decode(other) for s, other in series.items()}
-    stacked = np.stack([channels.get(s, channels["FLAIR"]) for s in SEQUENCES], axis=-1)
     header = nib.Nifti1Header()
     header.set_xyzt_units("mm")
     empty = np.broadcast_to(np.uint8(0), flair.shape)  # the grid only; no voxels are stored
     reference = nib.Nifti1Image(empty, flair.affine, header)
     reference.set_qform(flair.affine, code=1)
     reference.set_sform(flair.affine, code=1)
-    return reference, stacked, [s for s in SEQUENCES if s not in channels], series
+    return reference, series

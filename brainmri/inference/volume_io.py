@@ -5,36 +5,45 @@ uint8, channels pre-contrast, FLAIR, post-contrast, as in the LGG TIFFs), plus w
 put a mask back into the input's geometry. A missing sequence is replaced by FLAIR, as in the
 training data, and reported. Every bad input raises :class:`InputError` naming the file.
 
-NIfTI slices are taken along the configured anatomical axis and shown in the LGG TIFFs'
-orientation (anterior or superior up, the patient's right on the image's left); the slice order
-is the input's voxel order along that axis. Intensities that are not already uint8 are scaled
-per sequence over the whole volume, minimum to 0 and maximum to 255 (each sequence is then
-comparable between slices, as in the TIFFs).
+NIfTI and DICOM slices are taken along the configured anatomical axis and converted one slice
+at a time (:mod:`brainmri.inference.stored`: orientation, intensities, the memory bound). Every
+file of a patient folder must lie in it: a symlink pointing elsewhere is refused.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from nibabel.orientations import aff2axcodes, apply_orientation, axcodes2ornt, ornt_transform
+from nibabel.orientations import apply_orientation
+from nibabel.volumeutils import apply_read_scaling
 
 from brainmri.data.limits import DEFAULT as DEFAULT_LIMITS
 from brainmri.data.limits import Limits, check_nifti_header, check_volume
-from brainmri.data.preprocess import _missing_modalities, open_image, to_uint8_gray
+from brainmri.data.preprocess import open_image, to_uint8_gray
 from brainmri.errors import InputError
 from brainmri.inference.dicom_io import (
     DEFAULT_RULES,
     SEQUENCES,
     DicomSeries,
     SeriesRules,
+    decode,
     has_dicom,
-    read_study,
+    study_grid,
 )
+from brainmri.inference.stored import (
+    Stored,
+    check_slicing,
+    display_slices,
+    display_transform,
+    equal_to_flair,
+)
+from brainmri.untrusted import check_inside
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +52,6 @@ KAGGLE_SLICE = re.compile(r"^(?P<patient>.+)_(?P<n>\d+)\.tiff?$", re.IGNORECASE)
 # A sequence file in a patient folder: <anything>[_-.]pre|flair|post.nii[.gz] (case-insensitive).
 SEQUENCE_FILE = re.compile(r"(?:^|[_.-])(?P<seq>pre|flair|post)$", re.IGNORECASE)
 SEQUENCE_KEYS = {"pre": "pre-contrast", "flair": "FLAIR", "post": "post-contrast"}
-# Display orientation per axis name: (row direction, column direction, slice axis letters).
-AXES = {
-    "axial": ("P", "L", "SI"),
-    "coronal": ("I", "L", "AP"),
-    "sagittal": ("I", "P", "LR"),
-}
 AFFINE_TOLERANCE = 1e-3
 
 
@@ -89,12 +92,15 @@ def read_input(
     """A patient given as one path: a slice folder, a folder of sequence NIfTIs, a folder of
     DICOM files (any nesting), or a 4-D NIfTI. ``limits``: the size caps, checked on headers."""
     if path.is_dir():
-        niftis = sorted(p for p in path.iterdir() if p.is_file() and is_nifti(p))
+        name = Path(os.path.abspath(path)).name  # `.` and `..` name the folders they stand for
+        niftis = sorted(
+            check_inside(p, path) for p in path.iterdir() if p.is_file() and is_nifti(p)
+        )
         if niftis:
             files = _sequence_files(path, niftis)
-            return read_nifti_files(files, axis, path.name, str(path), limits)
+            return read_nifti_files(files, axis, name, str(path), limits)
         if not any(KAGGLE_SLICE.match(p.name) for p in path.iterdir()) and has_dicom(path):
-            return read_dicom_folder(path, axis, limits, dicom)
+            return read_dicom_folder(path, axis, limits, dicom, name)
         return read_kaggle_folder(path, limits)
     if not path.exists():
         raise InputError(f"{path}: not found")
@@ -154,31 +160,31 @@ def read_kaggle_folder(folder: Path, limits: Limits = DEFAULT_LIMITS) -> Volume:
     gaps = sorted(set(range(numbers[0], numbers[-1] + 1)) - set(numbers))
     if gaps:
         log.warning("%s: slice numbers %s are missing", folder, gaps[:10])
-    slices = []
-    for number in numbers:
-        path = numbered[number]
+    stack = None
+    for k, number in enumerate(numbers):
+        path = check_inside(numbered[number], folder)
         image = open_image(path, limits, in_plane=True)  # one slice: at most max_in_plane**2
-        if not slices:  # every slice must have the first one's size: the volume is count x that
+        if stack is None:  # every slice must have the first one's size: the volume is count x that
             width, height = image.size
             check_volume(folder, height, width, len(numbers), 3, limits, "slices claim")
+            stack = np.empty((len(numbers), height, width, 3), dtype=np.uint8)
         if image.mode != "RGB":
             raise InputError(
                 f"{path}: expected a 3-channel RGB TIFF (pre-contrast, FLAIR, post-contrast), "
                 f"got mode {image.mode}"
             )
-        array = np.asarray(image, dtype=np.uint8)
-        if slices and array.shape != slices[0].shape:
+        if image.size != (stack.shape[2], stack.shape[1]):
             raise InputError(
-                f"{path}: size {array.shape[1]}x{array.shape[0]} differs from "
-                f"{numbered[numbers[0]].name} ({slices[0].shape[1]}x{slices[0].shape[0]})"
+                f"{path}: size {image.size[0]}x{image.size[1]} differs from "
+                f"{numbered[numbers[0]].name} ({stack.shape[2]}x{stack.shape[1]})"
             )
-        slices.append(array)
-    stack = np.stack(slices)
+        stack[k] = np.asarray(image, dtype=np.uint8)
     masks = [
         path.with_name(f"{path.name.rsplit('.', 1)[0]}_mask.tif") for path in numbered.values()
     ]
     true_voxels = None
     if all(mask.is_file() for mask in masks):
+        masks = [check_inside(mask, folder) for mask in masks]
         true_voxels = sum(int((to_uint8_gray(open_image(mask)) > 127).sum()) for mask in masks)
     return Volume(
         name=next(iter(patients)),
@@ -192,28 +198,23 @@ def read_kaggle_folder(folder: Path, limits: Limits = DEFAULT_LIMITS) -> Volume:
     )
 
 
-def equal_to_flair(slices: np.ndarray) -> list[str]:
-    """The sequences that equal FLAIR on every non-blank slice: missing, as the preprocessing of
-    the training data defines it."""
-    missing = _missing_modalities(
-        [bool(np.array_equal(s[..., 0], s[..., 1])) for s in slices],
-        [bool(np.array_equal(s[..., 2], s[..., 1])) for s in slices],
-        [bool(s.max() == 0) for s in slices],
-    )
-    return missing.split(";") if missing else []
-
-
 # --- DICOM ------------------------------------------------------------------------------------
 
 
 def read_dicom_folder(
-    folder: Path, axis: str, limits: Limits = DEFAULT_LIMITS, rules: SeriesRules | None = None
+    folder: Path,
+    axis: str,
+    limits: Limits = DEFAULT_LIMITS,
+    rules: SeriesRules | None = None,
+    name: str | None = None,
 ) -> Volume:
     """A folder of DICOM files (:mod:`brainmri.inference.dicom_io`), sliced and oriented exactly as
-    a NIfTI with the same voxels and affine would be."""
-    reference, stacked, missing, series = read_study(folder, rules or DEFAULT_RULES, limits)
+    a NIfTI with the same voxels and affine would be; one series decoded at a time."""
+    reference, series = study_grid(folder, rules or DEFAULT_RULES, limits)
+    readers = [(lambda one=series[s]: decode(one)) if s in series else None for s in SEQUENCES]
+    missing = [s for s in SEQUENCES if s not in series]
     form = f"dicom-{3 - len(missing)}-series"
-    volume = _from_nifti(reference, stacked, axis, folder.name, str(folder), form, missing)
+    volume = _volume(reference, readers, axis, name or folder.name, str(folder), form, missing)
     volume.dicom = series
     return volume
 
@@ -221,11 +222,9 @@ def read_dicom_folder(
 # --- NIfTI -------------------------------------------------------------------------------------
 
 
-def load_nifti(
-    path: Path, axis: str, limits: Limits = DEFAULT_LIMITS
-) -> tuple[nib.Nifti1Image, np.ndarray]:
-    """The image and its voxels as float; InputError for unreadable, empty or NaN files, and for
-    headers whose shape and data type pass ``limits`` (checked before the data are read)."""
+def open_nifti(path: Path, axis: str, limits: Limits = DEFAULT_LIMITS) -> nib.Nifti1Image:
+    """The image with its header checked against ``limits`` (shape and data type, before any
+    voxel is read); InputError for missing, empty or unreadable files."""
     if not path.is_file():
         raise InputError(f"{path}: not found")
     if path.stat().st_size == 0:
@@ -240,145 +239,148 @@ def load_nifti(
     slice_axis = 2  # a 2-D image: its two axes are in-plane (and refused later)
     if len(shape) >= 3:
         try:
-            slice_axis = display_transform(image.affine, axis)[1]
+            slice_axis = display_transform(_affine(path, image), axis)[1]
         except InputError as error:
             raise InputError(f"{path}: {error}") from None
     check_nifti_header(path, shape, image.header.get_data_dtype().itemsize, slice_axis, limits)
+    return image
+
+
+def _affine(path: Path, image: nib.Nifti1Image) -> np.ndarray:
+    """The image's affine, which must be finite and invertible (it maps the mask back)."""
+    affine = image.affine
+    if (
+        affine is None
+        or not np.isfinite(affine).all()
+        or abs(np.linalg.det(affine[:3, :3])) < 1e-12
+    ):
+        raise InputError(f"{path}: its affine (qform/sform) is missing, singular or not finite")
+    return affine
+
+
+def read_stored(path: Path, image: nib.Nifti1Image) -> Stored:
+    """The voxels as stored (the file's data type, no scaling applied) and nibabel's scaling."""
+    proxy = image.dataobj
     try:
-        data = np.asanyarray(image.dataobj).astype(np.float32)
+        raw = proxy.get_unscaled() if hasattr(proxy, "get_unscaled") else np.asarray(proxy)
+        slope, inter = (
+            np.asanyarray(getattr(proxy, "slope", 1.0)),
+            np.asanyarray(getattr(proxy, "inter", 0.0)),
+        )
     except Exception as error:
         raise InputError(f"{path}: not a readable NIfTI file ({_first_line(error)})") from None
-    if data.size == 0:
-        raise InputError(f"{path}: empty image (shape {data.shape})")
-    bad = int((~np.isfinite(data)).sum())
-    if bad:
-        raise InputError(f"{path}: {bad} NaN or infinite voxel(s)")
-    return image, data
+    if raw.dtype.kind not in "biuf":
+        raise InputError(f"{path}: voxels of type {raw.dtype}, not numbers")
+    return Stored(path, raw, lambda a: apply_read_scaling(a, slope, inter).astype(np.float32))
 
 
 def _first_line(error: Exception) -> str:
     return str(error).splitlines()[0][:200] if str(error) else type(error).__name__
 
 
-def _check_3d(path: Path, data: np.ndarray) -> np.ndarray:
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim < 3 or min(data.shape[:3]) < 2 or data.ndim > 3:
+def _shape_3d(path: Path, shape: tuple[int, ...]) -> tuple[int, int, int]:
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3 or min(shape) < 2:
         raise InputError(
-            f"{path}: shape {data.shape} where a 3-D volume (at least 2 voxels per axis) is "
-            "expected"
+            f"{path}: shape {shape} where a 3-D volume (at least 2 voxels per axis) is expected"
         )
-    return data
+    return shape
+
+
+def _volume_of(path: Path, image: nib.Nifti1Image) -> Stored:
+    """One sequence's NIfTI file as stored, (X, Y, Z)."""
+    stored = read_stored(path, image)
+    if stored.raw.ndim == 4:
+        stored.raw = stored.raw[..., 0]
+    return stored
 
 
 def read_nifti_files(
     files: dict[str, Path], axis: str, name: str, source: str, limits: Limits = DEFAULT_LIMITS
 ) -> Volume:
-    """Three (or fewer) NIfTI files, one per sequence; FLAIR is required."""
-    flair_image, flair = load_nifti(files["FLAIR"], axis, limits)
-    flair = _check_3d(files["FLAIR"], flair)
-    channels = {"FLAIR": flair}
-    for sequence in ("pre-contrast", "post-contrast"):
-        if sequence not in files:
-            continue
+    """Three (or fewer) NIfTI files, one per sequence; FLAIR is required. Every header is
+    checked before any voxel is read."""
+    images = {s: open_nifti(path, axis, limits) for s, path in files.items()}
+    flair_path = files["FLAIR"]
+    shape = _shape_3d(flair_path, images["FLAIR"].shape)
+    affine = _affine(flair_path, images["FLAIR"])
+    for sequence, image in images.items():
         path = files[sequence]
-        image, data = load_nifti(path, axis, limits)
-        data = _check_3d(path, data)
-        if data.shape != flair.shape:
-            raise InputError(
-                f"{path}: shape {data.shape} differs from {files['FLAIR'].name} {flair.shape}"
-            )
-        if not np.allclose(image.affine, flair_image.affine, atol=AFFINE_TOLERANCE):
-            raise InputError(f"{path}: affine differs from {files['FLAIR'].name}'s")
-        channels[sequence] = data
-    missing = [s for s in SEQUENCES if s not in channels]
-    stacked = np.stack([channels.get(s, flair) for s in SEQUENCES], axis=-1)
+        other = _shape_3d(path, image.shape)
+        if other != shape:
+            raise InputError(f"{path}: shape {other} differs from {flair_path.name} {shape}")
+        if not np.allclose(_affine(path, image), affine, atol=AFFINE_TOLERANCE):
+            raise InputError(f"{path}: affine differs from {flair_path.name}'s")
+    readers = [
+        (lambda s=s: _volume_of(files[s], images[s])) if s in images else None for s in SEQUENCES
+    ]
+    missing = [s for s in SEQUENCES if s not in images]
     form = "nifti-3-files" if not missing else f"nifti-{3 - len(missing)}-files"
-    return _from_nifti(flair_image, stacked, axis, name, source, form, missing)
+    return _volume(images["FLAIR"], readers, axis, name, source, form, missing)
 
 
 def read_nifti_one_file(path: Path, axis: str, limits: Limits = DEFAULT_LIMITS) -> Volume:
     """One NIfTI with the three sequences along a 4th (or 5th, NIfTI vector) dimension."""
-    image, data = load_nifti(path, axis, limits)
-    if data.ndim == 5 and data.shape[3] == 1:
-        data = data[:, :, :, 0, :]
-    if data.ndim < 3 or (data.ndim == 3 and min(data.shape) < 2):
-        raise InputError(f"{path}: shape {data.shape} where a volume with 3 sequences is expected")
-    if data.ndim != 4 or data.shape[3] != 3:
+    image = open_nifti(path, axis, limits)
+    shape = tuple(int(d) for d in image.shape)
+    if len(shape) == 5 and shape[3] == 1:
+        shape = (*shape[:3], shape[4])
+    if len(shape) < 3 or (len(shape) == 3 and min(shape) < 2):
+        raise InputError(f"{path}: shape {shape} where a volume with 3 sequences is expected")
+    if len(shape) != 4 or shape[3] != 3:
         raise InputError(
-            f"{path}: shape {data.shape}; a one-file volume needs the 3 sequences (pre-contrast, "
+            f"{path}: shape {shape}; a one-file volume needs the 3 sequences (pre-contrast, "
             "FLAIR, post-contrast) along a 4th dimension of size 3; give a single sequence as "
             "<...>_flair.nii.gz in a patient folder"
         )
-    _check_3d(path, data[..., 1])
-    return _from_nifti(image, data, axis, nifti_stem(path), str(path), "nifti-1-file", [])
+    _shape_3d(path, shape[:3])
+    _affine(path, image)
+    whole: list[Stored] = []
+
+    def sequence(c: int) -> Stored:  # the file is read once, on the first sequence
+        if not whole:
+            whole.append(read_stored(path, image))
+        first = whole[0]
+        raw = first.raw[:, :, :, 0, c] if first.raw.ndim == 5 else first.raw[..., c]
+        return Stored(path, raw, first.scale)
+
+    readers = [lambda c=c: sequence(c) for c in range(3)]
+    return _volume(image, readers, axis, nifti_stem(path), str(path), "nifti-1-file", [])
 
 
-def to_uint8(data: np.ndarray) -> np.ndarray:
-    """Per sequence (last axis): unchanged if already whole numbers in 0..255, else min-max."""
-    out = np.empty(data.shape, dtype=np.uint8)
-    for c in range(data.shape[-1]):
-        channel = data[..., c]
-        low, high = float(channel.min()), float(channel.max())
-        if low >= 0 and high <= 255 and np.array_equal(channel, np.round(channel)):
-            out[..., c] = channel.astype(np.uint8)
-            continue
-        scale = 255.0 / (high - low) if high > low else 0.0
-        out[..., c] = np.clip((channel - low) * scale, 0, 255).round().astype(np.uint8)
-    return out
-
-
-def display_transform(affine: np.ndarray, axis: str) -> tuple[np.ndarray, int]:
-    """Orientation transform input voxels -> (rows, cols, slices), and the input slice axis."""
-    codes = aff2axcodes(affine)
-    rows, cols, letters = AXES[axis]
-    slice_axes = [i for i, code in enumerate(codes) if code in letters]
-    if len(slice_axes) != 1:
-        raise InputError(f"affine {codes} has no single {axis} axis")
-    slice_axis = slice_axes[0]
-    target = (rows, cols, codes[slice_axis])  # keep the input's slice order
-    return ornt_transform(axcodes2ornt(codes), axcodes2ornt(target)), slice_axis
-
-
-def _from_nifti(
+def _volume(
     image: nib.Nifti1Image,
-    data: np.ndarray,
+    readers: list,
     axis: str,
     name: str,
     source: str,
     form: str,
     missing: list[str],
 ) -> Volume:
+    """The Volume of an image grid (NIfTI, or a DICOM study's) and its sequences' readers."""
     try:
         forward, slice_axis = display_transform(image.affine, axis)
     except InputError as error:
         raise InputError(f"{source}: {error}") from None
-    shown = apply_orientation(to_uint8(data), forward)  # (rows, cols, slices, 3)
-    slices = np.ascontiguousarray(np.moveaxis(shown, 2, 0))
     zooms = tuple(float(z) for z in image.header.get_zooms()[:3])
     unit = image.header.get_xyzt_units()[0]
     to_mm = {"meter": 1000.0, "micron": 0.001}.get(unit, 1.0)  # NIfTI's default unit is mm
     spacing = tuple(z * to_mm for z in zooms)
-    known = all(z > 0 for z in spacing)
+    known = all(np.isfinite(z) and z > 0 for z in spacing)
+    if known:
+        check_slicing(source, image.affine, spacing, forward, axis)
+    shape = tuple(int(d) for d in image.shape[:3])
+    slices = display_slices(readers, shape, forward)
     missing = [s for s in SEQUENCES if s in missing or s in equal_to_flair(slices)]
     if missing:
         log.warning("%s: %s missing; FLAIR is used in its place", source, ", ".join(missing))
-    if known:
-        rows, cols = (spacing[int(i)] for i in np.argsort(forward[:, 0])[:2])
-        if max(rows, cols) > 1.2 * min(rows, cols):
-            log.warning(
-                "%s: in-plane voxels of %.3g x %.3g mm are not square; the models were trained "
-                "on square pixels and see the slices stretched",
-                source,
-                rows,
-                cols,
-            )
     return Volume(
         name=name,
         source=source,
         form=form,
         slices=slices,
-        slice_numbers=list(range(data.shape[slice_axis])),
+        slice_numbers=list(range(shape[slice_axis])),
         missing=missing,
         voxel_ml=float(np.prod(spacing)) / 1000.0 if known else None,
         spacing_mm=spacing if known else None,

@@ -22,6 +22,9 @@ from brainmri.evaluation.classification import CLASS_NAMES
 from brainmri.io import atomic_path
 from brainmri.tables import ArrayFiles, gather
 
+# Text in figures (slice ids, file names) comes from the data: shown as written, never parsed
+# as mathtext (an id with two `$` would otherwise be typeset or crash the figure).
+matplotlib.rcParams["text.parse_math"] = False
 DPI = 100
 RED = ListedColormap(["red"])
 # No software version or date in the PNG: identical bytes for identical figures.
