@@ -25,6 +25,7 @@ from brainmri.config import (
     preflight,
     training_settings,
 )
+from brainmri.data.limits import Limits, volume_memory_mb
 from brainmri.runlock import claim_workdir, held_locks
 
 # A renamed key first (it names the new one); then every schema violation at once, one line

@@ -171,7 +171,8 @@ rule predict_new_images:
         " --classifiers {input.classifiers} --segmenters {input.segmenters}"
         " {params.decision} {params.series}"
         " --output {output.csv} --masks-dir {output.masks} --overlays-dir {output.overlays}"
-        " --failures {output.failures} --data-source {params.data_source} > {log} 2>&1"
+        " --failures {output.failures} --data-source {params.data_source}"
+        " --allow-skipped > {log} 2>&1"
 
 
 rule predict:

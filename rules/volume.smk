@@ -23,7 +23,7 @@ rule predict_patient_volumes:
     threads: 2
     resources:
         gpu=1,
-        mem_mb=8000,
+        mem_mb=volume_memory_mb(Limits(**config["predict"]["limits"])),
         runtime=60,
     params:
         axis=config["predict"]["volume_axis"],
@@ -35,7 +35,7 @@ rule predict_patient_volumes:
         " --classifiers {input.classifiers} --segmenters {input.segmenters}"
         " {params.decision} --axis {params.axis}"
         " --csv {output.csv} --patients-dir {output.patients}"
-        " --failures {output.failures}"
+        " --failures {output.failures} --allow-skipped"
         " --limits {params.limits:q} --dicom-series {params.dicom_series:q} > {log} 2>&1"
 
 

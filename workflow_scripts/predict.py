@@ -1,7 +1,8 @@
 """Predict tumor / no tumor and a tumor mask for every image of a folder with the run's trained
-models and ensemble, as evaluated (brainmri/evaluation/decision.py). Unreadable files are
-logged, listed in the CSV and in --failures, and skipped; the readable ones are still predicted
-and the exit status is 0, unless --strict is given.
+models and ensemble, as evaluated (brainmri/evaluation/decision.py). A file that cannot be read
+is skipped with one line (its traceback in --details), listed in the CSV and in --failures; the
+others are still predicted. Exit status: 0 when every file was predicted, 1 when any was
+skipped (--allow-skipped: 0 all the same, as the workflow's rule runs it).
 
   python workflow_scripts/predict.py --input-dir my_scans \\
       --classifiers results/classification/{resnet50,inception_v3,inception_resnet_v2}/model.pt \\
@@ -58,10 +59,16 @@ def main() -> None:
         help="data.source of the models (default: from their results' report/metrics.json)",
     )
     parser.add_argument(
-        "--strict", action="store_true", help="exit with status 1 if any file could not be read"
+        "--details",
+        type=Path,
+        help="the errors with their tracebacks (default: failures.log beside --failures)",
+    )
+    parser.add_argument(
+        "--allow-skipped", action="store_true", help="exit with status 0 even if a file was skipped"
     )
     args = parser.parse_args()
-    log = setup_logging()
+    failures_csv = args.failures or args.output.parent / "failures.csv"
+    log = setup_logging(details=args.details or failures_csv.with_suffix(".log"))
     failures = predict_folder(
         args.input_dir,
         args.classifiers,
@@ -71,7 +78,7 @@ def main() -> None:
         args.output,
         args.masks_dir,
         args.overlays_dir,
-        args.failures or args.output.parent / "failures.csv",
+        failures_csv,
         args.data_source,
         tta=args.tta,
         post=args.postprocess,
@@ -89,7 +96,7 @@ def main() -> None:
             + ", ".join(name for name, _ in failures),
             file=sys.stderr,
         )
-        if args.strict:
+        if not args.allow_skipped:
             sys.exit(1)
 
 

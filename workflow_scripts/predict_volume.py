@@ -5,9 +5,11 @@ A patient is a Kaggle-layout folder (<patient>_<n>.tif), a folder of NIfTI files
 <...>_pre, <...>_flair, <...>_post (.nii/.nii.gz; FLAIR required, a missing one is replaced by
 FLAIR), one NIfTI with the three sequences along a 4th dimension, or a folder of DICOM files (any
 nesting; series found by SeriesDescription, --dicom-series). Every input's header is checked
-against the size caps (--limits) before its data are decoded. Bad patients are logged, listed
-in their CSV row and in --failures, and skipped; the good ones are kept and the exit status is
-0, unless --strict is given (then 1).
+against the size caps (--limits) before its data are decoded. A patient that cannot be read,
+predicted or written is skipped with one line (its traceback in --details), listed in its CSV
+row and in --failures; the others are kept. Exit status: 0 when every patient was predicted, 1
+when any was skipped (--allow-skipped: 0 all the same, as the workflow's rule runs it, so that
+Snakemake keeps the good patients' outputs).
 
   python workflow_scripts/predict_volume.py --inputs patient1/ patient2.nii.gz \\
       --classifiers results/classification/*/model.pt \\
@@ -46,9 +48,11 @@ from brainmri.evaluation.decision import add_ensemble_arguments, ensemble_rule
 from brainmri.inference.dicom_io import rules_from_settings
 from brainmri.inference.ensemble import EnsembleModels
 from brainmri.inference.predict import array_size
+from brainmri.inference.stored import AXES
 from brainmri.inference.volume import predict_volumes
-from brainmri.inference.volume_io import AXES, read_input, read_nifti_files
+from brainmri.inference.volume_io import read_input, read_nifti_files
 from brainmri.io import run_cli, setup_logging, write_csv
+from brainmri.untrusted import csv_safe_frame
 
 
 def limits_arg(text: str) -> Limits:
@@ -103,7 +107,14 @@ def main() -> None:
         "--failures", type=Path, help="CSV of the patients skipped (default: beside --csv)"
     )
     parser.add_argument(
-        "--strict", action="store_true", help="exit with status 1 if any patient was skipped"
+        "--details",
+        type=Path,
+        help="the errors with their tracebacks (default: failures.log beside --failures)",
+    )
+    parser.add_argument(
+        "--allow-skipped",
+        action="store_true",
+        help="exit with status 0 even if a patient was skipped",
     )
     args = parser.parse_args()
     if (args.pre or args.post or args.name) and not args.flair:
@@ -122,7 +133,8 @@ def main() -> None:
         readers.append((str(args.flair), read))
     if not readers:
         parser.error("give --inputs and/or --flair")
-    log = setup_logging()
+    failures_csv = args.failures or args.csv.parent / "failures.csv"
+    log = setup_logging(details=args.details or failures_csv.with_suffix(".log"))
     size = array_size([*args.classifiers, *args.segmenters])
     rule = ensemble_rule(args)
     device = select_device(log)
@@ -138,10 +150,7 @@ def main() -> None:
         args.csv,
         args.postprocess,
     )
-    write_csv(
-        args.failures or args.csv.parent / "failures.csv",
-        pd.DataFrame(failures, columns=["input", "error"]),
-    )
+    write_csv(failures_csv, csv_safe_frame(pd.DataFrame(failures, columns=["input", "error"])))
     log.info("Volumes written to %s and %s", args.csv, args.patients_dir)
     if failures:
         print(
@@ -149,7 +158,7 @@ def main() -> None:
             + "\n".join(m for _, m in failures),
             file=sys.stderr,
         )
-        if args.strict:
+        if not args.allow_skipped:
             sys.exit(1)
 
 

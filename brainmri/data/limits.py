@@ -46,6 +46,20 @@ class Limits:
 
 DEFAULT = Limits()
 
+# Volume prediction's peak memory, measured (docs/volumes.md#memory): PyTorch and the models, then
+# per voxel of one sequence: the uint8 slices (3 bytes), the mask and the two maps at the input's
+# size, and writing them (9 bytes in all); reading holds one file as stored and, for .nii.gz,
+# a second copy of its bytes while it is unpacked.
+MODELS_MB = 2000
+BYTES_PER_VOXEL = 9
+
+
+def volume_memory_mb(limits: Limits = DEFAULT) -> int:
+    """Peak memory (MB) of predicting one volume at the caps: the largest volume they let in
+    (at 1 byte a voxel) read, predicted and written. The rule's ``mem_mb``."""
+    voxels = min(limits.max_in_plane**2 * limits.max_slices, limits.max_bytes)
+    return MODELS_MB + math.ceil((2 * limits.max_bytes + BYTES_PER_VOXEL * voxels) / 1e6)
+
 
 def _size(count: int) -> str:
     for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):

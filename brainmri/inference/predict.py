@@ -43,7 +43,7 @@ from brainmri.data.preprocess import (
     to_uint8_gray,
 )
 from brainmri.devices import select_device
-from brainmri.errors import InputError
+from brainmri.errors import InputError, one_line
 from brainmri.evaluation.decision import EnsembleRule, gate
 from brainmri.evaluation.masks import binarize
 from brainmri.evaluation.postprocess import PostProcess, clean_patients
@@ -52,6 +52,7 @@ from brainmri.inference.ensemble import EnsembleModels
 from brainmri.inference.images import find_images, output_names, read_truth, series_rows
 from brainmri.io import atomic_path, write_csv
 from brainmri.models import safe_torch_load
+from brainmri.untrusted import check_inside, csv_safe_frame, output_lock, safe_name
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ CSV_COLUMNS = [
     "training_data",
 ]
 FAILURE_COLUMNS = ["file", "error"]
+CHUNK = 256  # independent images predicted together (a multiple of the evaluation batches)
 SYNTHETIC_NOTE = "models trained on SYNTHETIC data (demo): not a diagnosis"
 TRAIN_HINT = (
     "train it first with the config whose results_dir holds it: "
@@ -81,25 +83,30 @@ TRAIN_HINT = (
 class Prepared:
     file: str  # relative to the input folder
     image: np.ndarray  # (S, S, 3) uint8, as the models saw their training data
-    original: np.ndarray  # (H, W, 3) uint8, for the overlay
+    shape: tuple[int, int]  # the original's height and width
     pad: tuple[int, int, int]  # square side, top, left
+
+
+def load_rgb(path: Path) -> np.ndarray:
+    """An image file as (H, W, 3) uint8: 3-channel images as they are, anything else as
+    grayscale copied into 3 channels (raises InputError if unreadable)."""
+    image = open_image(path)
+    if image.mode == "RGB":
+        return np.asarray(image, dtype=np.uint8)
+    return gray_to_rgb(to_uint8_gray(image))
 
 
 def prepare(path: Path, size: int, name: str | None = None) -> Prepared:
     """The training preprocessing of one image (raises InputError if unreadable); ``name``:
-    the file's name in the CSV (default: its file name)."""
-    image = open_image(path)
-    if image.mode == "RGB":
-        rgb = np.asarray(image, dtype=np.uint8)
-    else:
-        rgb = gray_to_rgb(to_uint8_gray(image))
+    the file's name in the CSV (default: its file name). The decoded original is not kept."""
+    rgb = load_rgb(path)
     height, width = rgb.shape[:2]
     side = max(height, width)
     padded = np.stack([square_pad(rgb[..., c]) for c in range(3)], axis=-1)
     return Prepared(
         name or path.name,
         resize_image(padded, size),
-        rgb,
+        (height, width),
         (side, (side - height) // 2, (side - width) // 2),
     )
 
@@ -107,7 +114,7 @@ def prepare(path: Path, size: int, name: str | None = None) -> Prepared:
 def restore_mask(mask: np.ndarray, prepared: Prepared) -> np.ndarray:
     """A mask at the preprocessed size back to the original image's size (nearest)."""
     side, top, left = prepared.pad
-    height, width = prepared.original.shape[:2]
+    height, width = prepared.shape
     full = Image.fromarray(mask.astype(np.uint8) * 255).resize((side, side), Image.NEAREST)
     return np.asarray(full)[top : top + height, left : left + width] > 127
 
@@ -195,64 +202,125 @@ def predict_folder(
     ``rule``: the run's ensemble; the ``segmenters`` (one architecture's fold models) make the
     fold ensemble's mask at ``threshold``, kept where the ensemble says tumor. With ``series``,
     ``post`` cleans each patient's masks and the rule's smoothing applies (else neither).
-    Exactly these models are used.
+    Exactly these models are used. Images are read, predicted and written in groups (a series'
+    patient, else :data:`CHUNK` images), so memory does not grow with their number.
     """
     if not classifiers or not segmenters:
         raise InputError("predict needs at least one classifier and one segmenter checkpoint")
     if not input_dir.is_dir():
         raise InputError(f"{input_dir}: input folder not found")
-    files = find_images(input_dir)
+    files = [p.relative_to(input_dir).as_posix() for p in find_images(input_dir)]
     if not files:
         raise InputError(f"{input_dir}: no files to predict")
     size = array_size([*classifiers, *segmenters])
     source = data_source or training_data_source(classifiers[0])
     if source == "synthetic":
         log.warning("These models were trained on synthetic data: %s", SYNTHETIC_NOTE)
-    prepared, failures = [], []
-    for path in files:
-        name = path.relative_to(input_dir).as_posix()
-        try:
-            prepared.append(prepare(path, size, name))
-        except InputError as error:
-            log.error("Skipping %s", error)
-            failures.append((name, str(error)))
-    rows = None
-    if series and prepared:
-        rows, bad = series_rows([p.file for p in prepared])
-        failures += [(name, f"{input_dir / name}: {reason}") for name, reason in bad]
-        keep = [p.file not in dict(bad) for p in prepared]
-        prepared = [p for p, k in zip(prepared, keep, strict=True) if k]
-        rows = rows[keep].reset_index(drop=True)
-    if not prepared:
-        raise InputError(f"{input_dir}: none of the {len(files)} file(s) is a readable image")
+    groups, failures = image_groups(input_dir, files, series)
     device = select_device(log)
     configure_torch(device, torch.get_num_threads())  # cuDNN / determinism flags as in training
     models = EnsembleModels(classifiers, segmenters, rule, device, tta)
     log.info("Voters: %s", ", ".join(models.voters))
-    names = output_names([p.file for p in prepared])
-    truths = {p.file: _truth(input_dir / p.file) for p in prepared}
-    with atomic_path(masks_dir) as tmp_masks, atomic_path(overlays_dir) as tmp_overlays:
+    names = output_names(files)
+    table = []
+    how = Writing(input_dir, names, source, threshold, post)
+    with (
+        output_lock(masks_dir),
+        atomic_path(masks_dir) as tmp_masks,
+        atomic_path(overlays_dir) as tmp_overlays,
+    ):
         tmp_masks.mkdir()
         tmp_overlays.mkdir()
-        results = _predict(prepared, models, threshold, (post, rows), truths)
-        for item, mask, lines, _ in results:
-            target = names[item.file]
-            (tmp_masks / target).parent.mkdir(parents=True, exist_ok=True)
-            (tmp_overlays / target).parent.mkdir(parents=True, exist_ok=True)
-            if source == "synthetic":
-                lines.append(SYNTHETIC_NOTE)
-            Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_masks / target)
-            picture = annotate(overlay(item.original, mask), lines, source == "synthetic")
-            Image.fromarray(picture).save(tmp_overlays / target)
+        for group, rows in groups:
+            done, bad = _predict_group(group, rows, models, size, how, (tmp_masks, tmp_overlays))
+            table += done
+            failures += bad
+        if not table:
+            raise InputError(f"{input_dir}: none of the {len(files)} file(s) is a readable image")
     label = source_label(source)
-    table = [row | {"mask": names[row["file"]], "training_data": label} for *_, row in results]
+    table = [row | {"training_data": label} for row in table]
     table += [{"file": name, "error": reason, "training_data": label} for name, reason in failures]
     frame = pd.DataFrame(table, columns=CSV_COLUMNS)
     integers = ("votes", "segmentation_area_px", "tumor_area_px")
-    write_csv(output, frame.astype(dict.fromkeys(integers, "Int64")))
+    write_csv(output, csv_safe_frame(frame.astype(dict.fromkeys(integers, "Int64"))))
     if failures_csv is not None:
-        write_csv(failures_csv, pd.DataFrame(failures, columns=FAILURE_COLUMNS))
+        write_csv(failures_csv, csv_safe_frame(pd.DataFrame(failures, columns=FAILURE_COLUMNS)))
     return failures
+
+
+@dataclass
+class Writing:
+    """How a group's outputs are made: the input folder, the output names, the models' data
+    source, the segmentation threshold and the post-processing."""
+
+    input_dir: Path
+    names: dict[str, str]
+    source: str
+    threshold: float
+    post: PostProcess | None
+
+
+def image_groups(
+    input_dir: Path, files: list[str], series: bool
+) -> tuple[list[tuple[list[str], pd.DataFrame | None]], list[tuple[str, str]]]:
+    """The files in the groups they are predicted in (with their series rows), and the files
+    refused by name: a series' patients, else chunks of :data:`CHUNK` independent images."""
+    if not series:
+        chunks = [files[i : i + CHUNK] for i in range(0, len(files), CHUNK)]
+        return [(chunk, None) for chunk in chunks], []
+    rows, bad = series_rows(files)
+    failures = [(name, f"{input_dir / name}: {reason}") for name, reason in bad]
+    keep = ~rows.index.isin([files.index(name) for name, _ in bad])
+    rows, kept = (
+        rows[keep].reset_index(drop=True),
+        [f for f, k in zip(files, keep, strict=True) if k],
+    )
+    groups = []
+    for _, patient in rows.groupby("patient", sort=False):
+        groups.append(([kept[i] for i in patient.index], patient.reset_index(drop=True)))
+    return groups, failures
+
+
+def _predict_group(group, rows, models, size, how: Writing, folders):
+    """Read, predict and write one group; its CSV rows and the files it could not read."""
+    prepared, failures, kept = [], [], []
+    for position, name in enumerate(group):
+        path = how.input_dir / name
+        try:
+            for part in Path(name).parts:
+                safe_name(part, f"{path}: name")
+            prepared.append(prepare(check_inside(path, how.input_dir), size, name))
+            kept.append(position)
+        except Exception as error:  # any error is this image's alone: skip it, go on
+            message = one_line(str(path), error)
+            log.error("Skipping %s", message, exc_info=not isinstance(error, InputError))
+            failures.append((name, message))
+    if not prepared:
+        return [], failures
+    if rows is not None:
+        rows = rows.iloc[kept].reset_index(drop=True)
+    truths = {p.file: _truth(how.input_dir / p.file) for p in prepared}
+    results = _predict(prepared, models, how.threshold, (how.post, rows), truths)
+    table = []
+    for item, mask, lines, row in results:
+        _write_outputs(item, mask, lines, how, folders)
+        table.append(row | {"mask": how.names[item.file]})
+    return table, failures
+
+
+def _write_outputs(item: Prepared, mask: np.ndarray, lines: list[str], how: Writing, folders):
+    """One image's mask and overlay (its original read again: none is kept in memory)."""
+    masks, overlays = folders
+    target = how.names[item.file]
+    (masks / target).parent.mkdir(parents=True, exist_ok=True)
+    (overlays / target).parent.mkdir(parents=True, exist_ok=True)
+    synthetic = how.source == "synthetic"
+    if synthetic:
+        lines.append(SYNTHETIC_NOTE)
+    Image.fromarray(mask.astype(np.uint8) * 255).save(masks / target)
+    original = load_rgb(how.input_dir / item.file)
+    picture = annotate(overlay(original, mask), lines, synthetic)
+    Image.fromarray(picture).save(overlays / target)
 
 
 def _truth(path: Path) -> np.ndarray | None:

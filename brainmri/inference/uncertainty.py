@@ -63,7 +63,7 @@ def disagreement(folds: list[np.ndarray]) -> np.ndarray:
 def restore_map(values: np.ndarray, prepared: Prepared) -> np.ndarray:
     """A uint8 map at the preprocessed size back to the slice's size (bilinear)."""
     side, top, left = prepared.pad
-    height, width = prepared.original.shape[:2]
+    height, width = prepared.shape
     full = Image.fromarray(values).resize((side, side), Image.BILINEAR)
     return np.asarray(full)[top : top + height, left : left + width]
 
@@ -93,11 +93,14 @@ def summarize_folds(
 
 def slice_disagreement(summary: FoldSummary, mask: np.ndarray) -> np.ndarray:
     """Per slice: the mean disagreement (std, 0..0.5) inside the predicted tumor; 0 without."""
-    spread = summary.disagreement.reshape(len(mask), -1).astype(np.float64) / 255
-    inside = mask.reshape(len(mask), -1)
-    counts = inside.sum(axis=1)
-    sums = (spread * inside).sum(axis=1)
-    return np.where(counts > 0, sums / np.maximum(counts, 1), 0.0)
+    means = np.zeros(len(mask))
+    for z in range(len(mask)):  # one slice at a time: no float copy of the whole volume
+        inside = mask[z].reshape(-1)
+        count = inside.sum()
+        if count:
+            spread = summary.disagreement[z].reshape(-1).astype(np.float64) / 255
+            means[z] = (spread * inside).sum() / count
+    return means
 
 
 def patient_columns(summary: FoldSummary, mask: np.ndarray, voxel_ml: float | None) -> dict:

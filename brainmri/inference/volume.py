@@ -32,7 +32,7 @@ import pandas as pd
 from PIL import Image, ImageDraw
 
 from brainmri.data.preprocess import resize_image, square_pad
-from brainmri.errors import InputError
+from brainmri.errors import InputError, one_line
 from brainmri.evaluation.decision import gate
 from brainmri.evaluation.masks import binarize, mean_probabilities
 from brainmri.evaluation.postprocess import PostProcess, clean_volume
@@ -49,6 +49,7 @@ from brainmri.inference.uncertainty import (
 )
 from brainmri.inference.volume_io import Volume, mask_to_input
 from brainmri.io import atomic_path, write_csv
+from brainmri.untrusted import csv_safe_frame, output_lock, safe_name
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ def predict_volume(
     order = (rows["patient"].to_numpy(), np.asarray(volume.slice_numbers))
     decision = models.decide(images, areas, order, placed)
     places = [
-        Prepared(str(n), images[i], volume.slices[i], pad)
+        Prepared(str(n), images[i], volume.slices.shape[1:3], pad)
         for i, n in enumerate(volume.slice_numbers)
     ]
     gated = gate(cleaned, decision.pred)
@@ -222,7 +223,7 @@ def _input_shape(volume: Volume) -> tuple[int, ...]:
 def write_patient(volume: Volume, result: VolumeResult, folder: Path) -> dict[str, str]:
     """slices.csv, the mask (mask.nii.gz, or masks/<patient>_<n>_mask.png) and overview.png."""
     folder.mkdir(parents=True)
-    write_csv(folder / "slices.csv", result.per_slice.astype({"votes": "Int64"}))
+    write_csv(folder / "slices.csv", result.per_slice.astype({"votes": "Int64"}))  # numbers only
     if volume.reference is not None:
         reference = volume.reference
         header = reference.header.copy()
@@ -303,21 +304,27 @@ def predict_volumes(
     post: PostProcess | None = None,
 ) -> list[tuple[str, str]]:
     """Predict every patient; one CSV row each; return (input, '<input>: <error>') of the failed
-    ones (they also have a row, with the error, and nothing in ``patients_dir``)."""
+    ones (they also have a row, with the error, and nothing in ``patients_dir``).
+
+    Any error while reading, predicting or writing one patient skips that patient (one line in
+    the log, its traceback in the log's details file) and the others go on. A patient's name
+    must be a plain folder name (:func:`brainmri.untrusted.safe_name`); a second writer of the
+    same ``patients_dir`` is refused while this one runs."""
     rows, failures, done = [], [], set()
-    with atomic_path(patients_dir) as tmp:
+    with output_lock(patients_dir), atomic_path(patients_dir) as tmp:
         tmp.mkdir()
         for label, read in readers:
             try:
                 volume = read()
+                safe_name(volume.name, f"{label}: patient name")
                 if volume.name in done:
                     raise InputError(f"{label}: a second patient named {volume.name}")
                 result = predict_volume(volume, models, size, threshold, post)
                 with atomic_path(tmp / volume.name) as folder:
                     names = write_patient(volume, result, folder)
-            except InputError as error:
-                message = str(error) if str(error).startswith(label) else f"{label}: {error}"
-                log.error("Skipping %s", message)
+            except Exception as error:  # any error is this patient's alone: skip it, go on
+                message = one_line(label, error)
+                log.error("Skipping %s", message, exc_info=not isinstance(error, InputError))
                 failures.append((label, message))
                 rows.append({"input": label, "error": message})
                 continue
@@ -345,5 +352,5 @@ def predict_volumes(
         "fold_tumor_voxels_max",
         "smooth_window",
     ]
-    write_csv(csv_path, frame.astype(dict.fromkeys(integers, "Int64")))
+    write_csv(csv_path, csv_safe_frame(frame.astype(dict.fromkeys(integers, "Int64"))))
     return failures
