@@ -13,7 +13,9 @@ post-contrast channels replaced by FLAIR (the FLAIR-only case on every patient).
 
 Variants (a YAML, one entry each) are overrides of the config's U-Net settings
 (``kind: recipe``), the plain loop of bench/plain_loop.py (``kind: plain``), a classifier
-(``kind: classifier``), or inference-only changes of another variant's models
+(``kind: classifier``), nnU-Net v2 (``kind: nnunet``, bench/quality_nnunet.py), MONAI's 2-D
+tutorial recipe (``kind: monai``, bench/quality_monai.py; both need
+bench/requirements-nnunet.txt), or inference-only changes of another variant's models
 (``models_from: <variant>`` with ``tta`` / ``postprocess`` / ``threshold``: no training).
 A recipe variant with ``members: N`` is the workflow's fold ensemble inside each outer fold
 (bench/quality_members.py): N member models, scored as the mean of their probabilities and
