@@ -183,3 +183,20 @@ def test_monai_variant_trains_and_predicts(tmp_path):
         assert info["kind"] == "monai" and info["epochs_run"] >= 1 and info["seconds"] < 3 + 3
         history = pd.read_csv(work / "models" / "monai" / f"fold{fold}" / "history.csv")
         assert history["best"].sum() >= 1 and info["best_epoch"] in set(history["epoch"])
+
+
+def test_a_full_run_skips_frameworks_that_are_not_installed(monkeypatch):
+    """Without nnunetv2 / monai, `make quality` (no --only) runs every other variant and
+    leaves those out; named with --only they are kept (and fail with the install line)."""
+    from test_quality_bench import shipped_bench
+
+    from bench import quality, quality_monai
+
+    bench = shipped_bench("quality_variants.yaml")
+    bench.args.variants = "v.yaml"
+    monkeypatch.setattr(quality_nnunet, "available", lambda: "nnunetv2 is not installed")
+    monkeypatch.setattr(quality_monai, "available", lambda: None)
+    names = quality.select(bench, None)
+    assert "nnunet" not in names and "nnunet_no_tta" not in names
+    assert "monai" in names and "recipe" in names
+    assert quality.select(bench, ["nnunet"]) == ["nnunet"]
