@@ -13,7 +13,9 @@ post-contrast channels replaced by FLAIR (the FLAIR-only case on every patient).
 
 Variants (a YAML, one entry each) are overrides of the config's U-Net settings
 (``kind: recipe``), the plain loop of bench/plain_loop.py (``kind: plain``), a classifier
-(``kind: classifier``), or inference-only changes of another variant's models
+(``kind: classifier``), nnU-Net v2 (``kind: nnunet``, bench/quality_nnunet.py), MONAI's 2-D
+tutorial recipe (``kind: monai``, bench/quality_monai.py; both need
+bench/requirements-nnunet.txt), or inference-only changes of another variant's models
 (``models_from: <variant>`` with ``tta`` / ``postprocess`` / ``threshold``: no training).
 A recipe variant with ``members: N`` is the workflow's fold ensemble inside each outer fold
 (bench/quality_members.py): N member models, scored as the mean of their probabilities and
@@ -43,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import quality_cv as cv
 from bench import quality_detectors as detectors
 from bench import quality_members as members
+from bench import quality_monai, quality_nnunet
 from bench import quality_score as score
 from brainmri.config import STAGE_KEYS, training_settings
 from brainmri.errors import InputError
@@ -51,7 +54,7 @@ from brainmri.tables import gather
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
-KINDS = ("recipe", "plain", "classifier")
+KINDS = ("recipe", "plain", "classifier", "nnunet", "monai")
 INFERENCE_KEYS = ("tta", "postprocess", "threshold")
 OWN_KEYS = ("kind", "models_from", "flair_copies", "note", "backbone", "arch", "encoder")
 OWN_KEYS += detectors.CLASSIFIER_KEYS
@@ -166,6 +169,9 @@ class Bench:
             keys = STAGE_KEYS["classification"]
         elif kind == "plain":
             settings, keys = {"name": "plain", **PLAIN}, ("batch_size", "lr", "encoder")
+        elif kind in ("nnunet", "monai"):  # nnU-Net plans itself; MONAI: the tutorial's
+            settings = {"name": kind, **(quality_monai.SETTINGS if kind == "monai" else {})}
+            keys = ("batch_size", "lr") if kind == "monai" else ()
         else:
             settings = training_settings(self.config, "segmentation", "unet")
             keys = (*STAGE_KEYS["segmentation"], "arch", "encoder", "encoder_depth")
@@ -175,7 +181,7 @@ class Bench:
             settings.update({k: copy.deepcopy(v) for k, v in layer.items() if k in keys})
         if kind == "classifier":
             detectors.classifier_settings(variant, settings)
-        if self.args.epochs is not None and kind != "plain":
+        if self.args.epochs is not None and kind in ("recipe", "classifier"):
             settings["epochs"] = self.args.epochs
         return settings
 
@@ -189,10 +195,14 @@ class Bench:
         return self.args.seed + 1000 * fold.number
 
     def inference(self, name: str) -> dict[str, Any]:
-        """tta, postprocess, threshold of a variant (plain: none, the plain loop's own)."""
+        """tta, postprocess, threshold of a variant (plain, monai: none, their own; nnunet:
+        nnU-Net's predictor with its mirroring as ``tta``, no post-processing of ours)."""
         section = self.config["segmentation"]
         if self.kind(name) == "plain":
             base = {"tta": False, "postprocess": {}, "threshold": 0.5}
+        elif self.kind(name) in ("nnunet", "monai"):
+            own = quality_nnunet if self.kind(name) == "nnunet" else quality_monai
+            base = copy.deepcopy(own.INFERENCE)
         else:
             base = {k: copy.deepcopy(section.get(k)) for k in INFERENCE_KEYS}
         own = self.variants[name]
@@ -254,6 +264,12 @@ class Bench:
                     prob_tumor=cv.classifier_probabilities(setup, rows)
                 )
                 write_csv(folder / f"{part}.csv", frame)
+        elif kind == "nnunet":
+            info = quality_nnunet.train(self, name, fold, folder)
+        elif kind == "monai":
+            info = quality_monai.train(settings, self.data, cv.of(self.rows, fold.train),
+                                       cv.of(self.rows, fold.val), budget, self.args.clock,
+                                       seed, folder)  # fmt: skip
         else:
             info = self.train_recipe(name, fold, fold.train, fold.val, folder)
         info.update(fold=fold.number, kind=kind, clock=self.args.clock, budget=budget)
@@ -280,11 +296,16 @@ class Bench:
         path = self.probs_path(name, fold, part)
         if path.is_file():
             return np.load(path)
+        patients = self.val_patients(name, fold) if part == "val" else fold.test
+        rows = cv.of(self.rows, patients)
         if members.is_ensemble(self, name):
             stored = members.ensemble_probabilities(self, name, fold, part)
+        elif self.kind(name) == "nnunet":
+            stored = quality_nnunet.probabilities(self, name, fold, part)
+        elif self.kind(name) == "monai":
+            stored = quality_monai.probabilities(self.model_dir(name, fold), self.data, rows,
+                                                 part == "flair")  # fmt: skip
         else:
-            patients = self.val_patients(name, fold) if part == "val" else fold.test
-            rows = cv.of(self.rows, patients)
             stored = cv.segment(self.model_dir(name, fold) / "model.pt", self.data, rows, tta,
                                 part == "flair")  # fmt: skip
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -324,15 +345,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def select(bench: Bench, only: list[str] | None) -> list[str]:
+    """The variants to run: ``--only``'s (checked), else all of the file except the nnunet /
+    monai ones whose package is not installed (a warning each; the report lists them as not
+    finished). Named with ``--only``, those fail on their first fold with the install line."""
+    if only:
+        unknown = sorted(set(only) - set(bench.variants))
+        if unknown:
+            raise InputError(f"--only: unknown variant(s) {unknown} (in {bench.args.variants})")
+        return list(only)
+    names = []
+    for name in bench.variants:
+        kind = bench.kind(name)
+        reason = {"nnunet": quality_nnunet.available, "monai": quality_monai.available}.get(
+            kind, lambda: None
+        )()
+        if reason:
+            log.warning("%s: skipped, %s", name, reason)
+        else:
+            names.append(name)
+    return names
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging()
     cv.setup_threads(args.threads)
     bench = Bench(args)
-    names = args.only or list(bench.variants)
-    unknown = sorted(set(names) - set(bench.variants))
-    if unknown:
-        raise InputError(f"--only: unknown variant(s) {unknown} (in {args.variants})")
+    names = select(bench, args.only)
     if not args.report:
         for name in names:
             bench.run(name, args.fold)
