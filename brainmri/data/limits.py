@@ -107,11 +107,20 @@ def check_file_size(path: Path, limits: Limits = DEFAULT) -> None:
 
 
 def check_image(path: Path | str, width: int, height: int, limits: Limits = DEFAULT) -> None:
-    """Refuse a 2-D image whose header claims more pixels than the cap (decompression bombs)."""
+    """Refuse a 2-D image whose header claims more pixels than the cap (decompression bombs),
+    counted as the centred square every image is padded to before it is resized: a 17728 x 64
+    strip passes a cap on width x height but pads to 314 M pixels."""
     if width * height > limits.max_image_pixels:
         raise InputError(
             f"{path}: header claims {width} x {height} pixels, more than the cap of "
             f"{limits.max_image_pixels} pixels (predict.limits.max_image_pixels)"
+        )
+    side = max(width, height)
+    if side * side > limits.max_image_pixels:
+        raise InputError(
+            f"{path}: header claims {width} x {height} pixels, padded to a {side} x {side} "
+            f"square: more than the cap of {limits.max_image_pixels} pixels "
+            "(predict.limits.max_image_pixels)"
         )
 
 
