@@ -75,9 +75,9 @@ def csv_safe_frame(frame: Any) -> Any:
 
 @contextlib.contextmanager
 def output_lock(output: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``output`` (a hidden ``.<name>.lock`` beside it) for the block;
-    a second writer of the same output fails at once in one line instead of the two mixing
-    their files. Without ``fcntl`` (not POSIX) nothing is locked."""
+    """Hold an exclusive lock on ``output`` (a hidden ``.<name>.lock`` beside it, removed at the
+    end) for the block; a second writer of the same output fails at once in one line instead of
+    the two mixing their files. Without ``fcntl`` (not POSIX) nothing is locked."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
@@ -87,13 +87,15 @@ def output_lock(output: Path) -> Iterator[None]:
     lock = output.parent / f".{output.name}.lock"
     handle = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise InputError(
-                f"{output}: another prediction is writing it now; wait for it to end or choose "
-                "another output folder"
-            ) from None
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(handle)
+        raise InputError(
+            f"{output}: another prediction is writing it now; wait for it to end or choose "
+            "another output folder"
+        ) from None
+    try:
         yield
     finally:
+        lock.unlink(missing_ok=True)  # while still held: a writer that opens it later fails
         os.close(handle)  # closing releases the lock
