@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -188,3 +189,13 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
 
     config.option.loadscopereorder = False  # the order of the collection: session runs first
     return ModuleGroups(config, log)
+
+
+# The input fuzzer (tests/test_fuzz_inputs.py): a few dozen cases per reader in `make test`, the
+# same cases on every run (derandomize); `--hypothesis-profile long` for a long search
+# (FUZZ_EXAMPLES cases per reader, 4000 unless set; docs/reliability.md).
+settings.register_profile("default", max_examples=25, derandomize=True, database=None)
+settings.register_profile(
+    "long", max_examples=int(os.environ.get("FUZZ_EXAMPLES", "4000")), database=None
+)
+settings.load_profile("default")

@@ -190,7 +190,7 @@ def test_bad_folders_are_one_line_each_and_nothing_partial(tmp_path):
     dataset.file_meta.TransferSyntaxUID = JPEG2000Lossless
     dataset.PixelData = encapsulate([b"\xff\x4f\xff\x51 not a JPEG 2000 codestream"])
     dataset.save_as(victim)
-    expected.append((victim, "cannot decode its pixel data (transfer syntax JPEG 2000"))
+    expected.append((victim, "corrupt JPEG 2000 Image Compression (Lossless Only) pixel data"))
     patient("stray")
     stray = tmp_path / "stray" / "study" / "notes.txt"
     stray.write_text("reading notes")

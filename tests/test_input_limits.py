@@ -168,7 +168,7 @@ def test_predict_volume_skips_every_bomb_in_one_line_and_goes_on(bombs, checkpoi
             *("--classifier-threshold", 0.5, "--segmentation-threshold", 0.5),
             *("--csv", out / "volumes.csv", "--patients-dir", out / "patients"),
         )
-    assert result.returncode == 0, result.stderr  # the good patient is kept (--strict: 1)
+    assert result.returncode == 1, result.stderr  # the good patient is kept; skips: status 1
     assert "Traceback" not in result.stderr
     lines = result.stderr.split("4 of 5 patient(s) skipped:\n", 1)[1].strip().splitlines()
     for line, given in zip(lines, volumes, strict=True):

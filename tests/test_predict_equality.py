@@ -172,7 +172,7 @@ def predict_patients(results, config, rows, tmp_path):
     run_script(
         "predict_volume.py",
         *("--inputs", *folders, *decision_arguments(results, config)),
-        *("--csv", out / "volumes.csv", "--patients-dir", out / "patients", "--strict"),
+        *("--csv", out / "volumes.csv", "--patients-dir", out / "patients"),
         check=True,
     )
     slices = pd.concat(

@@ -140,7 +140,7 @@ def test_predict_on_new_images_reports_broken_files(workflow_run, tmp_path):
         "--overlays-dir",
         out / "overlays",
     )
-    assert result.returncode == 0, result.stderr  # the good images are predicted
+    assert result.returncode == 1, result.stderr  # the good images are predicted; one skipped
     assert "broken.png" in result.stderr and "1 file(s) could not be read" in result.stderr
     failures = pd.read_csv(out / "failures.csv")  # the default place: beside the CSV
     assert list(failures["file"]) == ["broken.png"] and failures["error"].str.len().gt(0).all()
