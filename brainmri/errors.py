@@ -30,10 +30,16 @@ def did_you_mean(word: str, candidates: Iterable[str], n: int = 3) -> str:
     return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
 
 
+def error_text(error: BaseException, limit: int | None = 200) -> str:
+    """The error's text on one line (at most ``limit`` characters); its type if it has none."""
+    text = " ".join(str(error).split())
+    return text[:limit] if text else type(error).__name__
+
+
 def one_line(label: str, error: BaseException) -> str:
     """One line for an input that was skipped: its label, then the error (with the error's type
     unless an InputError, whose message names the file and the problem already)."""
-    text = " ".join(str(error).split()) or type(error).__name__
+    text = error_text(error, None)
     if not isinstance(error, InputError):
         text = f"{type(error).__name__}: {text}"
     return text if text.startswith(label) else f"{label}: {text}"

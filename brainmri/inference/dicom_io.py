@@ -42,7 +42,7 @@ from pydicom.errors import InvalidDicomError
 
 from brainmri.data.limits import DEFAULT as DEFAULT_LIMITS
 from brainmri.data.limits import Limits, check_file_size, check_volume
-from brainmri.errors import InputError
+from brainmri.errors import InputError, error_text
 from brainmri.inference.codestream import check_frame
 from brainmri.inference.stored import Stored
 from brainmri.untrusted import check_inside
@@ -108,7 +108,7 @@ def _int(path: Path, header: Dataset, keyword: str, default: int) -> int:
         value = header.get(keyword, default)  # pydicom converts the text here (and may fail)
         number = int(value if value not in (None, "") else default)
     except (TypeError, ValueError, OverflowError) as error:
-        shown = str(value)[:40] if value != "?" else _first_line(error)
+        shown = str(value)[:40] if value != "?" else error_text(error)
         raise InputError(f"{path}: {keyword} {shown!r} is not a whole number") from None
     if number < 0:
         raise InputError(f"{path}: {keyword} {number} is negative")
@@ -145,7 +145,7 @@ def _header(path: Path, limits: Limits) -> Dataset | None:
     except InvalidDicomError:
         raise InputError(f"{path}: not a DICOM file (no DICM marker); remove it") from None
     except Exception as error:  # truncated or corrupt headers raise many types
-        raise InputError(f"{path}: unreadable DICOM header ({_first_line(error)})") from None
+        raise InputError(f"{path}: unreadable DICOM header ({error_text(error)})") from None
     meta = getattr(header, "file_meta", None)
     if meta is not None and meta.get("MediaStorageSOPClassUID") == MEDIA_STORAGE_DIRECTORY:
         return None
@@ -163,12 +163,6 @@ def _header(path: Path, limits: Limits) -> Dataset | None:
             "classic single-frame files"
         )
     return header
-
-
-def _first_line(error: Exception) -> str:
-    """The error's text on one line (at most 200 characters)."""
-    text = " ".join(str(error).split())
-    return text[:200] if text else type(error).__name__
 
 
 def _describe(header: Dataset) -> str:
@@ -319,14 +313,14 @@ def _pixels(path: Path, series: DicomSeries) -> tuple[np.ndarray, float, float]:
     except InputError:
         raise
     except Exception as error:
-        raise InputError(f"{path}: unreadable DICOM file ({_first_line(error)})") from None
+        raise InputError(f"{path}: unreadable DICOM file ({error_text(error)})") from None
     try:
         with _quiet("pydicom"):  # its decoders log each plugin's traceback
             pixels = dataset.pixel_array
     except Exception as error:  # no decoder for the transfer syntax, or corrupt pixel data
         raise InputError(
             f"{path}: cannot decode its pixel data (transfer syntax {syntax.name}: "
-            f"{_first_line(error)})"
+            f"{error_text(error)})"
         ) from None
     if pixels.shape != series.shape[1::-1]:
         raise InputError(f"{path}: pixel data of shape {pixels.shape}, not one gray slice")

@@ -26,7 +26,7 @@ from nibabel.volumeutils import apply_read_scaling
 from brainmri.data.limits import DEFAULT as DEFAULT_LIMITS
 from brainmri.data.limits import Limits, check_nifti_header, check_volume
 from brainmri.data.preprocess import open_image, to_uint8_gray
-from brainmri.errors import InputError
+from brainmri.errors import InputError, error_text
 from brainmri.inference.dicom_io import (
     DEFAULT_RULES,
     SEQUENCES,
@@ -232,7 +232,7 @@ def open_nifti(path: Path, axis: str, limits: Limits = DEFAULT_LIMITS) -> nib.Ni
     try:
         image = nib.load(path)  # the header only; the data stay on disk
     except Exception as error:  # nibabel raises many types for corrupt files
-        raise InputError(f"{path}: not a readable NIfTI file ({_first_line(error)})") from None
+        raise InputError(f"{path}: not a readable NIfTI file ({error_text(error)})") from None
     if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
         raise InputError(f"{path}: not a NIfTI image ({type(image).__name__})")
     shape = tuple(int(d) for d in image.header.get_data_shape())
@@ -268,14 +268,10 @@ def read_stored(path: Path, image: nib.Nifti1Image) -> Stored:
             np.asanyarray(getattr(proxy, "inter", 0.0)),
         )
     except Exception as error:
-        raise InputError(f"{path}: not a readable NIfTI file ({_first_line(error)})") from None
+        raise InputError(f"{path}: not a readable NIfTI file ({error_text(error)})") from None
     if raw.dtype.kind not in "biuf":
         raise InputError(f"{path}: voxels of type {raw.dtype}, not numbers")
     return Stored(path, raw, lambda a: apply_read_scaling(a, slope, inter).astype(np.float32))
-
-
-def _first_line(error: Exception) -> str:
-    return str(error).splitlines()[0][:200] if str(error) else type(error).__name__
 
 
 def _shape_3d(path: Path, shape: tuple[int, ...]) -> tuple[int, int, int]:
