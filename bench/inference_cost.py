@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -96,15 +97,16 @@ def measure_nnunet(args: argparse.Namespace) -> dict:
 
 
 def nifti_folders(fold_dir: Path, patients: list[str], root: Path) -> dict[str, Path]:
-    """Each patient's nnU-Net case as predict_volume's NIfTI folder (links named *_pre,
-    *_flair, *_post: channels 0000 pre-contrast, 0001 FLAIR, 0002 post-contrast)."""
+    """Each patient's nnU-Net case as predict_volume's NIfTI folder (copies named *_pre,
+    *_flair, *_post: channels 0000 pre-contrast, 0001 FLAIR, 0002 post-contrast; the workflow
+    refuses links out of an input folder)."""
     folders = {}
     for patient in patients:
         folder = root / patient
         folder.mkdir(parents=True)
         for channel, sequence in (("0000", "pre"), ("0001", "flair"), ("0002", "post")):
             source = fold_dir / "inputs" / "test" / f"{patient}_{channel}.nii.gz"
-            (folder / f"{patient}_{sequence}.nii.gz").symlink_to(source.resolve())
+            shutil.copyfile(source, folder / f"{patient}_{sequence}.nii.gz")
         folders[patient] = folder
     return folders
 
