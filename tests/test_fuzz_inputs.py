@@ -6,7 +6,8 @@ must end in a result or a one-line InputError naming the input: never another ex
 a file outside the output folder, never a partial output, never more memory than the caps allow.
 
 The default profile (``make test``) tries a few dozen cases per reader; ``--hypothesis-profile
-long`` (tests/conftest.py) tries 4,000 per reader (docs/reliability.md has a long run).
+long`` (tests/conftest.py) tries FUZZ_EXAMPLES per reader, 4,000 unless set (docs/reliability.md
+has the long runs).
 """
 
 from __future__ import annotations
