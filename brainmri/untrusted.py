@@ -9,13 +9,14 @@ batch can skip that input and go on; none of them touches anything outside the o
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from brainmri.errors import InputError
+from brainmri.errors import InputError, one_line
 
 MAX_NAME_BYTES = 255  # a file name on every common file system
 # A spreadsheet runs a cell starting with these as a formula (OWASP "CSV injection").
@@ -99,3 +100,11 @@ def output_lock(output: Path) -> Iterator[None]:
     finally:
         lock.unlink(missing_ok=True)  # while still held: a writer that opens it later fails
         os.close(handle)  # closing releases the lock
+
+
+def skip(log: logging.Logger, label: str, error: Exception) -> str:
+    """Log one input's failure in one line (its traceback only in the details log, and only when
+    it is not a plain refusal) and return that line for the CSV and the summary."""
+    message = one_line(label, error)
+    log.error("Skipping %s", message, exc_info=not isinstance(error, InputError))
+    return message

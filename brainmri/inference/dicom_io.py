@@ -44,7 +44,7 @@ from brainmri.data.limits import DEFAULT as DEFAULT_LIMITS
 from brainmri.data.limits import Limits, check_file_size, check_volume
 from brainmri.errors import InputError, error_text
 from brainmri.inference.codestream import check_frame
-from brainmri.inference.stored import Stored
+from brainmri.inference.stored import Stored, unscaled
 from brainmri.untrusted import check_inside
 
 log = logging.getLogger(__name__)
@@ -94,10 +94,14 @@ def rules_from_settings(settings: list[dict] | None) -> SeriesRules:
     return tuple(rules)
 
 
+def _listed(folder: Path) -> list[Path]:
+    """The files under ``folder`` (any nesting), hidden ones (the system's) left out."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
 def _files(folder: Path) -> list[Path]:
-    """The files under ``folder`` (hidden ones left out); a symlink leading out is refused."""
-    found = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
-    return [check_inside(p, folder) for p in found]
+    """The files of a study folder; a symlink leading out of it is refused."""
+    return [check_inside(p, folder) for p in _listed(folder)]
 
 
 def _int(path: Path, header: Dataset, keyword: str, default: int) -> int:
@@ -125,9 +129,7 @@ def is_dicom_file(path: Path) -> bool:
 
 
 def has_dicom(folder: Path) -> bool:
-    return any(
-        is_dicom_file(p) for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")
-    )
+    return any(is_dicom_file(p) for p in _listed(folder))
 
 
 def _dcmread(path: Path, **options) -> Dataset:
@@ -350,7 +352,7 @@ def decode(series: DicomSeries) -> Stored:
     scaled = np.empty(series.shape, dtype=np.float32)
     for k, (slope, intercept) in enumerate(scales):
         scaled[:, :, k] = raw[:, :, k].astype(np.float32) * slope + intercept
-    return Stored(first, scaled, lambda a: a.astype(np.float32))
+    return Stored(first, scaled, unscaled)
 
 
 def study_grid(

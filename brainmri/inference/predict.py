@@ -43,7 +43,7 @@ from brainmri.data.preprocess import (
     to_uint8_gray,
 )
 from brainmri.devices import select_device
-from brainmri.errors import InputError, one_line
+from brainmri.errors import InputError
 from brainmri.evaluation.decision import EnsembleRule, gate
 from brainmri.evaluation.masks import binarize
 from brainmri.evaluation.postprocess import PostProcess, clean_patients
@@ -52,7 +52,7 @@ from brainmri.inference.ensemble import EnsembleModels
 from brainmri.inference.images import find_images, output_names, read_truth, series_rows
 from brainmri.io import atomic_path, write_csv
 from brainmri.models import safe_torch_load
-from brainmri.untrusted import check_inside, csv_safe_frame, output_lock, safe_name
+from brainmri.untrusted import check_inside, csv_safe_frame, output_lock, safe_name, skip
 
 log = logging.getLogger(__name__)
 
@@ -270,11 +270,10 @@ def image_groups(
         return [(chunk, None) for chunk in chunks], []
     rows, bad = series_rows(files)
     failures = [(name, f"{input_dir / name}: {reason}") for name, reason in bad]
-    keep = ~rows.index.isin([files.index(name) for name, _ in bad])
-    rows, kept = (
-        rows[keep].reset_index(drop=True),
-        [f for f, k in zip(files, keep, strict=True) if k],
-    )
+    refused = {name for name, _ in bad}
+    keep = [name not in refused for name in files]
+    kept = [name for name, k in zip(files, keep, strict=True) if k]
+    rows = rows[keep].reset_index(drop=True)
     groups = []
     for _, patient in rows.groupby("patient", sort=False):
         groups.append(([kept[i] for i in patient.index], patient.reset_index(drop=True)))
@@ -292,9 +291,7 @@ def _predict_group(group, rows, models, size, how: Writing, folders):
             prepared.append(prepare(check_inside(path, how.input_dir), size, name))
             kept.append(position)
         except Exception as error:  # any error is this image's alone: skip it, go on
-            message = one_line(str(path), error)
-            log.error("Skipping %s", message, exc_info=not isinstance(error, InputError))
-            failures.append((name, message))
+            failures.append((name, skip(log, str(path), error)))
     if not prepared:
         return [], failures
     if rows is not None:

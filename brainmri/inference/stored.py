@@ -49,6 +49,7 @@ class Stored:
 
 
 def unscaled(values: np.ndarray) -> np.ndarray:
+    """Values already in intensity units (no file scaling) as float32."""
     return values.astype(np.float32)
 
 

@@ -32,7 +32,7 @@ import pandas as pd
 from PIL import Image, ImageDraw
 
 from brainmri.data.preprocess import resize_image, square_pad
-from brainmri.errors import InputError, one_line
+from brainmri.errors import InputError
 from brainmri.evaluation.decision import gate
 from brainmri.evaluation.masks import binarize, mean_probabilities
 from brainmri.evaluation.postprocess import PostProcess, clean_volume
@@ -49,7 +49,7 @@ from brainmri.inference.uncertainty import (
 )
 from brainmri.inference.volume_io import Volume, mask_to_input
 from brainmri.io import atomic_path, write_csv
-from brainmri.untrusted import csv_safe_frame, output_lock, safe_name
+from brainmri.untrusted import csv_safe_frame, output_lock, safe_name, skip
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ def _input_shape(volume: Volume) -> tuple[int, ...]:
 def write_patient(volume: Volume, result: VolumeResult, folder: Path) -> dict[str, str]:
     """slices.csv, the mask (mask.nii.gz, or masks/<patient>_<n>_mask.png) and overview.png."""
     folder.mkdir(parents=True)
-    write_csv(folder / "slices.csv", result.per_slice.astype({"votes": "Int64"}))  # numbers only
+    write_csv(folder / "slices.csv", result.per_slice.astype({"votes": "Int64"}))  # no input text
     if volume.reference is not None:
         reference = volume.reference
         header = reference.header.copy()
@@ -323,8 +323,7 @@ def predict_volumes(
                 with atomic_path(tmp / volume.name) as folder:
                     names = write_patient(volume, result, folder)
             except Exception as error:  # any error is this patient's alone: skip it, go on
-                message = one_line(label, error)
-                log.error("Skipping %s", message, exc_info=not isinstance(error, InputError))
+                message = skip(log, label, error)
                 failures.append((label, message))
                 rows.append({"input": label, "error": message})
                 continue

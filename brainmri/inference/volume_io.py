@@ -12,6 +12,7 @@ file of a patient folder must lie in it: a symlink pointing elsewhere is refused
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -300,13 +301,12 @@ def read_nifti_files(
     images = {s: open_nifti(path, axis, limits) for s, path in files.items()}
     flair_path = files["FLAIR"]
     shape = _shape_3d(flair_path, images["FLAIR"].shape)
-    affine = _affine(flair_path, images["FLAIR"])
-    for sequence, image in images.items():
+    for sequence, image in images.items():  # open_nifti has checked each 3-D file's affine
         path = files[sequence]
         other = _shape_3d(path, image.shape)
         if other != shape:
             raise InputError(f"{path}: shape {other} differs from {flair_path.name} {shape}")
-        if not np.allclose(_affine(path, image), affine, atol=AFFINE_TOLERANCE):
+        if not np.allclose(image.affine, images["FLAIR"].affine, atol=AFFINE_TOLERANCE):
             raise InputError(f"{path}: affine differs from {flair_path.name}'s")
     readers = [
         (lambda s=s: _volume_of(files[s], images[s])) if s in images else None for s in SEQUENCES
@@ -331,15 +331,12 @@ def read_nifti_one_file(path: Path, axis: str, limits: Limits = DEFAULT_LIMITS) 
             "<...>_flair.nii.gz in a patient folder"
         )
     _shape_3d(path, shape[:3])
-    _affine(path, image)
-    whole: list[Stored] = []
+    read_once = functools.cache(lambda: read_stored(path, image))  # on the first sequence
 
-    def sequence(c: int) -> Stored:  # the file is read once, on the first sequence
-        if not whole:
-            whole.append(read_stored(path, image))
-        first = whole[0]
-        raw = first.raw[:, :, :, 0, c] if first.raw.ndim == 5 else first.raw[..., c]
-        return Stored(path, raw, first.scale)
+    def sequence(c: int) -> Stored:
+        whole = read_once()
+        raw = whole.raw[:, :, :, 0, c] if whole.raw.ndim == 5 else whole.raw[..., c]
+        return Stored(path, raw, whole.scale)
 
     readers = [lambda c=c: sequence(c) for c in range(3)]
     return _volume(image, readers, axis, nifti_stem(path), str(path), "nifti-1-file", [])
